@@ -1,0 +1,1 @@
+"""Turning a dataset folder into a stream of candidates (see base.py)."""

@@ -1,0 +1,26 @@
+"""Shared test set-up: offline ultralytics in a throw-away config dir, data paths."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COCO128 = ROOT.parent / "shared" / "data" / "coco128"
+SAMPLES = ROOT / "samples"
+
+os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="yolo-cfg-"))
+os.environ.setdefault("YOLO_OFFLINE", "true")
+os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+os.environ.setdefault("YOLO_VERBOSE", "false")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+@pytest.fixture(scope="session")
+def coco128() -> Path:
+    if not (COCO128 / "annotations" / "instances_train2017.json").is_file():
+        pytest.skip(f"{COCO128} not present")
+    return COCO128

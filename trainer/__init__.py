@@ -1,0 +1,1 @@
+"""trainer: stream packed shards into YOLO training (DALI or PyTorch loaders)."""

@@ -1,0 +1,37 @@
+"""Make ultralytics work with no network: call `setup_offline()` before importing it.
+
+ultralytics otherwise downloads fonts (even with plots off), checks for updates and
+syncs settings; on a machine with no internet those calls stall or fail.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+_done = False
+
+
+def setup_offline(config_dir: str | os.PathLike | None = None) -> None:
+    """Set ultralytics' offline environment and pre-place its fonts. Idempotent."""
+    global _done
+    if _done:
+        return
+    os.environ.setdefault("YOLO_OFFLINE", "true")  # literal "true": older versions ignore "1"
+    os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+    os.environ.setdefault("YOLO_VERBOSE", "false")
+    cfg = Path(config_dir or os.environ.get("YOLO_CONFIG_DIR") or Path.home() / ".config" / "packer-trainer")
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(cfg))
+    Path(os.environ["YOLO_CONFIG_DIR"], "Ultralytics").mkdir(parents=True, exist_ok=True)
+
+    import matplotlib
+    from ultralytics.utils import SETTINGS, USER_CONFIG_DIR
+
+    SETTINGS.update({"sync": False})
+    # check_det_dataset / plotting fetch Arial over HTTP unless the file is already there
+    dejavu = Path(matplotlib.get_data_path(), "fonts/ttf/DejaVuSans.ttf")
+    for name in ("Arial.ttf", "Arial.Unicode.ttf"):
+        if not (USER_CONFIG_DIR / name).exists():
+            shutil.copy(dejavu, USER_CONFIG_DIR / name)
+    _done = True
