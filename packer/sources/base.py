@@ -7,7 +7,9 @@ candidate, so "images found = packed + skipped" holds by construction.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # Named reasons: the report's vocabulary. Images are skipped for IMAGE_REASONS, boxes
 # dropped for BOX_REASONS; FIXES and WARNINGS change nothing that is counted as lost.
@@ -56,3 +58,48 @@ class Candidate:
     reject: str | None = None  # an IMAGE_REASONS entry when discovery already knows
     detail: str = ""
     problems: list[Problem] = field(default_factory=list)  # found during discovery
+
+
+class SourceError(ValueError):
+    """The source folder cannot be read as a dataset; the message is one readable line."""
+
+
+@dataclass
+class Source:
+    """A detected dataset: its layout, class names and the candidates of each split."""
+
+    layout: str  # "coco" | "yolo-yaml" | "yolo-dirs" | "yolo-flat"
+    root: Path  # dataset root (resolved); candidate.source is relative to it (posix)
+    names: list[str]  # class names, index = class id
+    splits: dict[str, list[Candidate]]  # split -> candidates sorted by .source
+    notes: list[str] = field(default_factory=list)  # human notes about the detection
+
+    @property
+    def num_images(self) -> int:
+        return sum(len(c) for c in self.splits.values())
+
+
+def inside_root(root: Path, path: str) -> str | None:
+    """Lexically normalized absolute `path` if it stays inside `root`, else None.
+
+    Lexical on purpose: `..` and absolute paths from annotation files are what can escape;
+    symlinks inside the dataset were placed by its owner and are followed."""
+    p = os.path.normpath(os.path.join(root, path))
+    r = os.fspath(root)
+    return p if p == r or p.startswith(r.rstrip(os.sep) + os.sep) else None
+
+
+def rel_posix(root: Path, path: str) -> str:
+    """`path` relative to `root`, with forward slashes."""
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+def dedupe_sorted(cands: list[Candidate]) -> tuple[list[Candidate], int]:
+    """Sort by source and keep the first of each source (same source = same sample key)."""
+    out: list[Candidate] = []
+    seen: set[str] = set()
+    for c in sorted(cands, key=lambda c: c.source):
+        if c.source not in seen:
+            seen.add(c.source)
+            out.append(c)
+    return out, len(cands) - len(out)

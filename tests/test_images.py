@@ -1,0 +1,150 @@
+"""packer.images: structure checks, OpenCV decoding as ultralytics reads images, resize, pass-through."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from _bad_input import _images, exif_rotated_jpeg
+
+from packer import images as I
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def imgs() -> dict[str, bytes]:
+    return _images()
+
+
+def test_parse_jpeg_markers(imgs):
+    base = I.parse_jpeg(imgs["good.jpg"])
+    assert (base.sof, base.precision, base.components, base.orientation, base.complete) == (0xC0, 8, 3, None, True)
+    assert (base.height, base.width) == (48, 64)
+    assert I.parse_jpeg(imgs["progressive.jpg"]).sof == 0xC2
+    assert I.parse_jpeg(imgs["gray.jpg"]).components == 1
+    assert I.parse_jpeg(imgs["cmyk.jpg"]).components == 4
+    ex = I.parse_jpeg(exif_rotated_jpeg()[0])
+    assert (ex.orientation, ex.height, ex.width) == (6, 64, 96)  # stored sideways
+    assert not I.parse_jpeg(imgs["truncated.jpg"]).complete
+    # bytes after EOI (camera trailers) do not make a JPEG incomplete
+    assert I.parse_jpeg(imgs["good.jpg"] + b"trailer\x00\xff").complete
+    with pytest.raises(ValueError):
+        I.parse_jpeg(b"\x89PNG")
+
+
+@pytest.mark.parametrize(
+    "name,reason", [("empty.jpg", "empty_file"), ("truncated.jpg", "truncated"), ("cut.png", "truncated"),
+                    ("corrupt.jpg", "unreadable")],
+)
+def test_bad_bytes_raise_named_reason(imgs, name, reason):
+    with pytest.raises(I.ImageError) as e:
+        I.process_image(imgs[name])
+    assert e.value.reason == reason
+
+
+def test_unreadable_non_image():
+    with pytest.raises(I.ImageError) as e:
+        I.process_image(b"this is not an image at all")
+    assert e.value.reason == "unreadable"
+
+
+@pytest.mark.parametrize("name", ["gray.jpg", "alpha.png", "deep16.png", "cmyk.jpg", "progressive.jpg", "good.jpg"])
+def test_decode_matches_ultralytics_imread(imgs, name, tmp_path):
+    from trainer.offline import setup_offline
+
+    setup_offline()
+    from ultralytics.utils.patches import imread
+
+    p = tmp_path / name
+    p.write_bytes(imgs[name])
+    ours = I.decode(imgs[name])
+    assert ours.dtype == np.uint8 and ours.ndim == 3 and ours.shape[2] == 3
+    np.testing.assert_array_equal(ours, imread(str(p)))
+    np.testing.assert_array_equal(ours, cv2.imread(str(p)))
+
+
+def test_exif_orientation_applied_like_imread(tmp_path):
+    data, upright, _ = exif_rotated_jpeg()
+    p = tmp_path / "r.jpg"
+    p.write_bytes(data)
+    ours = I.decode(data)
+    assert ours.shape == (96, 64, 3)
+    np.testing.assert_array_equal(ours, cv2.imread(str(p)))
+    assert np.abs(ours.astype(int) - upright).mean() < 3  # upright, up to JPEG noise
+    out = I.process_image(data)
+    assert not out.passthrough and (out.height, out.width, out.orig_height, out.orig_width) == (96, 64, 96, 64)
+    assert I.parse_jpeg(out.jpeg).orientation is None  # re-encoded upright, no EXIF left to re-apply
+
+
+@pytest.mark.parametrize("hw", [(480, 640), (640, 427), (333, 500), (1000, 1000), (7, 3000), (704, 100)])
+@pytest.mark.parametrize("size", [704, 320, 257])
+def test_target_size_matches_ultralytics_load_image(hw, size):
+    h0, w0 = hw
+    r = size / max(h0, w0)
+    want = (min(math.ceil(h0 * r), size), min(math.ceil(w0 * r), size)) if r < 1 else (h0, w0)
+    assert I.target_size(h0, w0, size) == want
+    assert max(I.target_size(h0, w0, size, upscale=True)) == size
+
+
+def test_resize_area_and_no_upscale():
+    img = np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)
+    small = I.resize(img, 320)
+    np.testing.assert_array_equal(small, cv2.resize(img, (320, 240), interpolation=cv2.INTER_AREA))
+    assert I.resize(img, 1024) is img
+    assert I.resize(img, 1024, upscale=True).shape == (768, 1024, 3)
+
+
+def test_passthrough_keeps_baseline_bytes(imgs):
+    out = I.process_image(imgs["good.jpg"], size=704)
+    assert out.passthrough and out.jpeg == imgs["good.jpg"]
+    # the same JPEG needing a resize, or unusual JPEGs, are re-encoded as baseline 3-channel
+    assert not I.process_image(imgs["good.jpg"], size=32).passthrough
+    for name in ("progressive.jpg", "gray.jpg", "cmyk.jpg"):
+        out = I.process_image(imgs[name])
+        info = I.parse_jpeg(out.jpeg)
+        assert not out.passthrough and (info.sof, info.components) == (0xC0, 3), name
+        assert I.can_pass_through(info)
+
+
+def test_coco128_resize_and_passthrough(coco128):
+    files = sorted((coco128 / "train2017").glob("*.jpg"))[:6]
+    for f in files:
+        data = f.read_bytes()
+        h0, w0 = cv2.imread(str(f)).shape[:2]
+        out = I.process_image(data, size=320, quality=90)
+        assert (out.orig_height, out.orig_width) == (h0, w0)
+        assert (out.height, out.width) == I.target_size(h0, w0, 320)
+        assert cv2.imdecode(np.frombuffer(out.jpeg, np.uint8), cv2.IMREAD_COLOR).shape[:2] == (out.height, out.width)
+        full = I.process_image(data, size=704)
+        assert full.passthrough == (full.jpeg == data)
+
+
+_DETERMINISM = """
+import hashlib, sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+from _bad_input import _images
+from packer.images import process_image
+for name, data in sorted(_images().items()):
+    try:
+        print(name, hashlib.sha256(process_image(data, size=40, quality=80).jpeg).hexdigest())
+    except Exception as e:
+        print(name, type(e).__name__)
+"""
+
+
+def test_output_deterministic_across_processes(imgs):
+    here = []
+    for name, data in sorted(imgs.items()):
+        try:
+            here.append(f"{name} {hashlib.sha256(I.process_image(data, size=40, quality=80).jpeg).hexdigest()}")
+        except Exception as e:
+            here.append(f"{name} {type(e).__name__}")
+    other = subprocess.run([sys.executable, "-c", _DETERMINISM, str(ROOT)], capture_output=True, text=True, check=True)
+    assert other.stdout.splitlines() == here
