@@ -1,0 +1,221 @@
+"""Shard writer/reader interface shared by the three formats.
+
+Writers stream into hidden temp files next to the final path and rename them into place
+at `close()` (index first, shard last), so an interrupted write never leaves a shard that
+looks complete. The shard's sha256 and size are computed as its bytes are written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from packer.format import FORMATS, INDEX_SUFFIX, Record
+
+_BUFSIZE = 1 << 20
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # mkstemp creates 0600; shards should get the usual mode
+
+
+def make_hidden_tmp(target: Path, suffix: str = ".tmp") -> tuple[int, Path]:
+    """Create a hidden temp file next to `target` with the normal file mode; return (fd, path)."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix)
+    os.fchmod(fd, FILE_MODE)
+    return fd, Path(tmp)
+
+
+@dataclass
+class WrittenShard:
+    """A finished shard: its file, its index file (None for lmdb), and checksums of the shard file."""
+
+    path: Path
+    index: Path | None
+    num_samples: int
+    bytes: int
+    sha256: str
+
+
+def index_path(path: Path) -> Path:
+    """The index file of a shard: the shard's file name + `format.INDEX_SUFFIX`."""
+    path = Path(path)
+    return path.with_name(path.name + INDEX_SUFFIX)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make renames inside `folder` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class TempFile:
+    """A hidden temp file in the target's folder; hashes and counts bytes as they are written."""
+
+    def __init__(self, target: Path, hashed: bool = True):
+        self.target = Path(target)
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = make_hidden_tmp(self.target)
+        self.f = os.fdopen(fd, "wb", buffering=_BUFSIZE)
+        self.size = 0
+        self._hash = hashlib.sha256() if hashed else None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.f.write(data)
+        self.size += len(data)
+        if self._hash is not None:
+            self._hash.update(data)
+
+    def hexdigest(self) -> str:
+        assert self._hash is not None
+        return self._hash.hexdigest()
+
+    def finish(self) -> None:
+        """Flush and fsync (the file stays at its temp name)."""
+        if not self.f.closed:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+
+    def commit(self) -> None:
+        """Rename into place (call after `finish`)."""
+        os.replace(self.tmp, self.target)
+
+    def discard(self) -> None:
+        if not self.f.closed:
+            with contextlib.suppress(OSError):
+                self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+class ShardWriter(ABC):
+    """Appends Records to one shard file (lmdb: one environment) and writes its index.
+
+    Use as a context manager: leaving the block normally closes the shard, an exception
+    aborts it (temp files removed, nothing left that looks complete).
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.num_samples = 0
+        self._result: WrittenShard | None = None
+        self._aborted = False
+
+    @abstractmethod
+    def add(self, rec: Record) -> None:
+        """Append one sample."""
+
+    @abstractmethod
+    def close(self) -> WrittenShard:
+        """Finish the shard: fsync, write the index, rename temp files into place (index first)."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Remove the temp files; safe to call more than once."""
+
+    def _check_open(self) -> None:
+        if self._result is not None or self._aborted:
+            raise RuntimeError(f"{self.path}: writer already {'closed' if self._result else 'aborted'}")
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif self._result is None and not self._aborted:
+            self.close()
+
+
+class ShardReader(ABC):
+    """Reads Records back from one shard; validates framing and record contents.
+
+    Any mismatch raises `packer.format.FormatError` naming the shard and position.
+    Random access uses positional reads, so a reader is safe to use after fork.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of samples (from the index file, or lmdb's count key)."""
+
+    @abstractmethod
+    def __iter__(self) -> Iterator[Record]:
+        """Every record in order, parsed and validated."""
+
+    @abstractmethod
+    def read(self, pos: int) -> Record:
+        """The record at position `pos` (0-based)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release files / the environment."""
+
+    def _check_pos(self, pos: int) -> int:
+        n = len(self)
+        if not -n <= pos < n:
+            raise IndexError(f"{self.path}: position {pos} out of range (0..{n - 1})")
+        return pos % n
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class UnknownFormatError(ValueError):
+    """The format name is not one of `packer.format.FORMATS`."""
+
+
+def _module(fmt: str):  # noqa: ANN202 - returns a module
+    if fmt == "tfrecord":
+        from packer.writers import tfrecord as m
+    elif fmt == "wds":
+        from packer.writers import wds as m
+    elif fmt == "lmdb":
+        from packer.writers import lmdb as m
+    else:
+        raise UnknownFormatError(f"unknown shard format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    return m
+
+
+def get_writer(fmt: str, path: Path) -> ShardWriter:
+    """A writer for shard `path` in format `fmt` ("tfrecord", "wds" or "lmdb")."""
+    return _module(fmt).Writer(Path(path))
+
+
+def open_reader(fmt: str, path: Path) -> ShardReader:
+    """A reader for the shard at `path` (FormatError if it or its index is missing or malformed)."""
+    return _module(fmt).Reader(Path(path))
+
+
+def make_index(fmt: str, path: Path) -> bytes:
+    """Recompute the index file bytes of an existing tfrecord/wds shard by scanning it.
+
+    Equals what DALI's `tfrecord2idx` / `wds2idx` write for that file. LMDB has no index.
+    """
+    m = _module(fmt)
+    if not hasattr(m, "make_index"):
+        raise UnknownFormatError(f"format {fmt!r} has no index file")
+    return m.make_index(Path(path))
