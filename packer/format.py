@@ -65,6 +65,9 @@ LMDB_COUNT_KEY = b"__count__"  # ascii decimal number of samples
 LMDB_MAGIC = b"PKR1"
 LMDB_HEADER = struct.Struct("<4sHHIIIIIHHI")
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 KEY_MAX_LEN = 80  # keeps tar member names inside ustar's 100-byte name field
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -283,6 +286,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; readers on shared storage need the usual mode
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -1,0 +1,183 @@
+"""`packer` command line: thin wrappers over build_dataset, verify_dataset, dataset_info.
+
+Exit codes: 0 ok; 1 the data failed (verify mismatch, --strict problems); 2 usage error
+(bad option, undetectable source, output folder conflict); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import click
+
+from packer import __version__
+from packer.format import FORMATS, FormatError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1 << 20,
+          "g": 1e9, "gb": 1e9, "gib": 1 << 30, "t": 1e12, "tb": 1e12, "tib": 1 << 40}
+
+
+class ByteSize(click.ParamType):
+    """Accepts 256MB, 1GiB, 500000 ..."""
+
+    name = "bytes"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        m = _SIZE.match(str(value))
+        if not m or m.group(2).lower() not in _UNITS:
+            self.fail(f"{value!r} is not a size like 256MB or 1GiB", param, ctx)
+        return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _progress_default() -> bool:
+    return sys.stderr.isatty()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="packer")
+def cli() -> None:
+    """Pack YOLO/COCO image folders into pre-resized, indexed, checksummed shards."""
+
+
+@cli.command()
+@click.argument("src", type=click.Path(exists=True))
+@click.option("-o", "--out", default="shards", show_default=True, help="Output folder.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="tfrecord", show_default=True)
+@click.option("--size", type=click.IntRange(min=32), default=704, show_default=True, help="Long side in pixels (aspect kept).")
+@click.option("--upscale", is_flag=True, help="Also enlarge images smaller than --size.")
+@click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True, help="JPEG quality of re-encoded images.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=None, help="Samples per shard (default: by --shard-bytes, at least --min-shards shards).")
+@click.option("--shard-bytes", type=ByteSize(), default="256MiB", show_default=True, help="Target shard size.")
+@click.option("--min-shards", type=click.IntRange(min=1), default=8, show_default=True, help="Small splits still get this many shards.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes (default: all cores).")
+@click.option("--shuffle/--no-shuffle", default=True, show_default=True, help="Shuffle sample order at pack time.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--splits", default=None, help="Comma-separated splits to pack (default: all found).")
+@click.option("--keep-crowd", is_flag=True, help="Keep COCO iscrowd=1 boxes.")
+@click.option("--overwrite", is_flag=True, help="Replace a packed dataset already in --out.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted build, keeping finished shards.")
+@click.option("--strict", is_flag=True, help="Fail (exit 1) on any problem in the input.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+def build(src, out, fmt, size, upscale, quality, shard_size, shard_bytes, min_shards, workers, shuffle, seed,
+          splits, keep_crowd, overwrite, resume, strict, as_json, progress) -> None:
+    """Pack SRC (a COCO or YOLO folder, detected automatically) into shards."""
+    from packer.build import StrictFailure, build_dataset
+
+    try:
+        res = build_dataset(
+            src, out, fmt=fmt, size=size, quality=quality, shard_size=shard_size, shard_bytes=shard_bytes,
+            min_shards=min_shards, workers=workers, shuffle=shuffle, seed=seed,
+            splits=[s.strip() for s in splits.split(",") if s.strip()] if splits else None,
+            keep_crowd=keep_crowd, upscale=upscale, overwrite=overwrite, resume=resume, strict=strict,
+            progress=_progress_default() if progress is None else progress,
+        )
+    except StrictFailure as e:
+        click.echo(f"packer: {e}", err=True)
+        for line in e.problems[:50]:
+            click.echo(f"  {line}", err=True)
+        if len(e.problems) > 50:
+            click.echo(f"  ... and {len(e.problems) - 50} more", err=True)
+        sys.exit(1)
+    summary = res.summary()
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(format_build_summary(summary))
+
+
+def format_build_summary(s: dict) -> str:
+    """The table printed after a build."""
+    im, bx = s["images"], s["boxes"]
+    rows = [
+        f"packed {s['layout']} -> {s['format']} in {s['out']}",
+        f"  splits        {', '.join(f'{k} {v}' for k, v in s['splits'].items())}",
+        f"  images        {im['packed']} packed / {im['found']} found" + _reasons(im["skipped"], "skipped"),
+        f"  boxes         {bx['packed']} packed / {bx['found']} found" + _reasons(bx["dropped"], "dropped"),
+    ]
+    if s["fixes"] or s["warnings"]:
+        rows.append(f"  fixed/warned  {_plain(s['fixes'])}{'; ' if s['fixes'] and s['warnings'] else ''}{_plain(s['warnings'])}")
+    ratio = s["output_bytes"] / s["input_bytes"] if s["input_bytes"] else 0
+    rows += [
+        f"  shards        {s['shards']}" + (f" ({s['resumed_shards']} kept from the interrupted build)" if s["resumed_shards"] else ""),
+        f"  size          {s['output_bytes'] / 1e6:.1f} MB out vs {s['input_bytes'] / 1e6:.1f} MB in ({ratio:.2f}x)",
+        f"  time          {s['elapsed_s']:.1f} s, {s['img_per_s'] or 0:.1f} img/s",
+    ]
+    rows += [f"  note          {n}" for n in s["notes"]]
+    if any(im["skipped"].values()) or any(bx["dropped"].values()):
+        rows.append("  details       report.json lists every skipped image and dropped box")
+    return "\n".join(rows)
+
+
+def _reasons(d: dict, verb: str) -> str:
+    return f"; {verb}: {_plain(d)}" if d else ""
+
+
+def _plain(d: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in d.items())
+
+
+@cli.command()
+@click.argument("shards", type=click.Path(exists=True, file_okay=False))
+@click.option("--deep", is_flag=True, help="Also decode every image.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@click.option("--progress/--no-progress", default=None)
+def verify(shards, deep, as_json, progress) -> None:
+    """Check checksums, index files, record counts and labels of a packed dataset."""
+    from packer.verify import verify_dataset
+
+    res = verify_dataset(shards, deep=deep, progress=_progress_default() if progress is None else progress)
+    if as_json:
+        click.echo(json.dumps(res.to_dict()))
+    else:
+        what = f"{res.checked_shards} shards, {res.checked_records} records" + (f", {res.decoded_images} images decoded" if deep else "")
+        if res.ok:
+            click.echo(f"OK: {shards}: {what}")
+        else:
+            click.echo(f"FAILED: {shards}: {len(res.errors)} problem(s) in {what}", err=True)
+            for e in res.errors:
+                click.echo(f"  {e}", err=True)
+    sys.exit(0 if res.ok else 1)
+
+
+@cli.command()
+@click.argument("shards", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print as one JSON object.")
+def info(shards, as_json) -> None:
+    """Summarize a packed dataset: splits, counts, per-class table, shard balance."""
+    from packer.info import dataset_info, format_info
+
+    d = dataset_info(shards)
+    click.echo(json.dumps(d) if as_json else format_info(d))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one readable line and exit 2 for usage errors, never a traceback."""
+    from packer.build import BuildError
+    from packer.sources.detect import SourceError
+
+    try:
+        cli.main(args=argv, prog_name="packer", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.UsageError as e:
+        click.echo(f"packer: error: {e.format_message()}", err=True)
+        sys.exit(2)
+    except click.ClickException as e:
+        click.echo(f"packer: error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except (BuildError, SourceError, FormatError) as e:
+        click.echo(f"packer: error: {e}", err=True)
+        sys.exit(2)
+    except (KeyboardInterrupt, click.Abort):
+        click.echo("packer: interrupted; no manifest was written (rerun with --resume to continue)", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""`packer verify`: prove a packed folder is exactly what its manifest says.
+
+Checks, per split: every shard's size and sha256; every index file equals the index
+recomputed from its shard; record counts equal the manifest; every record's key, labels
+and sizes equal the cached label arrays; `deep` also decodes every image and checks its
+size. Any single flipped byte in a shard fails the sha256 check.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from packer.format import FormatError, LabelArrays, Manifest, read_manifest, sha256_file
+from packer.writers import make_index, open_reader
+
+
+@dataclass
+class VerifyResult:
+    root: Path
+    errors: list[str] = field(default_factory=list)
+    checked_shards: int = 0
+    checked_records: int = 0
+    decoded_images: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict:
+        return {"root": str(self.root), "ok": self.ok, "errors": self.errors, "checked_shards": self.checked_shards,
+                "checked_records": self.checked_records, "decoded_images": self.decoded_images}
+
+
+def verify_dataset(root: str | os.PathLike, *, deep: bool = False, progress: bool = False) -> VerifyResult:
+    """Check a packed dataset against its manifest; problems are collected, not raised.
+
+    A missing or invalid manifest raises FormatError (the folder is not a complete dataset).
+    """
+    root = Path(root)
+    manifest = read_manifest(root)
+    res = VerifyResult(root)
+    from tqdm import tqdm
+
+    total = sum(s.num_samples for s in manifest.splits.values())
+    with tqdm(total=total, unit="rec", desc="verifying", disable=not progress) as bar:
+        for split in manifest.splits:
+            _verify_split(root, manifest, split, deep, res, bar)
+    return res
+
+
+def _verify_split(root: Path, m: Manifest, split: str, deep: bool, res: VerifyResult, bar) -> None:
+    info = m.splits[split]
+    try:
+        labels = LabelArrays.load(root / info.labels)
+    except (FormatError, FileNotFoundError) as e:
+        res.errors.append(f"{split}: label arrays unreadable: {e}")
+        labels = None
+    if labels is not None:
+        if len(labels) != info.num_samples:
+            res.errors.append(f"{split}: labels.npz has {len(labels)} samples, manifest says {info.num_samples}")
+        counts = np.bincount(labels.cls, minlength=len(m.names))[: len(m.names)].tolist() if len(labels.cls) else [0] * len(m.names)
+        if counts != info.class_counts or len(labels.cls) != info.num_boxes:
+            res.errors.append(f"{split}: class counts in labels.npz differ from the manifest")
+        if labels.cls.size and (labels.cls.min() < 0 or labels.cls.max() >= len(m.names)):
+            res.errors.append(f"{split}: labels.npz holds class ids outside 0..{len(m.names) - 1}")
+    by_shard = _positions(labels) if labels is not None else {}
+
+    for n, sh in enumerate(info.shards):
+        path = root / sh.path
+        res.checked_shards += 1
+        if not path.is_file():
+            res.errors.append(f"{sh.path}: missing")
+            continue
+        size = path.stat().st_size
+        if size != sh.bytes:
+            res.errors.append(f"{sh.path}: {size} bytes, manifest says {sh.bytes}")
+        digest = sha256_file(path)
+        if digest != sh.sha256:
+            res.errors.append(f"{sh.path}: sha256 mismatch (file changed or corrupt)")
+        if sh.index:
+            idx = root / sh.index
+            try:
+                if not idx.is_file():
+                    res.errors.append(f"{sh.index}: missing")
+                elif idx.read_bytes() != make_index(m.format, path):
+                    res.errors.append(f"{sh.index}: does not match its shard (recomputed index differs)")
+            except (FormatError, OSError) as e:
+                res.errors.append(f"{sh.index}: cannot recompute index from {sh.path}: {e}")
+        _verify_records(m.format, path, sh.path, sh.num_samples, labels, by_shard.get(n, {}), deep, res, bar)
+
+
+def _positions(labels: LabelArrays) -> dict[int, dict[int, int]]:
+    """shard -> {pos -> sample index} from the label arrays."""
+    out: dict[int, dict[int, int]] = {}
+    for i, (s, p) in enumerate(zip(labels.shard.tolist(), labels.pos.tolist(), strict=True)):
+        out.setdefault(s, {})[p] = i
+    return out
+
+
+def _verify_records(fmt: str, path: Path, rel: str, expected: int, labels: LabelArrays | None,
+                    positions: dict[int, int], deep: bool, res: VerifyResult, bar) -> None:
+    count = 0
+    try:
+        with open_reader(fmt, path) as reader:
+            for pos, rec in enumerate(reader):
+                count += 1
+                res.checked_records += 1
+                bar.update(1)
+                if labels is not None:
+                    i = positions.get(pos)
+                    if i is None:
+                        res.errors.append(f"{rel}#{pos}: record {rec.key} is not in labels.npz")
+                    else:
+                        _compare(rel, pos, rec, labels, i, res)
+                if deep:
+                    _decode_check(rel, pos, rec, res)
+    except (FormatError, OSError, ValueError) as e:
+        res.errors.append(f"{rel}: unreadable after {count} records: {e}")
+        return
+    if count != expected:
+        res.errors.append(f"{rel}: {count} records, manifest says {expected}")
+    if len(positions) != expected:
+        res.errors.append(f"{rel}: labels.npz lists {len(positions)} samples for it, manifest says {expected}")
+
+
+def _compare(rel: str, pos: int, rec, labels: LabelArrays, i: int, res: VerifyResult) -> None:
+    cls, boxes = labels.labels(i)
+    same = (
+        rec.key == labels.keys[i] and rec.source == labels.sources[i]
+        and (rec.height, rec.width) == tuple(labels.hw[i]) and (rec.orig_height, rec.orig_width) == tuple(labels.orig_hw[i])
+        and np.array_equal(rec.cls, cls) and np.array_equal(rec.boxes, boxes)
+    )
+    if not same:
+        res.errors.append(f"{rel}#{pos}: record {rec.key} differs from labels.npz")
+
+
+def _decode_check(rel: str, pos: int, rec, res: VerifyResult) -> None:
+    import cv2
+
+    img = cv2.imdecode(np.frombuffer(rec.jpeg, np.uint8), cv2.IMREAD_COLOR)
+    res.decoded_images += 1
+    if img is None:
+        res.errors.append(f"{rel}#{pos}: image {rec.key} does not decode")
+    elif img.shape[:2] != (rec.height, rec.width):
+        res.errors.append(f"{rel}#{pos}: image {rec.key} is {img.shape[1]}x{img.shape[0]}, record says {rec.width}x{rec.height}")

@@ -1,0 +1,280 @@
+"""End-to-end packer builds on real data: coco128 in every format, resume, verify, CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from packer.build import BuildError, StrictFailure, build_dataset
+from packer.format import FORMATS, MANIFEST_NAME, LabelArrays, read_manifest
+from packer.verify import verify_dataset
+from packer.writers import open_reader
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def packed(coco128, tmp_path_factory) -> dict[str, Path]:
+    """coco128 packed once per format (320 px keeps it quick)."""
+    out = {}
+    for fmt in FORMATS:
+        d = tmp_path_factory.mktemp(fmt) / "shards"
+        build_dataset(coco128, d, fmt=fmt, size=320, workers=2)
+        out[fmt] = d
+    return out
+
+
+def test_manifest_and_report_reconcile(packed):
+    for fmt, d in packed.items():
+        m = read_manifest(d)
+        assert m.format == fmt and m.size == 320 and len(m.names) == 80
+        assert m.source["layout"] == "coco"
+        assert list(m.splits) == ["train2017"]
+        s = m.splits["train2017"]
+        assert s.num_samples == 128
+        assert len(s.shards) == (1 if fmt == "lmdb" else 8)  # small splits still get --min-shards shards
+        report = json.loads((d / "report.json").read_text())
+        t = report["totals"]
+        assert t["images"]["found"] == 128 == t["images"]["packed"]
+        assert t["boxes"]["dropped"]["crowd"] == 10  # coco128 holds 10 iscrowd annotations
+        assert t["boxes"]["found"] == 939
+        assert t["boxes"]["packed"] + sum(t["boxes"]["dropped"].values()) == 939
+        assert s.num_boxes == t["boxes"]["packed"]
+        labels = LabelArrays.load(d / s.labels)
+        assert np.bincount(labels.cls, minlength=80).tolist() == s.class_counts
+        assert max(labels.hw.max(1)) == 320
+
+
+def test_label_arrays_equal_shards_and_verify(packed):
+    for d in packed.values():
+        res = verify_dataset(d, deep=True)
+        assert res.ok, res.errors
+        assert res.checked_records == 128 and res.decoded_images == 128
+
+
+def test_formats_hold_the_same_samples(packed):
+    seen = {}
+    for fmt, d in packed.items():
+        m = read_manifest(d)
+        recs = {}
+        for sh in m.splits["train2017"].shards:
+            with open_reader(fmt, d / sh.path) as r:
+                for rec in r:
+                    recs[rec.key] = (rec.source, rec.height, rec.width, rec.cls.tolist(), rec.boxes.tobytes(),
+                                     hashlib.sha1(rec.jpeg).hexdigest())
+        seen[fmt] = recs
+    assert len(seen["tfrecord"]) == 128
+    assert seen["tfrecord"] == seen["wds"] == seen["lmdb"]
+
+
+def test_tf_data_and_dali_read_built_shards(packed):
+    tf = pytest.importorskip("tensorflow")
+    m = read_manifest(packed["tfrecord"])
+    files = [str(packed["tfrecord"] / sh.path) for sh in m.splits["train2017"].shards]
+    spec = {
+        "image/encoded": tf.io.FixedLenFeature([], tf.string),
+        "image/key": tf.io.FixedLenFeature([], tf.string),
+        "image/height": tf.io.FixedLenFeature([], tf.int64),
+        "objects/class": tf.io.VarLenFeature(tf.int64),
+        "objects/bbox": tf.io.VarLenFeature(tf.float32),
+    }
+    n = boxes = 0
+    for raw in tf.data.TFRecordDataset(files):
+        ex = tf.io.parse_single_example(raw, spec)
+        nb = int(tf.size(ex["objects/class"].values))
+        assert int(tf.size(ex["objects/bbox"].values)) == 4 * nb
+        n, boxes = n + 1, boxes + nb
+    assert n == 128 and boxes == m.splits["train2017"].num_boxes
+
+    # DALI's own index tools agree with ours on every built shard
+    for fmt, tool in (("tfrecord", "tfrecord2idx"), ("wds", "wds2idx")):
+        mm = read_manifest(packed[fmt])
+        for sh in mm.splits["train2017"].shards:
+            ref = packed[fmt] / (sh.path + ".ref")
+            subprocess.run([str(BIN / tool), str(packed[fmt] / sh.path), str(ref)], check=True, capture_output=True)
+            assert ref.read_bytes() == (packed[fmt] / sh.index).read_bytes(), sh.path
+            ref.unlink()
+
+
+def test_output_is_identical_whatever_the_workers(coco128, tmp_path):
+    a, b = tmp_path / "w1", tmp_path / "w2"
+    build_dataset(coco128, a, fmt="wds", size=256, workers=1, shard_size=40)
+    build_dataset(coco128, b, fmt="wds", size=256, workers=2, shard_size=40)
+    assert _tree_digest(a) == _tree_digest(b)
+
+
+def test_flipped_byte_is_caught(packed, tmp_path):
+    import shutil
+
+    for fmt in FORMATS:
+        d = tmp_path / fmt
+        shutil.copytree(packed[fmt], d)
+        sh = read_manifest(d).splits["train2017"].shards[-1]
+        p = d / sh.path
+        data = bytearray(p.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        p.write_bytes(bytes(data))
+        res = verify_dataset(d)
+        assert not res.ok
+        assert any("sha256 mismatch" in e for e in res.errors), res.errors
+
+
+def test_output_folder_rules(coco128, tmp_path):
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    with pytest.raises(BuildError, match="not empty"):
+        build_dataset(coco128, user, size=128, splits=["train2017"], workers=1)
+    assert (user / "notes.txt").read_text() == "keep me"
+    out = tmp_path / "out"
+    build_dataset(coco128, out, fmt="wds", size=128, workers=1)
+    with pytest.raises(BuildError, match="--overwrite"):
+        build_dataset(coco128, out, fmt="wds", size=128, workers=1)
+    (out / "mine.txt").write_text("keep me too")
+    build_dataset(coco128, out, fmt="tfrecord", size=128, workers=1, overwrite=True)
+    assert read_manifest(out).format == "tfrecord"
+    assert (out / "mine.txt").exists()
+    assert not list(out.rglob("*.tar"))  # the old format's shards are gone
+    with pytest.raises(BuildError, match="contains the source"):
+        build_dataset(coco128, coco128.parent, size=128)
+
+
+def test_killed_build_leaves_no_manifest_and_resumes(coco128, tmp_path):
+    """A real SIGKILL mid-build: no manifest; --resume keeps the finished shards and
+    ends byte-identical to an uninterrupted build."""
+    out = tmp_path / "killed"
+    cmd = [str(BIN / "packer"), "build", str(coco128), "-o", str(out), "--format", "tfrecord", "--size", "320",
+           "--shard-size", "8", "--workers", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out / ".packer-state"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(state.glob("*.npz"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(list(state.glob("*.npz"))) >= 3, "build finished before it could be killed"
+    assert not (out / MANIFEST_NAME).exists()
+
+    r = subprocess.run(cmd + ["--resume", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["resumed_shards"] >= 3
+    assert verify_dataset(out).ok
+
+    clean = tmp_path / "clean"
+    build_dataset(coco128, clean, fmt="tfrecord", size=320, shard_size=8, workers=1)
+    da, db = _tree_digest(out), _tree_digest(clean)
+    da.pop("report.json"), db.pop("report.json")  # holds the source path only; compared below
+    assert da.keys() == db.keys()
+    assert {k: v for k, v in da.items() if k != MANIFEST_NAME} == {k: v for k, v in db.items() if k != MANIFEST_NAME}
+    ma, mb = json.loads((out / MANIFEST_NAME).read_text()), json.loads((clean / MANIFEST_NAME).read_text())
+    assert ma == mb
+
+
+@pytest.mark.parametrize("fmt,stop_at", [("tfrecord", 2), ("lmdb", 1)])
+def test_interrupt_in_process_then_resume(coco128, tmp_path, fmt, stop_at):
+    out = tmp_path / "int"
+    calls = []
+
+    def stop(split, info):
+        calls.append(info)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_dataset(coco128, out, fmt=fmt, size=128, workers=2, on_shard=stop)
+    assert not (out / MANIFEST_NAME).exists()
+    with pytest.raises(BuildError, match="--overwrite"):
+        build_dataset(coco128, out, fmt=fmt, size=128, workers=2)
+    res = build_dataset(coco128, out, fmt=fmt, size=128, workers=2, resume=True)
+    assert res.resumed_shards == stop_at
+    assert res.manifest.splits["train2017"].num_samples == 128
+    assert verify_dataset(out).ok
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]
+
+
+def test_bad_input_report(tmp_path):
+    from _bad_input import make_bad_coco, make_bad_yolo
+
+    for make in (make_bad_yolo, make_bad_coco):
+        src = tmp_path / make.__name__
+        expected = make(src)
+        out = tmp_path / (make.__name__ + "-out")
+        res = build_dataset(src, out, fmt="wds", size=128, workers=2)
+        report = json.loads((out / "report.json").read_text())
+        t = report["totals"]
+        assert t["images"]["found"] == t["images"]["packed"] + sum(t["images"]["skipped"].values())
+        assert t["boxes"]["found"] == t["boxes"]["packed"] + sum(t["boxes"]["dropped"].values())
+        got = {**t["images"]["skipped"], **t["boxes"]["dropped"], **t["fixes"], **t["warnings"]}
+        for reason, n in expected["reasons"].items():
+            assert got.get(reason) == n, (make.__name__, reason, got)
+        listed = {(p["kind"], p["reason"]) for p in report["problems"]}
+        assert {r for _, r in listed} >= set(expected["reasons"])
+        assert verify_dataset(out, deep=True).ok
+        assert res.manifest.splits  # the good images were packed
+        with pytest.raises(StrictFailure):
+            build_dataset(src, tmp_path / (make.__name__ + "-strict"), size=128, workers=1, strict=True)
+        assert not (tmp_path / (make.__name__ + "-strict") / MANIFEST_NAME).exists()
+
+
+def _packer(*args, cwd=None):
+    return subprocess.run([str(BIN / "packer"), *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "COLUMNS": "120"})
+
+
+def test_cli_exactly_as_typed(tmp_path):
+    """`packer build coco/ --format tfrecord --size 704` with the default ./shards output."""
+    import shutil
+
+    shutil.copytree(ROOT / "samples" / "coco", tmp_path / "coco")
+    r = _packer("build", "coco/", "--format", "tfrecord", "--size", "704", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "packed coco -> tfrecord" in r.stdout and "img/s" in r.stdout
+    m = read_manifest(tmp_path / "shards")
+    assert set(m.splits) == {"train2017", "val2017"}
+    info = _packer("info", "shards", "--json", cwd=tmp_path)
+    assert info.returncode == 0 and json.loads(info.stdout)["splits"]["val2017"]["num_samples"] == 4
+    human = _packer("info", "shards", cwd=tmp_path)
+    assert "train2017" in human.stdout and "person" in human.stdout
+    assert _packer("verify", "shards", cwd=tmp_path).returncode == 0
+
+
+def test_cli_usage_errors_are_one_line(tmp_path):
+    cases = [
+        ("build", str(tmp_path / "nope")),
+        ("build", str(ROOT / "samples" / "coco"), "--format", "zip"),
+        ("build", str(tmp_path)),  # an empty folder: no layout to detect
+        ("verify", str(tmp_path)),  # not a packed dataset
+        ("build", str(ROOT / "samples" / "coco"), "--shard-bytes", "lots"),
+    ]
+    for args in cases:
+        r = _packer(*args, "-o", str(tmp_path / "o")) if args[0] == "build" else _packer(*args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_cli_strict_exit_1(tmp_path):
+    from _bad_input import make_bad_yolo
+
+    make_bad_yolo(tmp_path / "bad")
+    r = _packer("build", str(tmp_path / "bad"), "-o", str(tmp_path / "o"), "--strict", "--workers", "1")
+    assert r.returncode == 1
+    assert "--strict" in r.stderr and "truncated" in r.stderr
