@@ -278,3 +278,25 @@ def test_cli_strict_exit_1(tmp_path):
     r = _packer("build", str(tmp_path / "bad"), "-o", str(tmp_path / "o"), "--strict", "--workers", "1")
     assert r.returncode == 1
     assert "--strict" in r.stderr and "truncated" in r.stderr
+
+
+def test_packed_labels_equal_ultralytics_convert_coco(packed, coco128, tmp_path):
+    """The label arrays of every format equal ultralytics' convert_coco on the same json."""
+    from trainer.offline import setup_offline
+
+    setup_offline()
+    from ultralytics.data.converter import convert_coco
+
+    convert_coco(str(coco128 / "annotations"), str(tmp_path / "conv"), use_segments=False, cls91to80=True)
+    theirs = {}
+    for p in (tmp_path / "conv" / "labels" / "train2017").glob("*.txt"):
+        rows = [ln.split() for ln in p.read_text().splitlines() if ln.strip()]
+        theirs[p.stem] = np.array(rows, dtype=np.float64).reshape(-1, 5)
+    for d in packed.values():
+        la = LabelArrays.load(d / "train2017" / "labels.npz")
+        for i, src in enumerate(la.sources):
+            cls, boxes = la.labels(i)
+            ours = np.column_stack([cls, boxes]).astype(np.float64)
+            t = theirs.get(Path(src).stem, np.zeros((0, 5)))  # no file = no annotations
+            assert ours.shape == t.shape, src
+            np.testing.assert_allclose(ours, t, atol=1e-6, rtol=0)
