@@ -9,6 +9,10 @@ Order of events, chosen so that an interrupted build never looks complete:
    `.packer-state/` (shard checksum, candidate range, its labels and problems) so
    `--resume` can keep it;
 4. write labels.npz per split and report.json, then manifest.json last, atomically.
+
+With `num_parts`/`part`, step 2 packs only the part's contiguous range of each split's
+shuffled candidate order, into `<out>/parts/part-IIIII-of-NNNNN/` (a complete packed folder
+of its own); `packer.parts.merge_parts` later joins the parts (see packer/parts.py).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from packer.sources.detect import Source, detect_source
 from packer.writers import get_writer
 
 STATE_DIR = ".packer-state"
+PARTS_DIR = "parts"  # multi-machine packing: <out>/parts/part-IIIII-of-NNNNN/
 DEFAULT_SHARD_BYTES = 256 << 20
 DEFAULT_MIN_SHARDS = 8  # so several ranks x workers can each own whole shards
 CHUNK = 4  # candidates per task sent to a worker: amortizes IPC without hurting order
@@ -173,12 +178,15 @@ def ordered_map(
 class _State:
     """Resume journal in `<out>/.packer-state/`: finished shards and their labels/problems."""
 
-    def __init__(self, out: Path, opts: BuildOptions, source: Source):
+    def __init__(self, out: Path, opts: BuildOptions, source: Source, part: dict[str, Any] | None = None):
         self.dir = out / STATE_DIR
         self.path = self.dir / "state.json"
+        digest = opts.digest()
+        if part is not None:  # a part's journal must not be adopted by another part selection
+            digest = hashlib.sha256(json.dumps([digest, part], sort_keys=True).encode()).hexdigest()[:16]
         self.data: dict[str, Any] = {
             "options": asdict(opts),
-            "digest": opts.digest(),
+            "digest": digest,
             "source": str(source.root),
             "packer_version": __version__,
             "splits": {},
@@ -291,6 +299,8 @@ def build_dataset(
     strict: bool = False,
     progress: bool = False,
     on_shard: Callable[[str, ShardInfo], None] | None = None,
+    num_parts: int = 1,
+    part: int | None = None,
 ) -> BuildResult:
     """Pack a COCO or YOLO folder `src` into `out` (see packer.format for the layout).
 
@@ -299,6 +309,11 @@ def build_dataset(
     `overwrite` replaces a previous packed dataset in `out`. With `strict`, any problem in
     the input fails the build (StrictFailure) after writing report.json, and no manifest
     is written. `on_shard` is called after every finished shard (progress hooks, tests).
+
+    Multi-machine packing: with `num_parts` N and `part` I (0-based), only part I of each
+    split (a contiguous range of the shuffled candidate order, so the parts in order are
+    the single-machine order) is packed, into `out/parts/part-IIIII-of-NNNNN/`; run every
+    part (any machine, any order, same options), then `packer.parts.merge_parts(out)`.
     """
     t0 = time.perf_counter()
     if fmt not in FORMATS:
@@ -311,11 +326,21 @@ def build_dataset(
         raise BuildError("--overwrite and --resume exclude each other")
     opts = BuildOptions(fmt, size, quality, shard_size, shard_bytes, max(1, min_shards), shuffle, seed,
                         tuple(splits) if splits else None, keep_crowd, upscale)
+    from packer import parts as _parts
+
+    _parts.check_part_args(num_parts, part)
     source = detect_source(src, splits)
     out = Path(out).resolve()
+    part_info: dict[str, Any] | None = None
+    notes = list(source.notes)
+    if part is not None:
+        dest = out
+        out = _parts.prepare_part_dest(dest, source.root, num_parts, part, overwrite=overwrite)
+        part_info = {"num_parts": num_parts, "part": part, "splits": {}}
+        notes.append(f"part {part} of {num_parts} (0-based) in {out}; when all parts are done: packer merge {dest}")
     _prepare_out(out, source.root, overwrite=overwrite, resume=resume)
 
-    state = _State(out, opts, source)
+    state = _State(out, opts, source, {"num_parts": num_parts, "part": part} if part_info else None)
     resumed = state.load_compatible() if resume else False
     _remove_temp_files(out)
     if not resumed:
@@ -338,10 +363,16 @@ def build_dataset(
         for split, cands in source.splits.items():
             order = _order(len(cands), shuffle, seed, split)
             cands = [cands[i] for i in order]
+            if part_info is not None:
+                a, b = _parts.part_range(len(cands), part, num_parts)
+                part_info["splits"][split] = {"start": a, "end": b, "total": len(cands),
+                                              "sources_sha256": _parts.sources_digest(source.splits[split])}
+                cands = cands[a:b]
             input_bytes += sum(_size(c.path) for c in cands)
             kept = _kept_shards(state, split, out, bar)
             resumed_shards += len(kept)
-            _pack_split(split, cands, kept, opts, popts, out, state, workers, pool, bar, on_shard)
+            _pack_split(split, cands, kept, opts, popts, out, state, workers, pool, bar, on_shard,
+                        num_parts if part_info else 1)
             splits_info[split] = _finish_split(split, state, out, len(source.names))
     except BaseException:
         if pool is not None:
@@ -363,11 +394,13 @@ def build_dataset(
         options={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()},
         packer_version=__version__, splits=splits_info,
     )
+    if part_info is not None:
+        manifest.options[_parts.PART_OPTION] = part_info
     write_manifest(out, manifest)  # last: its presence means "complete"
     shutil.rmtree(state.dir, ignore_errors=True)
     output_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return BuildResult(out, manifest, report, time.perf_counter() - t0, input_bytes, output_bytes,
-                       resumed_shards, list(source.notes))
+                       resumed_shards, notes)
 
 
 def _prepare_out(out: Path, src_root: Path, *, overwrite: bool, resume: bool) -> None:
@@ -398,7 +431,7 @@ def _prepare_out(out: Path, src_root: Path, *, overwrite: bool, resume: bool) ->
     for p in entries:
         if p.name == MANIFEST_NAME:
             continue
-        if p.is_dir() and (p.name == STATE_DIR or (p / LABELS_NAME).exists() or _looks_like_split(p)):
+        if p.is_dir() and (p.name in (STATE_DIR, PARTS_DIR) or (p / LABELS_NAME).exists() or _looks_like_split(p)):
             shutil.rmtree(p)
         elif p.name == REPORT_NAME:
             p.unlink()
@@ -456,13 +489,14 @@ def _kept_shards(state: _State, split: str, out: Path, bar) -> list[dict[str, An
 def _pack_split(
     split: str, cands: list[Candidate], kept: list[dict[str, Any]], opts: BuildOptions,
     popts: ProcessOptions, out: Path, state: _State, workers: int, pool: cf.Executor | None, bar,
-    on_shard: Callable[[str, ShardInfo], None] | None,
+    on_shard: Callable[[str, ShardInfo], None] | None, num_parts: int = 1,
 ) -> None:
     start = kept[-1]["end"] if kept else 0
     number = len(kept)
     if start >= len(cands) and kept:
         return
-    cap = opts.shard_size or max(1, math.ceil(len(cands) / opts.min_shards))
+    # a part makes its share of --min-shards, so the merged split still has at least that many
+    cap = opts.shard_size or max(1, math.ceil(len(cands) / math.ceil(opts.min_shards / num_parts)))
     if opts.fmt == "lmdb":
         cap, number, start = None, 0, 0  # one environment per split: resumable per split only
     (out / split).mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,224 @@
+"""`packer convert`: re-shard a packed dataset into another format, images untouched.
+
+Records are read from the source shards and written to the new format's writer one at a
+time (bounded memory): the JPEG bytes, labels and sizes are copied, never decoded or
+re-encoded. The output has its own index files and label arrays (`shard`/`pos` for its
+own shards), the source's report.json (copied) and a manifest written last, atomically,
+with `format` changed and ``options["converted_from"]`` naming the source.
+
+Shard boundaries are kept by default: output shard k holds exactly the samples of source
+shard k. LMDB holds one environment per split, so converting *to* lmdb joins the shards
+and records their sizes in ``options["shard_sizes"]``; converting *from* such an lmdb
+restores them, which makes tfrecord -> wds -> lmdb -> tfrecord reproduce the original
+tfrecord shards, index files and labels.npz byte for byte. `shard_size` re-shards instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from packer import __version__
+from packer.build import STATE_DIR, BuildError, _label_only, _prepare_out, _remove_temp_files
+from packer.format import (
+    FORMATS,
+    LABEL_FIELDS,
+    LABELS_NAME,
+    MANIFEST_NAME,
+    REPORT_NAME,
+    FormatError,
+    LabelArrays,
+    Manifest,
+    ShardInfo,
+    SplitInfo,
+    atomic_write_bytes,
+    read_manifest,
+    sha256_file,
+    shard_name,
+    write_manifest,
+)
+from packer.writers import ShardWriter, get_writer, open_reader
+
+CONVERTED_FROM = "converted_from"  # manifest options key: {"format", "path", "shard_size"}
+SHARD_SIZES = "shard_sizes"  # manifest options key (lmdb outputs): {split: [samples per source shard]}
+
+
+class ConvertError(BuildError, ValueError):
+    """A conversion that cannot start or whose source is inconsistent (one readable line)."""
+
+
+def convert_dataset(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    fmt: str,
+    *,
+    shard_size: int | None = None,
+    overwrite: bool = False,
+    check: bool = True,
+    progress: bool = False,
+) -> Manifest:
+    """Write the packed dataset `src` to `out` in format `fmt` ("tfrecord", "wds", "lmdb").
+
+    Keeps the source's shard boundaries unless `shard_size` (samples per output shard;
+    not for lmdb, which has one environment per split) is given. With `check` (default)
+    each source shard's size and sha256 are checked against the source manifest before it
+    is read, and the copied labels are compared with the source's labels.npz, so a
+    damaged source is refused (ConvertError) instead of copied. `overwrite` replaces a
+    packed dataset (or an unfinished conversion) in `out`; otherwise `out` must be new or
+    empty. Returns the new manifest.
+    """
+    if fmt not in FORMATS:
+        raise ConvertError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if shard_size is not None and shard_size < 1:
+        raise ConvertError("--shard-size must be >= 1")
+    if shard_size is not None and fmt == "lmdb":
+        raise ConvertError("--shard-size does not apply to lmdb (one environment per split)")
+    src = Path(src).resolve()
+    m = read_manifest(src)
+    out = Path(out).resolve()
+    if out == src or src.is_relative_to(out):
+        raise ConvertError(f"output folder {out} contains the source {src}; choose another -o")
+    _prepare_convert_out(out, src, overwrite)
+
+    from tqdm import tqdm
+
+    state = out / STATE_DIR  # marks the folder as an unfinished conversion until the manifest exists
+    state.mkdir(parents=True, exist_ok=True)
+    splits: dict[str, SplitInfo] = {}
+    sizes_out: dict[str, list[int]] = {}
+    total = sum(s.num_samples for s in m.splits.values())
+    with tqdm(total=total, unit="rec", desc="converting", disable=not progress) as bar:
+        for split in m.splits:
+            plan = _plan(m, split, shard_size)
+            splits[split] = _convert_split(src, m, split, out, fmt, plan, check, bar)
+            if isinstance(plan, list):
+                sizes_out[split] = plan
+
+    report = src / REPORT_NAME
+    if report.is_file():
+        atomic_write_bytes(out / REPORT_NAME, report.read_bytes())
+    options: dict[str, Any] = {k: v for k, v in m.options.items() if k not in (CONVERTED_FROM, SHARD_SIZES)}
+    if "fmt" in options:
+        options["fmt"] = fmt
+    options[CONVERTED_FROM] = {"format": m.format, "path": str(src), "shard_size": shard_size}
+    if fmt == "lmdb":
+        options[SHARD_SIZES] = sizes_out
+    manifest = Manifest(format=fmt, size=m.size, names=list(m.names), source=dict(m.source), options=options,
+                        packer_version=__version__, splits=splits)
+    write_manifest(out, manifest)  # last: its presence means "complete"
+    shutil.rmtree(state, ignore_errors=True)
+    return manifest
+
+
+def _prepare_convert_out(out: Path, src: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"output path {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        has_manifest, has_state = (out / MANIFEST_NAME).exists(), (out / STATE_DIR).exists()
+        if not (has_manifest or has_state):
+            raise ConvertError(f"output folder {out} is not empty and is not a packed dataset; choose another -o")
+        if not overwrite:
+            what = "a packed dataset" if has_manifest else "an unfinished build or conversion"
+            raise ConvertError(f"{out} already holds {what}; pass --overwrite to replace it")
+    _prepare_out(out, src, overwrite=True, resume=False)
+    _remove_temp_files(out)
+
+
+def _plan(m: Manifest, split: str, shard_size: int | None) -> list[int] | int:
+    """Samples per output shard: a list (keep boundaries) or a fixed size (re-shard)."""
+    info = m.splits[split]
+    if shard_size is not None:
+        return shard_size
+    sizes = [sh.num_samples for sh in info.shards]
+    recorded = m.options.get(SHARD_SIZES, {})
+    recorded = recorded.get(split) if isinstance(recorded, dict) else None
+    if (m.format == "lmdb" and len(sizes) == 1 and isinstance(recorded, list)
+            and all(isinstance(x, int) and x > 0 for x in recorded) and sum(recorded) == info.num_samples):
+        return list(recorded)  # an lmdb made by convert: restore the boundaries it joined
+    return [s for s in sizes if s > 0]
+
+
+def _convert_split(src: Path, m: Manifest, split: str, out: Path, fmt: str, plan: list[int] | int,
+                   check: bool, bar) -> SplitInfo:
+    info = m.splits[split]
+    (out / split).mkdir(parents=True, exist_ok=True)
+    targets = iter(plan) if isinstance(plan, list) else None
+    shards: list[ShardInfo] = []
+    rows: list[tuple] = []
+    writer: ShardWriter | None = None
+    in_shard = 0  # records in the open output shard
+    target = 0
+
+    def close() -> None:
+        nonlocal writer, in_shard
+        assert writer is not None
+        w = writer.close()
+        shards.append(ShardInfo(
+            path=w.path.relative_to(out).as_posix(), num_samples=w.num_samples, bytes=w.bytes, sha256=w.sha256,
+            index=w.index.relative_to(out).as_posix() if w.index else None,
+        ))
+        writer, in_shard = None, 0
+
+    try:
+        for sh in info.shards:
+            path = src / sh.path
+            if check:
+                _check_shard(path, sh)
+            count = 0
+            try:
+                with open_reader(m.format, path) as reader:
+                    for rec in reader:
+                        if writer is None:
+                            writer = get_writer(fmt, out / split / shard_name(split, len(shards), fmt))
+                            target = (next(targets, 0) if targets is not None else plan) if fmt != "lmdb" else 0
+                        writer.add(rec)
+                        rows.append((_label_only(rec), len(shards), in_shard))
+                        in_shard += 1
+                        count += 1
+                        bar.update(1)
+                        if target and in_shard >= target:
+                            close()
+            except (FormatError, OSError) as e:
+                raise ConvertError(f"{sh.path}: cannot read the source shard ({e}); run packer verify on it") from None
+            if count != sh.num_samples:
+                raise ConvertError(f"{sh.path}: {count} records, the source manifest says {sh.num_samples}")
+        if writer is not None:
+            close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+
+    labels = LabelArrays.from_records(rows)
+    if check:
+        _check_labels(src / info.labels, labels, split)
+    labels.save(out / split / LABELS_NAME)
+    nc = len(m.names)
+    counts = np.bincount(labels.cls, minlength=nc)[:nc] if len(labels.cls) else np.zeros(nc, np.int64)
+    return SplitInfo(num_samples=len(labels), num_boxes=int(len(labels.cls)), class_counts=[int(c) for c in counts],
+                     labels=f"{split}/{LABELS_NAME}", shards=shards)
+
+
+def _check_shard(path: Path, sh: ShardInfo) -> None:
+    if not path.is_file():
+        raise ConvertError(f"{sh.path}: source shard missing")
+    if path.stat().st_size != sh.bytes or sha256_file(path) != sh.sha256:
+        raise ConvertError(f"{sh.path}: source shard does not match its manifest checksum (corrupt or changed); "
+                           "run packer verify")
+
+
+def _check_labels(path: Path, got: LabelArrays, split: str) -> None:
+    """The copied records must carry exactly the labels the source's labels.npz lists (order included)."""
+    try:
+        want = LabelArrays.load(path)
+    except (FormatError, FileNotFoundError) as e:
+        raise ConvertError(f"{split}: source label arrays unreadable: {e}") from None
+    for f in LABEL_FIELDS:
+        if f in ("shard", "pos"):
+            continue
+        if not np.array_equal(getattr(want, f), getattr(got, f)):
+            raise ConvertError(f"{split}: source records differ from its labels.npz ({f}); run packer verify")
