@@ -7,6 +7,7 @@ Exit codes: 0 ok; 1 the data failed (verify mismatch, --strict problems); 2 usag
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 
@@ -34,6 +35,28 @@ class ByteSize(click.ParamType):
         return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+class DatasetArg(click.ParamType):
+    """A packed dataset: an existing folder, or a URL (s3://, gs://, http(s)://, file://)."""
+
+    name = "folder|url"
+
+    def convert(self, value, param, ctx):
+        from packer.remote import is_url
+
+        value = str(value)
+        if not is_url(value) and not os.path.isdir(value):
+            self.fail(f"{value!r} is not a folder or a URL", param, ctx)
+        return value
+
+
+DATASET = DatasetArg()
+# JSON or @file.json; secrets are better passed by env var or file than on the command line
+STORAGE_OPTIONS = click.option(
+    "--storage-options", "storage_options", envvar="PACKER_STORAGE_OPTIONS", default=None, metavar="JSON|@FILE",
+    help="fsspec storage options for URLs (endpoint, credentials...), as JSON or @file.json; env PACKER_STORAGE_OPTIONS. "
+    "Default: AWS_* env vars (incl. AWS_ENDPOINT_URL) and AWS config files.")
+
+
 def _progress_default() -> bool:
     return sys.stderr.isatty()
 
@@ -46,7 +69,7 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("src", type=click.Path(exists=True))
-@click.option("-o", "--out", default="shards", show_default=True, help="Output folder.")
+@click.option("-o", "--out", default="shards", show_default=True, help="Output folder, or a URL (s3://, gs://, file://).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="tfrecord", show_default=True)
 @click.option("--size", type=click.IntRange(min=32), default=704, show_default=True, help="Long side in pixels (aspect kept).")
 @click.option("--upscale", is_flag=True, help="Also enlarge images smaller than --size.")
@@ -62,12 +85,37 @@ def cli() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a packed dataset already in --out.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted build, keeping finished shards.")
 @click.option("--strict", is_flag=True, help="Fail (exit 1) on any problem in the input.")
+@click.option("--num-parts", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Multi-machine packing: split the work into N parts (then `packer merge`).")
+@click.option("--part", type=click.IntRange(min=0), default=None,
+              help="Which part (0-based) to pack here; it goes to OUT/parts/part-IIIII-of-NNNNN/.")
+@click.option("--staging", type=click.Path(file_okay=False), default=None,
+              help="With -o URL: local folder to build in before the upload (default: a temp folder, removed).")
+@STORAGE_OPTIONS
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 def build(src, out, fmt, size, upscale, quality, shard_size, shard_bytes, min_shards, workers, shuffle, seed,
-          splits, keep_crowd, overwrite, resume, strict, as_json, progress) -> None:
-    """Pack SRC (a COCO or YOLO folder, detected automatically) into shards."""
+          splits, keep_crowd, overwrite, resume, strict, num_parts, part, staging, storage_options, as_json,
+          progress) -> None:
+    """Pack SRC (a COCO or YOLO folder, detected automatically) into shards.
+
+    -o may be a URL (s3://bucket/prefix, gs://..., file://...): the dataset is built in a
+    local staging folder, then uploaded with its manifest last."""
     from packer.build import StrictFailure, build_dataset
+    from packer.remote import is_url, parse_storage_options
+
+    remote = is_url(out)
+    if remote:
+        if num_parts > 1:
+            raise click.UsageError("multi-part builds write to a local or shared folder; push the merged result")
+        from packer.transfer import build_to_url
+
+        so = parse_storage_options(storage_options)
+
+        def build_dataset(src, out, **kw):  # noqa: ANN001, ANN202 - same call, remote destination
+            kw.pop("num_parts", None)
+            kw.pop("part", None)
+            return build_to_url(src, out, staging=staging, storage_options=so, **kw)[0]
 
     try:
         res = build_dataset(
@@ -76,6 +124,7 @@ def build(src, out, fmt, size, upscale, quality, shard_size, shard_bytes, min_sh
             splits=[s.strip() for s in splits.split(",") if s.strip()] if splits else None,
             keep_crowd=keep_crowd, upscale=upscale, overwrite=overwrite, resume=resume, strict=strict,
             progress=_progress_default() if progress is None else progress,
+            num_parts=num_parts, part=part,
         )
     except StrictFailure as e:
         click.echo(f"packer: {e}", err=True)
@@ -123,15 +172,19 @@ def _plain(d: dict) -> str:
 
 
 @cli.command()
-@click.argument("shards", type=click.Path(exists=True, file_okay=False))
+@click.argument("shards", type=DATASET)
 @click.option("--deep", is_flag=True, help="Also decode every image.")
+@STORAGE_OPTIONS
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.option("--progress/--no-progress", default=None)
-def verify(shards, deep, as_json, progress) -> None:
-    """Check checksums, index files, record counts and labels of a packed dataset."""
+def verify(shards, deep, storage_options, as_json, progress) -> None:
+    """Check checksums, index files, record counts and labels of a packed dataset (folder or URL)."""
+    from packer.remote import display_url, parse_storage_options
     from packer.verify import verify_dataset
 
-    res = verify_dataset(shards, deep=deep, progress=_progress_default() if progress is None else progress)
+    res = verify_dataset(shards, deep=deep, progress=_progress_default() if progress is None else progress,
+                         storage_options=parse_storage_options(storage_options))
+    shards = display_url(shards)
     if as_json:
         click.echo(json.dumps(res.to_dict()))
     else:
@@ -146,19 +199,115 @@ def verify(shards, deep, as_json, progress) -> None:
 
 
 @cli.command()
-@click.argument("shards", type=click.Path(exists=True, file_okay=False))
+@click.argument("shards", type=DATASET)
+@STORAGE_OPTIONS
 @click.option("--json", "as_json", is_flag=True, help="Print as one JSON object.")
-def info(shards, as_json) -> None:
-    """Summarize a packed dataset: splits, counts, per-class table, shard balance."""
+def info(shards, storage_options, as_json) -> None:
+    """Summarize a packed dataset (folder or URL): splits, counts, per-class table, shard balance."""
     from packer.info import dataset_info, format_info
+    from packer.remote import dataset_info_url, is_url, parse_storage_options
 
-    d = dataset_info(shards)
+    if is_url(shards):
+        d = dataset_info_url(shards, parse_storage_options(storage_options))
+    else:
+        d = dataset_info(shards)
     click.echo(json.dumps(d) if as_json else format_info(d))
+
+
+@cli.command()
+@click.argument("shards", type=click.Path(exists=True, file_okay=False))
+@click.argument("url")
+@STORAGE_OPTIONS
+@click.option("--retries", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Retries per file on transient network errors (exponential backoff).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option("--progress/--no-progress", default=None)
+def push(shards, url, storage_options, retries, as_json, progress) -> None:
+    """Upload packed dataset SHARDS to URL (s3://, gs://, file://), manifest last; files
+    already there with the same size and sha256 are skipped, so a rerun finishes a cut-off push."""
+    from packer.remote import parse_storage_options
+    from packer.transfer import format_transfer_summary
+    from packer.transfer import push as push_dataset
+
+    res = push_dataset(shards, url, storage_options=parse_storage_options(storage_options), attempts=retries + 1,
+                       progress=_progress_default() if progress is None else progress)
+    s = res.summary()
+    click.echo(json.dumps(s) if as_json else format_transfer_summary(s, "pushed"))
+
+
+@cli.command()
+@click.argument("url")
+@click.argument("out", type=click.Path(file_okay=False))
+@STORAGE_OPTIONS
+@click.option("--retries", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Retries per file on transient network errors (exponential backoff).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option("--progress/--no-progress", default=None)
+def pull(url, out, storage_options, retries, as_json, progress) -> None:
+    """Download the packed dataset at URL (s3://, gs://, http(s)://, file://) into folder OUT,
+    manifest last; every file is checked against the manifest, matching local files are kept."""
+    from packer.remote import parse_storage_options
+    from packer.transfer import format_transfer_summary
+    from packer.transfer import pull as pull_dataset
+
+    res = pull_dataset(url, out, storage_options=parse_storage_options(storage_options), attempts=retries + 1,
+                       progress=_progress_default() if progress is None else progress)
+    s = res.summary()
+    click.echo(json.dumps(s) if as_json else format_transfer_summary(s, "pulled"))
+
+
+@cli.command()
+@click.argument("dest", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def merge(dest, as_json) -> None:
+    """Join the parts packed with --num-parts/--part in DEST into one dataset."""
+    from packer.parts import merge_parts
+
+    m = merge_parts(dest)
+    s = {"out": dest, "format": m.format, "parts": m.options["parts"]["num_parts"],
+         "splits": {k: v.num_samples for k, v in m.splits.items()},
+         "shards": sum(len(v.shards) for v in m.splits.values())}
+    if as_json:
+        click.echo(json.dumps(s))
+    else:
+        click.echo(f"merged {s['parts']} parts -> {m.format} in {dest}: "
+                   + ", ".join(f"{k} {v}" for k, v in s["splits"].items()) + f"; {s['shards']} shards")
+
+
+@cli.command()
+@click.argument("shards", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", required=True, help="Output folder.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), required=True, help="Target format.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=None,
+              help="Samples per output shard (default: keep the source's shard boundaries).")
+@click.option("--overwrite", is_flag=True, help="Replace a packed dataset already in --out.")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Check source checksums and labels while copying.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option("--progress/--no-progress", default=None)
+def convert(shards, out, fmt, shard_size, overwrite, check, as_json, progress) -> None:
+    """Re-shard SHARDS into another format (JPEG bytes and labels copied, no re-encode)."""
+    import time
+
+    from packer.convert import convert_dataset
+
+    t0 = time.perf_counter()
+    m = convert_dataset(shards, out, fmt, shard_size=shard_size, overwrite=overwrite, check=check,
+                        progress=_progress_default() if progress is None else progress)
+    s = {"out": out, "format": m.format, "from": m.options["converted_from"]["format"],
+         "splits": {k: v.num_samples for k, v in m.splits.items()},
+         "shards": sum(len(v.shards) for v in m.splits.values()), "elapsed_s": round(time.perf_counter() - t0, 3)}
+    if as_json:
+        click.echo(json.dumps(s))
+    else:
+        click.echo(f"converted {s['from']} -> {m.format} in {out}: " + ", ".join(f"{k} {v}" for k, v in s["splits"].items())
+                   + f"; {s['shards']} shards in {s['elapsed_s']:.1f} s")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one readable line and exit 2 for usage errors, never a traceback."""
     from packer.build import BuildError
+    from packer.remote import RemoteError, redact
     from packer.sources.detect import SourceError
 
     try:
@@ -171,8 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         click.echo(f"packer: error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
-    except (BuildError, SourceError, FormatError) as e:
-        click.echo(f"packer: error: {e}", err=True)
+    except (BuildError, SourceError, FormatError, RemoteError) as e:
+        click.echo(f"packer: error: {redact(str(e))}", err=True)
         sys.exit(2)
     except (KeyboardInterrupt, click.Abort):
         click.echo("packer: interrupted; no manifest was written (rerun with --resume to continue)", err=True)

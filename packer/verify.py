@@ -8,9 +8,13 @@ size. Any single flipped byte in a shard fails the sha256 check.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +24,7 @@ from packer.writers import make_index, open_reader
 
 @dataclass
 class VerifyResult:
-    root: Path
+    root: Path | str  # a folder, or the URL of a remote dataset (credentials removed)
     errors: list[str] = field(default_factory=list)
     checked_shards: int = 0
     checked_records: int = 0
@@ -35,27 +39,74 @@ class VerifyResult:
                 "checked_records": self.checked_records, "decoded_images": self.decoded_images}
 
 
-def verify_dataset(root: str | os.PathLike, *, deep: bool = False, progress: bool = False) -> VerifyResult:
-    """Check a packed dataset against its manifest; problems are collected, not raised.
+class _LocalFiles:
+    """Files of a packed folder, handed out as local paths (None when absent)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def manifest(self) -> Manifest:
+        return read_manifest(self.root)
+
+    @contextlib.contextmanager
+    def local(self, rel: str | None) -> Iterator[Path | None]:
+        p = self.root / rel if rel else None
+        yield p if p is not None and p.is_file() else None
+
+
+class _RemoteFiles:
+    """Files of a dataset at a URL, each fetched into a temp file for the checks, then dropped."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None):
+        from packer.remote import get_fs
+
+        self.url, self.so = url, storage_options
+        self.fs, self.root = get_fs(url, storage_options)
+
+    def manifest(self) -> Manifest:
+        from packer.remote import open_manifest
+
+        return open_manifest(self.url, self.so)
+
+    def local(self, rel: str | None):  # noqa: ANN201 - context manager
+        from packer.remote import fetched
+
+        return fetched(self.fs, self.root, rel)
+
+
+def verify_dataset(
+    root: str | os.PathLike, *, deep: bool = False, progress: bool = False, storage_options: dict[str, Any] | None = None
+) -> VerifyResult:
+    """Check a packed dataset (a folder, or a URL: s3://, http(s)://, ...) against its manifest;
+    problems are collected, not raised. Remote shards are streamed one at a time into a temp file.
 
     A missing or invalid manifest raises FormatError (the folder is not a complete dataset).
     """
-    root = Path(root)
-    manifest = read_manifest(root)
-    res = VerifyResult(root)
+    from packer.remote import display_url, is_url
+
+    if is_url(root):
+        files: Any = _RemoteFiles(str(root), storage_options)
+        res = VerifyResult(display_url(str(root)))
+    else:
+        files = _LocalFiles(Path(root))
+        res = VerifyResult(Path(root))
+    manifest = files.manifest()
     from tqdm import tqdm
 
     total = sum(s.num_samples for s in manifest.splits.values())
     with tqdm(total=total, unit="rec", desc="verifying", disable=not progress) as bar:
         for split in manifest.splits:
-            _verify_split(root, manifest, split, deep, res, bar)
+            _verify_split(files, manifest, split, deep, res, bar)
     return res
 
 
-def _verify_split(root: Path, m: Manifest, split: str, deep: bool, res: VerifyResult, bar) -> None:
+def _verify_split(files: Any, m: Manifest, split: str, deep: bool, res: VerifyResult, bar) -> None:
     info = m.splits[split]
     try:
-        labels = LabelArrays.load(root / info.labels)
+        with files.local(info.labels) as lp:
+            if lp is None:
+                raise FileNotFoundError(f"{info.labels} not found")
+            labels = LabelArrays.load(lp)
     except (FormatError, FileNotFoundError) as e:
         res.errors.append(f"{split}: label arrays unreadable: {e}")
         labels = None
@@ -70,27 +121,29 @@ def _verify_split(root: Path, m: Manifest, split: str, deep: bool, res: VerifyRe
     by_shard = _positions(labels) if labels is not None else {}
 
     for n, sh in enumerate(info.shards):
-        path = root / sh.path
         res.checked_shards += 1
-        if not path.is_file():
-            res.errors.append(f"{sh.path}: missing")
-            continue
-        size = path.stat().st_size
-        if size != sh.bytes:
-            res.errors.append(f"{sh.path}: {size} bytes, manifest says {sh.bytes}")
-        digest = sha256_file(path)
-        if digest != sh.sha256:
-            res.errors.append(f"{sh.path}: sha256 mismatch (file changed or corrupt)")
-        if sh.index:
-            idx = root / sh.index
-            try:
-                if not idx.is_file():
-                    res.errors.append(f"{sh.index}: missing")
-                elif idx.read_bytes() != make_index(m.format, path):
-                    res.errors.append(f"{sh.index}: does not match its shard (recomputed index differs)")
-            except (FormatError, OSError) as e:
-                res.errors.append(f"{sh.index}: cannot recompute index from {sh.path}: {e}")
-        _verify_records(m.format, path, sh.path, sh.num_samples, labels, by_shard.get(n, {}), deep, res, bar)
+        with files.local(sh.path) as path, files.local(sh.index) as idx:
+            if path is None:
+                res.errors.append(f"{sh.path}: missing")
+                continue
+            if sh.index and idx is not None and idx.parent != path.parent:
+                # readers find the index next to the shard
+                idx = Path(shutil.copy(idx, path.parent / Path(sh.index).name))
+            size = path.stat().st_size
+            if size != sh.bytes:
+                res.errors.append(f"{sh.path}: {size} bytes, manifest says {sh.bytes}")
+            digest = sha256_file(path)
+            if digest != sh.sha256:
+                res.errors.append(f"{sh.path}: sha256 mismatch (file changed or corrupt)")
+            if sh.index:
+                try:
+                    if idx is None:
+                        res.errors.append(f"{sh.index}: missing")
+                    elif idx.read_bytes() != make_index(m.format, path):
+                        res.errors.append(f"{sh.index}: does not match its shard (recomputed index differs)")
+                except (FormatError, OSError) as e:
+                    res.errors.append(f"{sh.index}: cannot recompute index from {sh.path}: {e}")
+            _verify_records(m.format, path, sh.path, sh.num_samples, labels, by_shard.get(n, {}), deep, res, bar)
 
 
 def _positions(labels: LabelArrays) -> dict[int, dict[int, int]]:
