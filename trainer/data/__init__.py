@@ -1,0 +1,116 @@
+"""Batches from packed shards: one factory, `make_loader`, over DALI and PyTorch loaders.
+
+Every loader yields ultralytics' detection-batch dict (see `make_loader`), exactly
+`len(loader)` batches per epoch on every rank (computed from the manifest, see `split`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from trainer.data.common import DataError, default_device, open_split
+from trainer.data.split import SplitError, batches_per_rank, check_args
+from trainer.data.transforms import AugmentConfig, AugmentError
+
+LOADERS = ("auto", "dali", "torch")
+
+__all__ = ["LOADERS", "AugmentConfig", "AugmentError", "DataError", "Loader", "LoaderError", "SplitError",
+           "make_loader"]
+
+
+class LoaderError(ValueError):
+    """The requested loader cannot read this data here (e.g. DALI and LMDB)."""
+
+
+class Loader(Protocol):
+    """What `make_loader` returns: re-iterable once per epoch."""
+
+    names: list[str]
+    num_samples: int
+    kind: str
+    stats: dict
+
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[dict]: ...
+    def set_epoch(self, epoch: int) -> None: ...
+    def set_mosaic(self, enabled: bool) -> None: ...
+    def close(self) -> None: ...
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_loader(
+    shards: str | Path,
+    split: str,
+    *,
+    loader: str = "auto",
+    imgsz: int = 640,
+    batch: int = 16,
+    train: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    workers: int | None = None,
+    device: str | torch.device = "auto",
+    augment: AugmentConfig | None = None,
+    verify: bool = False,
+    **torch_kwargs,
+) -> Loader:
+    """A loader of `split` of the packed dataset at `shards`.
+
+    Batches are dicts: ``img`` uint8 (B,3,S,S) RGB on `device`; ``batch_idx`` float32 (N,)
+    ascending; ``cls`` float32 (N,1); ``bboxes`` float32 (N,4) normalized cx,cy,w,h of the
+    S x S input; ``keys``, ``im_file``, ``ori_shape`` lists; ``ratio_pad`` float32 (B,4)
+    (gain_x, gain_y, pad_x, pad_y: input pixel = original pixel * gain + pad; exact when
+    ``train=False``, zeros in training batches); ``valid`` bool (B,), False for padding and
+    substitutes of corrupt samples.
+
+    loader: "auto" picks DALI with GPU decoding on CUDA (tfrecord, wds), DALI on CPU for
+    tfrecord without CUDA, the PyTorch DataLoader otherwise; "dali"/"torch" force one.
+    workers: DALI threads or DataLoader workers (None: a default for this machine).
+    augment: None = ultralytics' defaults when `train`, none otherwise.
+    torch_kwargs: pin_memory, persistent_workers, prefetch_factor for the torch loader.
+    """
+    if loader not in LOADERS:
+        raise LoaderError(f"unknown loader {loader!r}: choose one of {', '.join(LOADERS)}")
+    if imgsz < 32 or imgsz % 32:
+        raise LoaderError(f"imgsz must be a positive multiple of 32, got {imgsz}")
+    if augment is None:
+        augment = AugmentConfig() if train else AugmentConfig.off()
+    elif not train and not augment.is_off:
+        raise LoaderError("augmentation is for training only: pass augment=None with train=False")
+    data = open_split(shards, split, verify=verify)
+    check_args(data.info.num_samples, world_size, rank, batch)
+    batches_per_rank(data.info.num_samples, world_size, batch, train=train)  # a clear error now, not a hang later
+    dev = default_device(device, rank)
+    fmt = data.fmt
+    if loader == "auto":
+        if dali_available() and fmt in ("tfrecord", "wds") and (dev.type == "cuda" or fmt == "tfrecord"):
+            loader = "dali"
+        else:
+            loader = "torch"
+    if loader == "dali":
+        if fmt == "lmdb":
+            raise LoaderError("DALI has no LMDB reader: use loader='torch' (or 'auto') for LMDB shards")
+        if not dali_available():
+            raise LoaderError("nvidia-dali is not installed: use loader='torch'")
+        if torch_kwargs:
+            raise LoaderError(f"options {sorted(torch_kwargs)} apply to the torch loader only")
+        from trainer.data.dali_loader import DaliLoader
+
+        return DaliLoader(data, imgsz=imgsz, batch=batch, train=train, rank=rank, world_size=world_size,
+                          seed=seed, workers=workers, device=dev, augment=augment)
+    from trainer.data.torch_loader import TorchLoader
+
+    return TorchLoader(data, imgsz=imgsz, batch=batch, train=train, rank=rank, world_size=world_size, seed=seed,
+                       workers=workers, device=dev, augment=augment, **torch_kwargs)

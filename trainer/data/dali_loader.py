@@ -1,0 +1,313 @@
+"""DALI loader over packed TFRecord / WebDataset shards, one pipeline for GPU and CPU.
+
+Only the device choice differs: ``decoders.image(device="mixed")`` and
+``device_id=local_rank`` with CUDA, ``device="cpu"`` and ``device_id=None`` without.
+
+Pixels move in DALI: decode -> letterbox (``warp_affine``: resize long side + centred 114
+pad) -> [train] mosaic (``multi_paste`` of four letterboxed tiles) -> affine (scale,
+translate, rotation, flip in one ``warp_affine``) -> HSV (``hsv``) -> CHW. The random
+parameters come from `transforms.sample_params` through an ``external_source`` (the same
+definition the torch loader uses) and travel with the batch, so the boxes -- read by DALI,
+padded with a count (``fn.pad`` + ``shape()``) -- get exactly the same arithmetic
+(`transforms.augment_boxes`) as in the torch loader before they become the YOLO targets.
+
+Sharding: every rank gets every shard file with ``shard_id=rank, num_shards=world_size,
+pad_last_batch=True, stick_to_shard=True``. The loader runs the pipeline itself for exactly
+`split.dali_reader_batches` iterations per epoch (so reader epochs never drift) and yields
+`split.batches_per_rank` of them. (`DALIGenericIterator` cannot continue after an operator
+error, such as a corrupt JPEG, without losing count; running the pipeline directly keeps the
+batch count exact in that case too.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from packer.format import TF_BBOX, TF_CLASS, TF_IMAGE, TF_KEY, WDS_BOX, WDS_CLASS, WDS_IMAGE, WDS_META
+from trainer.data.common import SplitData, build_batch, default_workers
+from trainer.data.split import batches_per_rank, dali_reader_batches
+from trainer.data.transforms import (
+    FILL,
+    P_AFFINE,
+    P_HUE,
+    P_SAT,
+    P_VAL,
+    AugmentConfig,
+    augment_boxes,
+    identity_params,
+    norm_to_tile,
+    partner_ids,
+    paste_regions,
+    sample_params,
+    xyxy_to_yolo,
+)
+
+log = logging.getLogger("trainer.data")
+
+SHUFFLE_FILL = 1024  # DALI reader shuffle buffer (the packer also shuffles at pack time)
+MAX_CONSECUTIVE_ERRORS = 8
+
+
+class _ParamSource:
+    """external_source callback: per-sample augmentation parameters of each batch."""
+
+    def __init__(self, cfg: AugmentConfig, imgsz: int, batch: int, seed: list[int]):
+        self.cfg, self.imgsz, self.batch = cfg, imgsz, batch
+        self.rng = np.random.default_rng(seed)
+        self.mosaic = True
+
+    def __call__(self) -> tuple[list[np.ndarray], ...]:
+        s = self.imgsz
+        out: tuple[list[np.ndarray], ...] = tuple([] for _ in range(9))
+        for i in range(self.batch):
+            p = sample_params(self.rng, self.cfg, s, mosaic=self.mosaic) if not self.cfg.is_off else identity_params(s)
+            ids = partner_ids(p, i, self.batch)
+            q = paste_regions(p, s)
+            vals = (
+                p,
+                np.asarray(ids, dtype=np.int32),
+                np.ascontiguousarray(q[:, 0]),
+                np.ascontiguousarray(q[:, 1]),
+                np.ascontiguousarray(q[:, 2]),
+                p[P_AFFINE].reshape(2, 3).astype(np.float32),
+                np.float32(p[P_HUE]),
+                np.float32(p[P_SAT]),
+                np.float32(p[P_VAL]),
+            )
+            for lst, v in zip(out, vals, strict=True):
+                lst.append(np.asarray(v))
+        return out
+
+
+def _build_pipeline(data: SplitData, *, imgsz: int, batch: int, train: bool, augment: bool, rank: int,
+                    world_size: int, seed: int, threads: int, device_id: int | None, params: _ParamSource | None):
+    """The one pipeline definition (CPU when `device_id` is None, GPU decoding otherwise)."""
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
+
+    n = len(data.info.shards)
+    paths = [str(data.shard_path(i)) for i in range(n)]
+    idx = [str(data.index_path(i)) for i in range(n)]
+    decoder = "cpu" if device_id is None else "mixed"
+    # packed at this size (the usual case): the letterbox is only a pad, no resampling at all
+    resize = not bool(np.all(data.labels.hw.max(1) == imgsz))
+    s = float(imgsz)
+
+    @pipeline_def(batch_size=batch, num_threads=threads, device_id=device_id, seed=seed,
+                  prefetch_queue_depth=2)
+    def pipe():
+        common = dict(shard_id=rank, num_shards=world_size, pad_last_batch=True, stick_to_shard=True,
+                      random_shuffle=train, initial_fill=SHUFFLE_FILL, name="Reader")
+        if data.fmt == "tfrecord":
+            import nvidia.dali.tfrecord as tfrec
+
+            f = fn.readers.tfrecord(
+                path=paths, index_path=idx,
+                features={
+                    TF_IMAGE: tfrec.FixedLenFeature((), tfrec.string, ""),
+                    TF_KEY: tfrec.FixedLenFeature((), tfrec.string, ""),
+                    TF_CLASS: tfrec.VarLenFeature(tfrec.int64, 0),
+                    TF_BBOX: tfrec.VarLenFeature([4], tfrec.float32, 0.0),
+                },
+                **common,
+            )
+            jpeg, key, cls, box = f[TF_IMAGE], f[TF_KEY], f[TF_CLASS], f[TF_BBOX]
+        else:
+            jpeg, cls, box, key = fn.readers.webdataset(
+                paths=paths, index_paths=idx, ext=[WDS_IMAGE, WDS_CLASS, WDS_BOX, WDS_META],
+                dtypes=[types.UINT8, types.INT32, types.FLOAT, types.UINT8], **common,
+            )
+            box = fn.reshape(box, shape=[-1, 4])
+        img = fn.decoders.image(jpeg, device=decoder, output_type=types.RGB)
+        # letterbox exactly as transforms.letterbox_geometry: long side to S (ceil, like ultralytics), centred pad
+        shp = img.shape()
+        hw = fn.cast(shp, dtype=types.FLOAT)
+        h, w = hw[0], hw[1]
+        r = s / dmath.max(h, w)
+        nw = dmath.max(dmath.min(dmath.ceil(w * r - 1e-3), s), 1.0)
+        nh = dmath.max(dmath.min(dmath.ceil(h * r - 1e-3), s), 1.0)
+        if resize:  # some stored images are not S on their long side: resample (as cv2.resize does)
+            img = fn.resize(img, size=fn.stack(nh, nw), antialias=False, interp_type=types.INTERP_LINEAR)
+        # the centred 114 pad is a slice with a negative anchor (exact integers, no resampling)
+        py, px = dmath.floor((s - nh) * 0.5), dmath.floor((s - nw) * 0.5)
+        full = r * 0.0 + s
+        out = fn.slice(img, fn.stack(-py, -px), fn.stack(full, full), axes=[0, 1], normalized_anchor=False,
+                       normalized_shape=False, out_of_bounds_policy="pad", fill_values=FILL)
+        extra = []
+        if augment:
+            assert params is not None
+            p, ids, in_a, shapes, out_a, a, hue, sat, val = fn.external_source(source=params, num_outputs=9,
+                                                                              batch=True)
+            out = fn.multi_paste(out, in_ids=ids, in_anchors=in_a, shapes=shapes, out_anchors=out_a,
+                                 output_size=[imgsz, imgsz])
+            out = fn.warp_affine(out, matrix=a, size=[imgsz, imgsz], fill_value=FILL, inverse_map=False)
+            out = fn.hsv(out, hue=hue, saturation=sat, value=val)
+            extra = [p, ids]
+        lab = fn.cat(fn.reshape(fn.cast(cls, dtype=types.FLOAT), shape=[-1, 1]), box, axis=1)  # (N,5)
+        count = lab.shape(dtype=types.INT32)[0]
+        lab = fn.pad(lab, axes=(0,), fill_value=-1)  # dense (B, max N, 5) for the batch
+        key = fn.pad(key, fill_value=0)
+        return (out, lab, count, key, fn.cast(shp, dtype=types.INT32), *extra)
+
+    p = pipe()
+    p.build()
+    return p
+
+
+def _to_torch(tl, device: torch.device) -> torch.Tensor:  # noqa: ANN001 - a DALI TensorList
+    from nvidia.dali.backend import TensorListGPU
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    if isinstance(tl, TensorListGPU):  # images only: uint8
+        t = tl.as_tensor()
+        out = torch.empty(t.shape(), dtype=torch.uint8, device=device)
+        feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device))
+        return out
+    return torch.from_numpy(np.array(tl.as_tensor()))
+
+
+class DaliLoader:
+    """The `Loader` contract over a DALI pipeline (see trainer.data.make_loader)."""
+
+    def __init__(self, data: SplitData, *, imgsz: int, batch: int, train: bool, rank: int, world_size: int,
+                 seed: int, workers: int | None, device: torch.device, augment: AugmentConfig):
+        self.data = data
+        self.names = list(data.manifest.names)
+        self.num_samples = data.info.num_samples
+        self.imgsz, self.batch, self.train = imgsz, batch, train
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.augment = augment
+        self.device = device
+        self.kind = "dali-gpu" if device.type == "cuda" else "dali-cpu"
+        self.device_id = (device.index or 0) if device.type == "cuda" else None
+        self.threads = workers or default_workers()
+        self._len = batches_per_rank(self.num_samples, world_size, batch, train=train)
+        self._reader_len = dali_reader_batches(self.num_samples, world_size, batch)
+        self._epoch = 0
+        self._built_epoch: int | None = None
+        self._pipe = None
+        self._params: _ParamSource | None = None
+        self._mosaic = True
+        self._last: dict | None = None
+        self.stats = {"corrupt_skipped": 0}
+
+    def __len__(self) -> int:
+        return self._len
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch = int(epoch)
+
+    def set_mosaic(self, enabled: bool) -> None:
+        self._mosaic = bool(enabled)
+        if self._params is not None:
+            self._params.mosaic = self._mosaic
+
+    def _ensure_pipeline(self) -> None:
+        # training reseeds per epoch (reader shuffle + augmentation) from seed + epoch: rebuild
+        want = self._epoch if self.train else 0
+        if self._pipe is not None and self._built_epoch == want:
+            return
+        self.close()
+        ss = np.random.SeedSequence([self.seed, want, self.rank])
+        aug = self.train and not self.augment.is_off
+        self._params = _ParamSource(self.augment, self.imgsz, self.batch, [self.seed, want, self.rank]) if aug else None
+        if self._params is not None:
+            self._params.mosaic = self._mosaic
+        self._pipe = _build_pipeline(
+            self.data, imgsz=self.imgsz, batch=self.batch, train=self.train, augment=aug, rank=self.rank,
+            world_size=self.world_size, seed=int(ss.generate_state(1)[0] & 0x7FFFFFFF), threads=self.threads,
+            device_id=self.device_id, params=self._params,
+        )
+        self._built_epoch = want
+
+    def __iter__(self) -> Iterator[dict]:
+        self._ensure_pipeline()
+        seen: set[str] = set()
+        errors = owed = 0
+        for j in range(self._reader_len):  # exactly one reader epoch, so epochs never drift
+            try:
+                outs = self._pipe.run()
+                errors = 0
+            except Exception as e:  # noqa: BLE001 - DALI reports a corrupt sample as a pipeline error
+                errors += 1
+                if errors > MAX_CONSECUTIVE_ERRORS:
+                    raise  # not a stray bad sample: a real failure
+                self.stats["corrupt_skipped"] += 1
+                msg = str(e).strip().splitlines()
+                log.warning("DALI could not read a batch (corrupt sample? %s); a copy of another batch "
+                            "(valid=False) takes its place", msg[4] if len(msg) > 4 else (msg or [repr(e)])[-1])
+                outs = None
+            if j >= self._len:
+                continue  # train: the rest of the reader epoch is the dropped remainder
+            if outs is None:
+                if self._last is None:
+                    owed += 1
+                else:
+                    yield self._substitute(self._last)
+                continue
+            b = self._convert(outs, seen)
+            self._last = b
+            yield b
+            for _ in range(owed):
+                yield self._substitute(b)
+            owed = 0
+        if owed:
+            raise RuntimeError("DALI could not read a single batch of this epoch")
+
+    @staticmethod
+    def _substitute(b: dict) -> dict:
+        out = dict(b)
+        out["valid"] = torch.zeros_like(b["valid"])
+        return out
+
+    def _convert(self, outs, seen: set[str]) -> dict:  # noqa: ANN001 - DALI outputs
+        img_tl, lab_tl, cnt_tl, key_tl, shp_tl, *extra = outs
+        # (B,H,W,3) -> (B,3,H,W) as a view: channels-last strides, no copy (DALI CPU transposes slowly)
+        img = _to_torch(img_tl, self.device).permute(0, 3, 1, 2)
+        lab = np.array(lab_tl.as_tensor()) if len(lab_tl) else np.zeros((self.batch, 0, 5), np.float32)
+        counts = np.array(cnt_tl.as_tensor()).reshape(-1)
+        keys_raw = np.array(key_tl.as_tensor())
+        shapes = np.array(shp_tl.as_tensor())
+        s = self.imgsz
+        tiles = []
+        for i in range(len(counts)):
+            li = lab[i, : counts[i]]
+            tiles.append((li[:, 0].astype(np.int64), norm_to_tile(li[:, 1:], shapes[i, 0], shapes[i, 1], s)))
+        keys = [self._key(bytes(k).rstrip(b"\0")) for k in keys_raw]
+        indices, valid, labels = [], [], []
+        params = np.array(extra[0].as_tensor()) if extra else None
+        ids = np.array(extra[1].as_tensor()) if extra else None
+        for i, k in enumerate(keys):
+            idx = self.data.key_index.get(k, -1)
+            indices.append(max(idx, 0))
+            valid.append(idx >= 0 and k not in seen)
+            seen.add(k)
+            if params is not None:
+                c, b = augment_boxes([tiles[j] for j in ids[i]], params[i], s)
+            else:
+                c, b = tiles[i]
+            labels.append((c, xyxy_to_yolo(b, s)))
+        batch = build_batch(img, labels, indices, valid, self.data, s, self.train)
+        if self.device.type != "cpu":
+            batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return batch
+
+    def _key(self, raw: bytes) -> str:
+        if self.data.fmt == "wds":
+            try:
+                return str(json.loads(raw)["key"])
+            except (ValueError, KeyError, TypeError):
+                return ""
+        return raw.decode("utf-8", "replace")
+
+    def close(self) -> None:
+        self._pipe = None
+        self._built_epoch = None
+
+
+__all__ = ["DaliLoader", "identity_params", "partner_ids"]

@@ -1,0 +1,347 @@
+"""Letterbox and training augmentations on numpy images with boxes.
+
+The single definition of the augmentation parameters (`AugmentConfig`, ultralytics' names
+and defaults) and of how random per-sample parameters are drawn (`sample_params`). Both
+loader families use the same parameter vector and the same box arithmetic; they differ only
+in who moves the pixels (OpenCV here, DALI operators in `dali_loader`).
+
+Geometry conventions:
+
+- Boxes inside this module are pixel ``xyxy`` in continuous coordinates (pixel edges at
+  integers); they leave as YOLO ``cx, cy, w, h`` normalized to the ``S x S`` network input.
+- Letterbox (like ultralytics): resize so the long side is ``S`` (``r = S / max(h, w)``, up
+  or down), then pad centred with 114 to ``S x S``.
+- Training pipeline per sample: letterboxed tile -> mosaic of 4 tiles (probability
+  ``mosaic``) -> one affine (rotation ``degrees``, scale ``1 +- scale``, translation
+  ``+- translate``, horizontal flip with probability ``fliplr``) -> HSV jitter.
+- Mosaic: four letterboxed ``S x S`` tiles meet at a random centre ``(cx, cy)`` drawn in
+  ``[S/4, 3S/4]``; each fills one quadrant of the ``S x S`` canvas with the part of its tile
+  nearest to that centre (at full scale, as ultralytics' mosaic does before its crop).
+- Boxes are clipped to the visible area and kept when wider and taller than 2 px, with
+  aspect ratio < 100 and more than 10 % of their area left (ultralytics' box_candidates).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import cv2
+import numpy as np
+
+FILL = 114  # letterbox / border grey, as ultralytics
+
+# Layout of the per-sample parameter vector drawn by `sample_params` (float64).
+P_MOSAIC, P_CX, P_CY = 0, 1, 2  # mosaic flag; mosaic centre (pixels)
+P_PARTNERS = slice(3, 6)  # three uniforms in [0, 1): which samples fill the other quadrants
+P_AFFINE = slice(6, 12)  # 2x3 affine, network-input canvas -> output (row-major)
+P_HUE, P_SAT, P_VAL = 12, 13, 14  # hue shift (degrees), saturation and value gains
+P_FLIP, P_SCALE = 15, 16  # flip flag (already inside the affine); scale factor
+NUM_PARAMS = 17
+
+
+class AugmentError(ValueError):
+    """An augmentation parameter is out of range."""
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation parameters (ultralytics' names and defaults)."""
+
+    hsv_h: float = 0.015  # hue shift, fraction of the hue circle
+    hsv_s: float = 0.7  # saturation gain range (+-)
+    hsv_v: float = 0.4  # value gain range (+-)
+    degrees: float = 0.0  # rotation range (+- degrees)
+    translate: float = 0.1  # translation range (+- fraction of the image size)
+    scale: float = 0.5  # scale range (1 +- scale)
+    fliplr: float = 0.5  # horizontal flip probability
+    mosaic: float = 1.0  # mosaic probability; 0 = off
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+                raise AugmentError(f"augmentation {f.name}={v!r}: must be a finite number >= 0")
+        for name in ("fliplr", "mosaic", "hsv_h", "hsv_s", "hsv_v", "translate"):
+            if getattr(self, name) > 1:
+                raise AugmentError(f"augmentation {name}={getattr(self, name)}: must be in [0, 1]")
+        if self.scale >= 1:
+            raise AugmentError(f"augmentation scale={self.scale}: must be in [0, 1)")
+
+    @classmethod
+    def off(cls) -> AugmentConfig:
+        """No augmentation at all (letterbox only)."""
+        return cls(hsv_h=0, hsv_s=0, hsv_v=0, degrees=0, translate=0, scale=0, fliplr=0, mosaic=0)
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    @property
+    def is_off(self) -> bool:
+        return all(v == 0 for v in asdict(self).values())
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def identity_params(imgsz: int) -> np.ndarray:
+    """The parameter vector of 'no augmentation'."""
+    p = np.zeros(NUM_PARAMS, dtype=np.float64)
+    p[P_CX] = p[P_CY] = imgsz // 2
+    p[P_AFFINE] = (1, 0, 0, 0, 1, 0)
+    p[P_SAT] = p[P_VAL] = p[P_SCALE] = 1.0
+    return p
+
+
+def sample_params(rng: np.random.Generator, cfg: AugmentConfig, imgsz: int, *, mosaic: bool = True) -> np.ndarray:
+    """Draw one sample's random augmentation parameters (see the P_* layout).
+
+    `mosaic=False` disables mosaic regardless of `cfg.mosaic` (close-mosaic epochs).
+    """
+    s_ = float(imgsz)
+    p = identity_params(imgsz)
+    if mosaic and cfg.mosaic > 0 and rng.random() < cfg.mosaic:
+        p[P_MOSAIC] = 1
+        p[P_CX], p[P_CY] = rng.integers(imgsz // 4, 3 * imgsz // 4 + 1, size=2)
+    p[P_PARTNERS] = rng.random(3)
+    angle = rng.uniform(-cfg.degrees, cfg.degrees)
+    scale = rng.uniform(1 - cfg.scale, 1 + cfg.scale)
+    tx, ty = (0.5 + rng.uniform(-cfg.translate, cfg.translate, size=2)) * s_
+    flip = cfg.fliplr > 0 and rng.random() < cfg.fliplr
+    if angle == 0:
+        # snap to whole output pixels (scale to D/S, integer shift): the warp is then an exact
+        # resize + paste, several times cheaper than a general warpAffine on the CPU
+        d = max(1, round(scale * imgsz))
+        scale = d / imgsz
+        tx, ty = np.round(np.array([tx, ty]) - d / 2) + d / 2
+    # ultralytics' order: move the centre to the origin, rotate+scale, translate; then flip
+    c = np.array([[1, 0, -s_ / 2], [0, 1, -s_ / 2], [0, 0, 1]])
+    r = np.eye(3)
+    r[:2] = cv2.getRotationMatrix2D(angle=angle, center=(0, 0), scale=scale)
+    t = np.array([[1, 0, tx], [0, 1, ty], [0, 0, 1]])
+    f = np.array([[-1, 0, s_], [0, 1, 0], [0, 0, 1]]) if flip else np.eye(3)
+    p[P_AFFINE] = (f @ t @ r @ c)[:2].reshape(-1)
+    p[P_FLIP], p[P_SCALE] = float(flip), scale
+    g = rng.uniform(-1, 1, 3) * (cfg.hsv_h, cfg.hsv_s, cfg.hsv_v)
+    p[P_HUE], p[P_SAT], p[P_VAL] = g[0] * 360.0, 1 + g[1], 1 + g[2]
+    return p
+
+
+def partner_ids(params: np.ndarray, own: int, pool: int) -> list[int]:
+    """Indices (into a pool of `pool` samples) of the four mosaic tiles; tile 0 is the sample itself."""
+    if not params[P_MOSAIC]:
+        return [own] * 4
+    return [own] + [min(int(u * pool), pool - 1) for u in params[P_PARTNERS]]
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def letterbox_geometry(h: int, w: int, imgsz: int) -> tuple[float, float, int, int, int, int]:
+    """(gain_x, gain_y, pad_x, pad_y, new_w, new_h) of the letterbox of an h x w image.
+
+    Pixel x of the input lands at ``x * gain_x + pad_x`` (same for y), exactly.
+    """
+    r = imgsz / max(h, w)
+    # ceil like ultralytics' load_image (the small margin absorbs float error; DALI does the same)
+    nw, nh = max(1, min(imgsz, math.ceil(w * r - 1e-3))), max(1, min(imgsz, math.ceil(h * r - 1e-3)))
+    px, py = (imgsz - nw) // 2, (imgsz - nh) // 2
+    return nw / w, nh / h, px, py, nw, nh
+
+
+def mosaic_quadrants(cx: int, cy: int, imgsz: int) -> np.ndarray:
+    """int32 (4, 3, 2) per tile: in-anchor [y, x], shape [h, w], out-anchor [y, x] (multi_paste's layout).
+
+    Tile order: top-left, top-right, bottom-left, bottom-right.
+    """
+    s = imgsz
+    return np.array(
+        [
+            [[s - cy, s - cx], [cy, cx], [0, 0]],
+            [[s - cy, 0], [cy, s - cx], [0, cx]],
+            [[0, s - cx], [s - cy, cx], [cy, 0]],
+            [[0, 0], [s - cy, s - cx], [cy, cx]],
+        ],
+        dtype=np.int32,
+    )
+
+
+def paste_regions(params: np.ndarray, imgsz: int) -> np.ndarray:
+    """The four (in-anchor, shape, out-anchor) regions that build this sample's canvas:
+    the mosaic quadrants, or (no mosaic) the four quadrants of tile 0 left in place."""
+    q = mosaic_quadrants(int(params[P_CX]), int(params[P_CY]), imgsz)
+    if not params[P_MOSAIC]:
+        q[:, 0] = q[:, 2]
+    return q
+
+
+def norm_to_tile(boxes: np.ndarray, h: int, w: int, imgsz: int) -> np.ndarray:
+    """Normalized cx,cy,w,h of an h x w stored image -> pixel xyxy in its letterboxed tile."""
+    gx, gy, px, py, _, _ = letterbox_geometry(h, w, imgsz)
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    sx, sy = w * gx, h * gy
+    out = np.empty_like(b)
+    out[:, 0] = (b[:, 0] - b[:, 2] / 2) * sx + px
+    out[:, 1] = (b[:, 1] - b[:, 3] / 2) * sy + py
+    out[:, 2] = (b[:, 0] + b[:, 2] / 2) * sx + px
+    out[:, 3] = (b[:, 1] + b[:, 3] / 2) * sy + py
+    return out
+
+
+def affine_boxes(xyxy: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """Transform boxes by a 2x3 affine: the enclosing box of the four transformed corners."""
+    if len(xyxy) == 0:
+        return np.zeros((0, 4))
+    x1, y1, x2, y2 = xyxy.T
+    xs = np.stack([x1, x2, x1, x2], 1)
+    ys = np.stack([y1, y1, y2, y2], 1)
+    tx = a[0, 0] * xs + a[0, 1] * ys + a[0, 2]
+    ty = a[1, 0] * xs + a[1, 1] * ys + a[1, 2]
+    return np.stack([tx.min(1), ty.min(1), tx.max(1), ty.max(1)], 1)
+
+
+def _clip(xyxy: np.ndarray, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+    out = xyxy.copy()
+    out[:, [0, 2]] = out[:, [0, 2]].clip(x0, x1)
+    out[:, [1, 3]] = out[:, [1, 3]].clip(y0, y1)
+    return out
+
+
+def _area(b: np.ndarray) -> np.ndarray:
+    return np.maximum(b[:, 2] - b[:, 0], 0) * np.maximum(b[:, 3] - b[:, 1], 0)
+
+
+def augment_boxes(
+    tiles: list[tuple[np.ndarray, np.ndarray]], params: np.ndarray, imgsz: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labels of one output sample from its four tiles' labels ``(cls (n,), xyxy (n,4) in the tile)``.
+
+    Applies the mosaic placement (or takes tile 0 alone), the affine, clipping and the
+    candidate filter; returns ``(cls (m,), xyxy (m,4))`` in output pixels.
+    """
+    s = imgsz
+    a = params[P_AFFINE].reshape(2, 3)
+    cls_parts, box_parts, ref_parts = [], [], []
+    if params[P_MOSAIC]:
+        quads = mosaic_quadrants(int(params[P_CX]), int(params[P_CY]), s)
+        for (c, b), ((iy, ix), (qh, qw), (oy, ox)) in zip(tiles, quads, strict=True):
+            if len(b) == 0 or qh == 0 or qw == 0:
+                continue
+            shifted = b + np.array([ox - ix, oy - iy, ox - ix, oy - iy], dtype=np.float64)
+            cls_parts.append(c)
+            ref_parts.append(_area(shifted))
+            box_parts.append(_clip(shifted, ox, oy, ox + qw, oy + qh))
+    else:
+        c, b = tiles[0]
+        cls_parts.append(c)
+        ref_parts.append(_area(b))
+        box_parts.append(_clip(b, 0, 0, s, s))
+    if not box_parts:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 4))
+    cls = np.concatenate(cls_parts).astype(np.int64)
+    boxes = np.concatenate(box_parts).reshape(-1, 4)
+    ref = np.concatenate(ref_parts) * params[P_SCALE] ** 2
+    out = _clip(affine_boxes(boxes, a), 0, 0, s, s)
+    keep = box_candidates(out, ref)
+    return cls[keep], out[keep]
+
+
+def box_candidates(xyxy: np.ndarray, ref_area: np.ndarray, wh_thr: float = 2, ar_thr: float = 100,
+                   area_thr: float = 0.1) -> np.ndarray:
+    """ultralytics' rule: keep boxes wider/taller than `wh_thr` px, aspect < `ar_thr`, and
+    more than `area_thr` of the reference (unclipped, scaled) area."""
+    w, h = xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]
+    ar = np.maximum(w / (h + 1e-16), h / (w + 1e-16))
+    return (w > wh_thr) & (h > wh_thr) & (w * h / (ref_area + 1e-16) > area_thr) & (ar < ar_thr)
+
+
+def xyxy_to_yolo(xyxy: np.ndarray, imgsz: int) -> np.ndarray:
+    """Pixel xyxy -> cx,cy,w,h normalized to the S x S input (float32)."""
+    b = np.asarray(xyxy, dtype=np.float64).reshape(-1, 4)
+    out = np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], 1)
+    return (out / imgsz).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- pixels
+
+
+def letterbox(img: np.ndarray, imgsz: int) -> np.ndarray:
+    """Resize the long side to `imgsz` (INTER_LINEAR, like ultralytics) and pad centred with 114."""
+    h, w = img.shape[:2]
+    _, _, px, py, nw, nh = letterbox_geometry(h, w, imgsz)
+    if (nw, nh) != (w, h):
+        img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    if (nw, nh) == (imgsz, imgsz):
+        return np.ascontiguousarray(img)
+    out = np.full((imgsz, imgsz, 3), FILL, dtype=np.uint8)
+    out[py : py + nh, px : px + nw] = img
+    return out
+
+
+def letterbox_into(img: np.ndarray, planes: np.ndarray, imgsz: int) -> None:
+    """`letterbox` written straight into a planar (3, S, S) buffer (HWC in, CHW out)."""
+    h, w = img.shape[:2]
+    _, _, px, py, nw, nh = letterbox_geometry(h, w, imgsz)
+    if (nw, nh) != (w, h):
+        img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    if (nw, nh) != (imgsz, imgsz):
+        planes[:, :py] = FILL
+        planes[:, py + nh :] = FILL
+        planes[:, py : py + nh, :px] = FILL
+        planes[:, py : py + nh, px + nw :] = FILL
+    for ch, plane in enumerate(cv2.split(img)):
+        planes[ch, py : py + nh, px : px + nw] = plane
+
+
+def mosaic_image(tiles: list[np.ndarray], cx: int, cy: int, imgsz: int) -> np.ndarray:
+    """Paste the four S x S tiles' quadrants around centre (cx, cy)."""
+    out = np.empty((imgsz, imgsz, 3), dtype=np.uint8)
+    for t, ((iy, ix), (qh, qw), (oy, ox)) in zip(tiles, mosaic_quadrants(cx, cy, imgsz), strict=True):
+        out[oy : oy + qh, ox : ox + qw] = t[iy : iy + qh, ix : ix + qw]
+    return out
+
+
+def warp(img: np.ndarray, a: np.ndarray, imgsz: int) -> np.ndarray:
+    """Apply the 2x3 affine `a` (continuous coordinates) to an S x S image; 114 outside."""
+    a = np.asarray(a, dtype=np.float64).reshape(2, 3)
+    (a00, a01, a02), (a10, a11, a12) = a.tolist()
+    d = a11 * imgsz
+    bx = a02 if a00 > 0 else imgsz - a02  # x offset before the flip
+    if a01 == a10 == 0 and abs(a00) == a11 > 0 and all(abs(v - round(v)) < 1e-6 for v in (d, bx, a12)):
+        return _resize_paste(img, round(d), round(bx), round(a12), a00 < 0, imgsz)
+    # OpenCV samples at integer pixel centres: x_c' = a x_c + t  <=>  centres move by a(0.5) - 0.5
+    m = a.copy()
+    m[:, 2] += m[:, :2] @ np.array([0.5, 0.5]) - 0.5
+    return cv2.warpAffine(img, m, (imgsz, imgsz), flags=cv2.INTER_LINEAR, borderValue=(FILL, FILL, FILL))
+
+
+def _resize_paste(img: np.ndarray, d: int, bx: int, by: int, flip: bool, imgsz: int) -> np.ndarray:
+    """The axis-aligned affine x' = (d/S) x + b (then optional flip) as resize + paste: exact."""
+    if d == imgsz and bx == by == 0:
+        return cv2.flip(img, 1) if flip else img
+    r = img if d == imgsz else cv2.resize(img, (d, d), interpolation=cv2.INTER_LINEAR)
+    out = np.full((imgsz, imgsz, 3), FILL, dtype=np.uint8)
+    x0, y0, x1, y1 = max(bx, 0), max(by, 0), min(bx + d, imgsz), min(by + d, imgsz)
+    if x0 < x1 and y0 < y1:
+        out[y0:y1, x0:x1] = r[y0 - by : y1 - by, x0 - bx : x1 - bx]
+    return cv2.flip(out, 1) if flip else out
+
+
+def hsv_jitter(img: np.ndarray, hue_deg: float, sat: float, val: float) -> np.ndarray:
+    """ultralytics' RandomHSV (on an RGB image): hue shift (degrees), saturation/value gains."""
+    if hue_deg == 0 and sat == 1 and val == 1:
+        return img
+    x = np.arange(256, dtype=np.float64)
+    lut = np.empty((1, 256, 3), dtype=np.uint8)  # one 3-channel LUT: a single pass, no split/merge
+    lut[0, :, 0] = (x + hue_deg / 2) % 180  # OpenCV hue is 0..180 (2 degrees per step)
+    lut[0, :, 1] = np.clip(x * sat, 0, 255)
+    lut[0, :, 2] = np.clip(x * val, 0, 255)
+    hsv = cv2.LUT(cv2.cvtColor(img, cv2.COLOR_RGB2HSV), lut)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+
+def augment_image(tiles: list[np.ndarray], params: np.ndarray, imgsz: int) -> np.ndarray:
+    """Pixels of one output sample from its four letterboxed tiles (RGB, S x S)."""
+    img = mosaic_image(tiles, int(params[P_CX]), int(params[P_CY]), imgsz) if params[P_MOSAIC] else tiles[0]
+    img = warp(img, params[P_AFFINE], imgsz)
+    return hsv_jitter(img, params[P_HUE], params[P_SAT], params[P_VAL])
