@@ -17,13 +17,7 @@ from packer.format import (
     LMDB_COUNT_KEY,
     TF_BBOX,
     TF_CLASS,
-    TF_HEIGHT,
     TF_IMAGE,
-    TF_KEY,
-    TF_ORIG_HEIGHT,
-    TF_ORIG_WIDTH,
-    TF_SOURCE,
-    TF_WIDTH,
     FormatError,
     Record,
     make_key,
@@ -155,54 +149,30 @@ def test_empty_shard_round_trips(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------- tfrecord + TF
 
 
-def _tf_spec(tf):  # noqa: ANN001, ANN202
-    s, i = tf.io.FixedLenFeature([], tf.string), tf.io.FixedLenFeature([], tf.int64)
-    return {
-        TF_IMAGE: s, TF_KEY: s, TF_SOURCE: s, TF_HEIGHT: i, TF_WIDTH: i, TF_ORIG_HEIGHT: i, TF_ORIG_WIDTH: i,
-        TF_CLASS: tf.io.VarLenFeature(tf.int64), TF_BBOX: tf.io.VarLenFeature(tf.float32),
-    }
+def test_tensorflow_reads_and_parses(shards: dict[str, list[WrittenShard]], records: list[Record],
+                                     tmp_path: Path) -> None:
+    import hashlib
 
+    from _tf_tool import tf_read
 
-def test_tensorflow_reads_and_parses(shards: dict[str, list[WrittenShard]], records: list[Record]) -> None:
-    tf = pytest.importorskip("tensorflow")
-    paths = [str(ws.path) for ws in shards["tfrecord"]]
-    raws = [t.numpy() for t in tf.data.TFRecordDataset(paths)]
-    assert len(raws) == len(records)
-    spec = _tf_spec(tf)
-    for raw, rec in zip(raws, records, strict=True):
+    rows = tf_read([ws.path for ws in shards["tfrecord"]], tmp_path)
+    assert len(rows) == len(records)
+    for row, rec in zip(rows, records, strict=True):
         # our hand-encoded Example is exactly TF's deterministic serialization of itself
-        assert tf.train.Example.FromString(raw).SerializeToString(deterministic=True) == raw
-        ex = tf.io.parse_single_example(raw, spec)
-        assert ex[TF_IMAGE].numpy() == rec.jpeg
-        assert ex[TF_KEY].numpy().decode() == rec.key and ex[TF_SOURCE].numpy().decode() == rec.source
-        assert [int(ex[k]) for k in (TF_HEIGHT, TF_WIDTH, TF_ORIG_HEIGHT, TF_ORIG_WIDTH)] == [
-            rec.height, rec.width, rec.orig_height, rec.orig_width,
-        ]
-        assert np.array_equal(tf.sparse.to_dense(ex[TF_CLASS]).numpy(), rec.cls)
-        assert np.array_equal(tf.sparse.to_dense(ex[TF_BBOX]).numpy().reshape(-1, 4), rec.boxes)
+        assert row["canonical"]
+        assert row["jpeg_sha1"] == hashlib.sha1(rec.jpeg).hexdigest()
+        assert row["key"] == rec.key and row["source"] == rec.source
+        assert row["sizes"] == [rec.height, rec.width, rec.orig_height, rec.orig_width]
+        assert np.array_equal(row["cls"], rec.cls)
+        assert np.array_equal(np.array(row["boxes"], dtype=np.float32).reshape(-1, 4), rec.boxes)
 
 
 def test_reads_tensorflow_written_records(tmp_path: Path, records: list[Record]) -> None:
     """Records framed and serialized by TensorFlow itself parse; a missing feature is reported."""
-    tf = pytest.importorskip("tensorflow")
-
-    def example(rec: Record, drop: str | None = None) -> bytes:
-        b = lambda v: tf.train.Feature(bytes_list=tf.train.BytesList(value=v))  # noqa: E731
-        i = lambda v: tf.train.Feature(int64_list=tf.train.Int64List(value=v))  # noqa: E731
-        feats = {
-            TF_IMAGE: b([rec.jpeg]), TF_KEY: b([rec.key.encode()]), TF_SOURCE: b([rec.source.encode()]),
-            TF_HEIGHT: i([rec.height]), TF_WIDTH: i([rec.width]), TF_ORIG_HEIGHT: i([rec.orig_height]),
-            TF_ORIG_WIDTH: i([rec.orig_width]), TF_CLASS: i(rec.cls.tolist()),
-            TF_BBOX: tf.train.Feature(float_list=tf.train.FloatList(value=rec.boxes.reshape(-1).tolist())),
-        }
-        feats.pop(drop, None)
-        return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+    from _tf_tool import tf_write
 
     path = tmp_path / "tf.tfrecord"
-    with tf.io.TFRecordWriter(str(path)) as w:
-        for rec in records[:3]:
-            w.write(example(rec))
-        w.write(example(records[3], drop=TF_BBOX))
+    tf_write(path, records[:4], drop={3: TF_BBOX})
     index_path(path).write_bytes(make_index("tfrecord", path))
     with open_reader("tfrecord", path) as r:
         for pos in range(3):
