@@ -126,8 +126,8 @@ def test_usage_errors_exit_2_with_one_line(shards, tmp_path, argv, message):
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 2, r.output
     assert message in r.output
-    err = [ln for ln in r.output.splitlines() if ln.startswith("Error:")]
-    assert len(err) == 1
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]  # progress lines go to stdout
+    assert len(lines) == 1 and lines[0].startswith("Error:"), r.stderr
 
 
 # ------------------------------------------------------------------ engine rules (no subprocess)

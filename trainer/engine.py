@@ -154,7 +154,7 @@ def pick_split(splits, wanted: str | None, kind: str) -> str | None:
         return None
     if wanted != "auto":
         if wanted not in splits:
-            raise TrainError(f"--{kind}-split {wanted!r} is not packed (splits: {', '.join(sorted(splits))})")
+            raise TrainError(f"--{kind}-split {wanted!r} is not in the packed splits ({', '.join(sorted(splits))})")
         return wanted
     if kind in splits:
         return kind

@@ -17,11 +17,27 @@ from trainer.engine import OPTIMIZERS, TrainConfig, train
 _DEFAULT = TrainConfig()
 
 
+class _OneLineCommand(click.Command):
+    """Usage errors as one line on stderr and exit 2 (click's default adds a usage banner)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            click.echo(f"Error: {e.format_message()}", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            click.echo(f"Error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            sys.exit(130)
+
+
 def _none_or(value: str) -> str | None:
     return None if value.lower() == "none" else value
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.command(cls=_OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.argument("shards", required=False, type=click.Path(file_okay=False))
 @click.option("--model", default=_DEFAULT.model, show_default=True,
               help="ultralytics model YAML (yolov8n.yaml, yolo11s.yaml, ...): built offline with the data's classes.")
