@@ -235,7 +235,7 @@ class _State:
 # ------------------------------------------------------------------------ the report
 
 
-class _Tally:
+class Tally:
     """Counts images/boxes per named reason for one split; reconciles by construction."""
 
     def __init__(self) -> None:
@@ -348,11 +348,11 @@ def build_dataset(
         out = _parts.prepare_part_dest(dest, source.root, num_parts, part, overwrite=overwrite)
         part_info = {"num_parts": num_parts, "part": part, "splits": {}}
         notes.append(f"part {part} of {num_parts} (0-based) in {out}; when all parts are done: packer merge {dest}")
-    _prepare_out(out, source.root, overwrite=overwrite, resume=resume)
+    prepare_out(out, source.root, overwrite=overwrite, resume=resume)
 
     state = _State(out, opts, source, {"num_parts": num_parts, "part": part} if part_info else None)
     resumed = state.load_compatible() if resume else False
-    _remove_temp_files(out)
+    remove_temp_files(out)
     if not resumed:
         shutil.rmtree(state.dir, ignore_errors=True)
         state.dir.mkdir(parents=True)
@@ -413,7 +413,7 @@ def build_dataset(
                        resumed_shards, notes)
 
 
-def _prepare_out(out: Path, src_root: Path, *, overwrite: bool, resume: bool) -> None:
+def prepare_out(out: Path, src_root: Path, *, overwrite: bool, resume: bool) -> None:
     if out == src_root or src_root.is_relative_to(out):
         raise BuildError(f"output folder {out} contains the source {src_root}; choose another -o")
     if not out.exists():
@@ -447,7 +447,7 @@ def _prepare_out(out: Path, src_root: Path, *, overwrite: bool, resume: bool) ->
             p.unlink()
 
 
-def _remove_temp_files(out: Path) -> None:
+def remove_temp_files(out: Path) -> None:
     """Temp files of a killed build (ours are always hidden `.<name>.*.tmp`)."""
     for d in [out, *(p for p in out.iterdir() if p.is_dir() and p.name != STATE_DIR)]:
         for p in d.glob(".*.tmp*"):
@@ -515,7 +515,7 @@ def _pack_split(
     approx_bytes = 0  # shard bytes estimated from the records: deterministic, writer-agnostic
     rows: list[tuple] = []
     problems: list[dict[str, Any]] = []
-    tally = _Tally()
+    tally = Tally()
     shard_start = start
 
     def finish(end: int) -> None:
@@ -533,7 +533,7 @@ def _pack_split(
         if info is not None and on_shard is not None:
             on_shard(split, info)
         number += info is not None
-        writer, rows, problems, tally, shard_start, approx_bytes = None, [], [], _Tally(), end, 0
+        writer, rows, problems, tally, shard_start, approx_bytes = None, [], [], Tally(), end, 0
 
     try:
         for i, res in enumerate(ordered_map(cands[start:], popts, workers, pool), start):
@@ -543,7 +543,7 @@ def _pack_split(
                     writer = get_writer(opts.fmt, out / split / shard_name(split, number, opts.fmt))
                 rec = res.record
                 writer.add(rec)
-                rows.append((_label_only(rec), number, len(rows)))  # pos = position in the shard
+                rows.append((label_only(rec), number, len(rows)))  # pos = position in the shard
                 approx_bytes += len(rec.jpeg) + 20 * len(rec.cls) + 512
                 full = (cap is not None and len(rows) >= cap) or (
                     cap is not None and bool(opts.shard_bytes) and approx_bytes >= opts.shard_bytes
@@ -559,7 +559,7 @@ def _pack_split(
         raise
 
 
-def _label_only(rec):
+def label_only(rec):
     """Drop the JPEG bytes: label pieces keep only what labels.npz needs."""
     from packer.format import Record
 
@@ -581,11 +581,11 @@ def _finish_split(split: str, state: _State, out: Path, nc: int) -> SplitInfo:
 
 
 def _write_report(out: Path, source: Source, state: _State) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    totals = _Tally()
+    totals = Tally()
     per_split: dict[str, Any] = {}
     problems: list[dict[str, Any]] = []
     for split in source.splits:
-        t = _Tally()
+        t = Tally()
         for e in state.shards(split):
             t.merge(e["tally"])
             problems.extend(json.loads(state.piece(split, e["number"], "json").read_text()))

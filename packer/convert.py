@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from packer import __version__
-from packer.build import STATE_DIR, BuildError, _label_only, _prepare_out, _remove_temp_files
+from packer.build import STATE_DIR, BuildError, label_only, prepare_out, remove_temp_files
 from packer.format import (
     FORMATS,
     LABEL_FIELDS,
@@ -124,8 +124,8 @@ def _prepare_convert_out(out: Path, src: Path, overwrite: bool) -> None:
         if not overwrite:
             what = "a packed dataset" if has_manifest else "an unfinished build or conversion"
             raise ConvertError(f"{out} already holds {what}; pass --overwrite to replace it")
-    _prepare_out(out, src, overwrite=True, resume=False)
-    _remove_temp_files(out)
+    prepare_out(out, src, overwrite=True, resume=False)
+    remove_temp_files(out)
 
 
 def _plan(m: Manifest, split: str, shard_size: int | None) -> list[int] | int:
@@ -176,7 +176,7 @@ def _convert_split(src: Path, m: Manifest, split: str, out: Path, fmt: str, plan
                             writer = get_writer(fmt, out / split / shard_name(split, len(shards), fmt))
                             target = (next(targets, 0) if targets is not None else plan) if fmt != "lmdb" else 0
                         writer.add(rec)
-                        rows.append((_label_only(rec), len(shards), in_shard))
+                        rows.append((label_only(rec), len(shards), in_shard))
                         in_shard += 1
                         count += 1
                         bar.update(1)

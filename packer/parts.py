@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from packer.build import PARTS_DIR, BuildError, _Tally
+from packer.build import PARTS_DIR, BuildError, Tally
 from packer.format import (
     LABELS_NAME,
     MANIFEST_NAME,
@@ -314,10 +314,10 @@ def _check_unique(split: str, labels: LabelArrays, owner: np.ndarray) -> None:
 
 def _merge_reports(reports: list[dict[str, Any]], folders: list[Path], dest: Path,
                    splits: list[str]) -> dict[str, Any]:
-    totals = _Tally()
+    totals = Tally()
     per_split: dict[str, Any] = {}
     for split in splits:
-        t = _Tally()
+        t = Tally()
         for r in reports:
             t.merge(r["splits"][split])
         per_split[split] = t.as_dict()  # raises if the sums do not reconcile

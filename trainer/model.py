@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import os
 import random
-import tempfile
 from copy import deepcopy
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from packer.format import atomic_write_bytes
 from trainer.offline import setup_offline
 
 setup_offline()
@@ -198,21 +198,7 @@ def save_checkpoint(
     torch.save(ckpt, buf)
     data = buf.getvalue()
     for p in paths:
-        _atomic_write(Path(p), data)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write_bytes(Path(p), data)
 
 
 def strip_checkpoint(path: str | os.PathLike) -> None:
@@ -226,7 +212,7 @@ def strip_checkpoint(path: str | os.PathLike) -> None:
         ckpt[k] = None
     buf = io.BytesIO()
     torch.save(ckpt, buf)
-    _atomic_write(p, buf.getvalue())
+    atomic_write_bytes(p, buf.getvalue())
 
 
 def load_resume_state(path: str | os.PathLike) -> dict[str, Any]:
