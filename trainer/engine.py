@@ -41,6 +41,7 @@ from ultralytics.engine.trainer import BaseTrainer  # noqa: E402
 from ultralytics.utils.torch_utils import EarlyStopping, ModelEMA, one_cycle, unwrap_model  # noqa: E402
 
 from packer.format import FormatError, read_manifest  # noqa: E402
+from packer.remote import RemoteError, display_url, is_url, open_manifest, redact  # noqa: E402
 from trainer.evaluate import METRIC_KEYS, Evaluator, run_validation  # noqa: E402
 from trainer.model import (  # noqa: E402
     ModelError,
@@ -54,13 +55,13 @@ from trainer.model import (  # noqa: E402
 )
 
 __all__ = ["TrainConfig", "TrainResult", "TrainError", "train", "choose_amp", "accumulate_steps",
-           "STALL_WARN_PCT", "LOSS_NAMES", "resume_config", "stall_advice"]
+           "STALL_WARN_PCT", "LOSS_NAMES", "redacted_options", "resume_config", "stall_advice"]
 
 STALL_WARN_PCT = 10.0  # warn when more than this share of step time is spent waiting for data
 LOSS_NAMES = ("box_loss", "cls_loss", "dfl_loss")
 OPTIMIZERS = ("auto", "SGD", "AdamW", "Adam", "MuSGD")
 # A resumed run may change these (they do not change what is learned); everything else comes from the checkpoint.
-RESUME_OVERRIDABLE = ("device", "workers", "loader", "patience", "verify")
+RESUME_OVERRIDABLE = ("device", "workers", "loader", "patience", "verify", "cache_dir", "cache_max_bytes")
 
 
 class TrainError(ValueError):
@@ -105,6 +106,11 @@ class TrainConfig:
     cls: float = 0.5
     dfl: float = 1.5
     max_det: int = 300
+    # data on network storage (shards is a URL): fsspec options (credentials: never saved, see
+    # train_args), the local shard cache for DALI/tfrecord/LMDB reads and its size bound
+    storage_options: dict[str, Any] | None = None
+    cache_dir: str | None = None  # None = trainer.data.default_cache_dir()
+    cache_max_bytes: int | None = None
 
     def validate(self) -> None:
         """Raise TrainError for values that cannot work, before anything heavy starts."""
@@ -128,6 +134,10 @@ class TrainConfig:
             raise TrainError(f"--lr0 must be > 0, got {self.lr0}")
         if self.close_mosaic < 0:
             raise TrainError(f"--close-mosaic must be >= 0, got {self.close_mosaic}")
+        if self.cache_max_bytes is not None and self.cache_max_bytes <= 0:
+            raise TrainError(f"--cache-max-bytes must be > 0, got {self.cache_max_bytes}")
+        if self.storage_options is not None and not isinstance(self.storage_options, dict):
+            raise TrainError("--storage-options must be a JSON object")
 
 
 @dataclass
@@ -164,6 +174,16 @@ def pick_split(splits, wanted: str | None, kind: str) -> str | None:
     if kind == "train" and len(splits) == 1:
         return next(iter(splits))
     return None
+
+
+def redacted_options(storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`storage_options` fit to save: every credential value (keys named key/secret/token/...,
+    and the AWS secrets of the environment) replaced by "***"."""
+    if storage_options is None:
+        return None
+    import json
+
+    return json.loads(redact(json.dumps(storage_options), storage_options))
 
 
 def accumulate_steps(nbs: int, global_batch: int) -> int:
@@ -309,6 +329,7 @@ def resume_config(cfg: TrainConfig, ckpt_args: dict[str, Any]) -> tuple[TrainCon
             ignored.append(k)
     new.resume = cfg.resume
     new.shards = cfg.shards or new.shards  # the data may have moved since
+    new.storage_options = cfg.storage_options  # credentials are never saved: they come from this call only
     return new, ignored
 
 
@@ -370,14 +391,18 @@ class _Run:
         cfg.validate()
         if not cfg.shards:
             raise TrainError("no SHARDS folder given")
+        self.where = display_url(cfg.shards) if is_url(cfg.shards) else cfg.shards
         try:
-            self.manifest = read_manifest(cfg.shards)
-        except FormatError as e:
-            raise TrainError(str(e)) from e
+            if is_url(cfg.shards):
+                self.manifest = open_manifest(cfg.shards, cfg.storage_options)
+            else:
+                self.manifest = read_manifest(cfg.shards)
+        except (FormatError, RemoteError) as e:
+            raise TrainError(redact(str(e), cfg.storage_options)) from None
         m = self.manifest
         self.train_name = pick_split(m.splits, cfg.train_split, "train")
         if self.train_name is None:
-            raise TrainError(f"{cfg.shards}: no train split found (splits: {', '.join(sorted(m.splits)) or 'none'}); "
+            raise TrainError(f"{self.where}: no train split found (splits: {', '.join(sorted(m.splits)) or 'none'}); "
                              "name one with --train-split")
         self.val_name = pick_split(m.splits, cfg.val_split, "val")
         if cfg.imgsz is None:
@@ -391,7 +416,7 @@ class _Run:
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
 
         self._setup_out()
-        self.log(f"data: {cfg.shards} ({m.format}, packed at {m.size}px), {len(self.names)} classes, "
+        self.log(f"data: {self.where} ({m.format}, packed at {m.size}px), {len(self.names)} classes, "
                  f"train split {self.train_name!r} {m.splits[self.train_name].num_samples} images, "
                  + (f"val split {self.val_name!r} {m.splits[self.val_name].num_samples} images"
                     if self.val_name else "no val split: validation off (best.pt follows the train loss)"))
@@ -513,6 +538,9 @@ class _Run:
             augment = AugmentConfig(mosaic=0.0)
         common = dict(loader=cfg.loader, imgsz=cfg.imgsz, rank=self.d.rank, world_size=self.d.world,
                       seed=cfg.seed, workers=cfg.workers, device=self.device, verify=cfg.verify)
+        if is_url(cfg.shards):  # network storage: only then (a custom loader_factory need not know these)
+            common.update(storage_options=cfg.storage_options, cache_dir=cfg.cache_dir,
+                          cache_max_bytes=cfg.cache_max_bytes)
         try:
             self.train_loader = self.make_loader(cfg.shards, self.train_name, batch=self.rank_batch, train=True,
                                                  augment=augment, **common)
@@ -520,7 +548,7 @@ class _Run:
                 self.val_loader = self.make_loader(cfg.shards, self.val_name, batch=self.rank_batch * 2,
                                                    train=False, **common)
         except FormatError as e:
-            raise TrainError(str(e)) from e
+            raise TrainError(redact(str(e), cfg.storage_options)) from e
         self.nb = len(self.train_loader)
         if self.nb == 0:
             raise TrainError(f"the train split has fewer images than one batch ({self.rank_batch})")
@@ -587,7 +615,9 @@ class _Run:
     # -- bookkeeping ---------------------------------------------------------------------------
     def train_args(self) -> dict[str, Any]:
         a = asdict(self.cfg)
-        a.update(task="detect", mode="train", data=str(self.cfg.shards), imgsz=self.cfg.imgsz,
+        # no credentials in args.yaml / checkpoints: URL user:password and query stripped, secret options masked
+        a.update(shards=self.where, storage_options=redacted_options(self.cfg.storage_options))
+        a.update(task="detect", mode="train", data=str(self.where), imgsz=self.cfg.imgsz,
                  batch=self.global_batch, optimizer_resolved=self.optimizer_name, lr0_resolved=self.lr0,
                  warmup_bias_lr_resolved=self.warmup_bias_lr,
                  device_resolved=str(self.device), world_size=self.d.world,

@@ -12,6 +12,8 @@ import sys
 import click
 from click.core import ParameterSource
 
+from packer.cli import ByteSize
+from packer.remote import parse_storage_options, redact
 from trainer.engine import OPTIMIZERS, TrainConfig, train
 
 _DEFAULT = TrainConfig()
@@ -76,23 +78,37 @@ def _none_or(value: str) -> str | None:
               help="Continue from a last.pt (options come from the checkpoint; SHARDS optional).")
 @click.option("--seed", default=_DEFAULT.seed, show_default=True, type=int)
 @click.option("--verify", is_flag=True, help="Check shard sha256 against the manifest before training.")
+@click.option("--storage-options", "storage_options", envvar="PACKER_STORAGE_OPTIONS", default=None,
+              metavar="JSON|@FILE",
+              help="fsspec options for a URL SHARDS (credentials, endpoint), as JSON or @file.json; also "
+                   "$PACKER_STORAGE_OPTIONS. Default: the standard environment (AWS_ENDPOINT_URL, ...). Never saved.")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
+              help="Local cache of shards read from a URL by DALI/tfrecord/LMDB [default: ~/.cache/packer-trainer].")
+@click.option("--cache-max-bytes", default=None, type=ByteSize(),
+              help="Size bound of --cache-dir (20GB, 500MiB, ...): least recently used shards are evicted.")
 @click.pass_context
 def main(ctx: click.Context, shards: str | None, **opts: object) -> None:
-    """Train a YOLO detector from SHARDS, a folder written by `packer build`."""
+    """Train a YOLO detector from SHARDS: a folder written by `packer build`, or its URL
+    (s3://bucket/prefix, https://host/prefix, gs://, file://)."""
     if not shards and not opts["resume"]:
         raise click.UsageError("missing argument SHARDS (a packed folder), or --resume runs/train/weights/last.pt")
+    try:
+        opts["storage_options"] = parse_storage_options(opts["storage_options"]) or None  # type: ignore[arg-type]
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     explicit = {k for k in opts if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
     cfg = TrainConfig(shards=shards or "", **{k: v for k, v in opts.items() if k in TrainConfig.__dataclass_fields__})
     cfg.val_split = _none_or(str(opts["val_split"]))
     if cfg.resume:
         # options not given on the command line must not count as "changed" against the checkpoint
         for k in TrainConfig.__dataclass_fields__:
-            if k not in explicit and k not in ("shards", "resume"):
+            if k not in explicit and k not in ("shards", "resume", "storage_options"):
                 setattr(cfg, k, getattr(_DEFAULT, k))
     try:
         result = train(cfg)
     except ValueError as e:  # TrainError, ModelError, FormatError, the loader's input errors: the user's to fix
-        raise click.UsageError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        msg = redact(str(e), cfg.storage_options)
+        raise click.UsageError(msg.splitlines()[0] if msg else type(e).__name__) from None
     if result.interrupted:
         sys.exit(130)
 

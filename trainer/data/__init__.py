@@ -8,18 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
-from trainer.data.common import DataError, default_device, open_split
+from trainer.data.common import DataError, default_cache_dir, default_device, open_split
 from trainer.data.split import SplitError, batches_per_rank, check_args
 from trainer.data.transforms import AugmentConfig, AugmentError
 
 LOADERS = ("auto", "dali", "torch")
 
 __all__ = ["LOADERS", "AugmentConfig", "AugmentError", "DataError", "Loader", "LoaderError", "SplitError",
-           "make_loader"]
+           "default_cache_dir", "make_loader"]
 
 
 class LoaderError(ValueError):
@@ -64,6 +64,9 @@ def make_loader(
     device: str | torch.device = "auto",
     augment: AugmentConfig | None = None,
     verify: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    cache_dir: str | Path | None = None,
+    cache_max_bytes: int | None = None,
     **torch_kwargs,
 ) -> Loader:
     """A loader of `split` of the packed dataset at `shards`.
@@ -80,6 +83,14 @@ def make_loader(
     workers: DALI threads or DataLoader workers (None: a default for this machine).
     augment: None = ultralytics' defaults when `train`, none otherwise.
     torch_kwargs: pin_memory, persistent_workers, prefetch_factor for the torch loader.
+
+    shards may be a URL (s3://, gs://, http(s)://, file://, any fsspec URL): the manifest and
+    labels are read remotely; the torch loader streams WebDataset tars straight from there (each
+    rank/worker opens only its own shards); DALI (tfrecord, wds) and the torch loader over
+    tfrecord/LMDB first fetch exactly the shard files this rank reads into `cache_dir`
+    (default `default_cache_dir()`; checksum-verified, reused across runs, least recently used
+    files evicted beyond `cache_max_bytes`). `storage_options` go to fsspec (credentials,
+    endpoint); without them fsspec uses the standard environment (AWS_ENDPOINT_URL, ...).
     """
     if loader not in LOADERS:
         raise LoaderError(f"unknown loader {loader!r}: choose one of {', '.join(LOADERS)}")
@@ -89,7 +100,8 @@ def make_loader(
         augment = AugmentConfig() if train else AugmentConfig.off()
     elif not train and not augment.is_off:
         raise LoaderError("augmentation is for training only: pass augment=None with train=False")
-    data = open_split(shards, split, verify=verify)
+    data = open_split(shards, split, verify=verify, storage_options=storage_options, cache_dir=cache_dir,
+                      cache_max_bytes=cache_max_bytes)
     check_args(data.info.num_samples, world_size, rank, batch)
     batches_per_rank(data.info.num_samples, world_size, batch, train=train)  # a clear error now, not a hang later
     dev = default_device(device, rank)

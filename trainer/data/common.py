@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +24,11 @@ class DataError(FormatError):
 
 @dataclass
 class SplitData:
-    """A split of a packed dataset, opened from its manifest and cached label arrays."""
+    """A split of a packed dataset, opened from its manifest and cached label arrays.
+
+    For a dataset on network storage (`url` set), `root` is the local shard cache of that
+    dataset (`cache_dir/<hash of the URL>`): `shard_path(i)` is where `fetch` puts shard i.
+    """
 
     root: Path
     manifest: Manifest
@@ -29,6 +36,21 @@ class SplitData:
     info: SplitInfo
     labels: LabelArrays
     key_index: dict[str, int] = field(repr=False)
+    url: str | None = None
+    storage_options: dict[str, Any] | None = field(default=None, repr=False)
+    cache_dir: Path | None = None
+    cache_max_bytes: int | None = None
+
+    @property
+    def remote(self) -> bool:
+        return self.url is not None
+
+    @property
+    def display(self) -> str:
+        """Where the data lives, fit to print (no credentials)."""
+        from packer.remote import display_url
+
+        return display_url(self.url) if self.url else str(self.root)
 
     @property
     def fmt(self) -> str:
@@ -47,12 +69,64 @@ class SplitData:
             raise DataError(f"shard {self.info.shards[i].path} has no index file in the manifest")
         return self.root / idx
 
+    def fetch(self, shard_ids: Iterable[int]) -> None:
+        """Make checksum-verified local copies of these shards (and their index files) in the
+        cache, reusing copies already there; nothing to do for local data."""
+        if self.url is None:
+            return
+        from packer.remote import ChecksumError, RemoteError, cache_shards, display_url, redact
 
-def open_split(shards: str | Path, split: str, *, verify: bool = False) -> SplitData:
+        rels = [self.info.shards[i].path for i in sorted(set(shard_ids))]
+        if not rels:
+            return
+        assert self.cache_dir is not None
+        try:
+            got = cache_shards(self.url, rels, self.cache_dir, self.storage_options, self.cache_max_bytes,
+                               manifest=self.manifest)
+        except ChecksumError as e:
+            raise DataError(
+                f"{display_url(self.url)}: a shard does not match the manifest's sha256 ({redact(str(e), self.storage_options)}): "
+                "it is corrupt or was changed after packing; refusing to train on it (re-upload it with `packer push`)"
+            ) from None
+        except RemoteError as e:
+            raise DataError(redact(str(e), self.storage_options)) from None
+        except FileNotFoundError as e:
+            raise DataError(f"{display_url(self.url)}: a shard listed in the manifest is missing ({e.filename or e})") from None
+        except OSError as e:
+            raise DataError(f"{display_url(self.url)}: cannot fetch shards ({redact(str(e), self.storage_options)})") from None
+        for rel, local in got.items():  # cache_shards names files as shard_path does; keep it so
+            if local != self.root / rel:
+                raise RuntimeError(f"shard cache layout changed: {local} is not {self.root / rel}")
+
+
+def default_cache_dir() -> Path:
+    """Where shards read from network storage are cached: $XDG_CACHE_HOME/packer-trainer (~/.cache/...)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "packer-trainer"
+
+
+def open_split(
+    shards: str | Path,
+    split: str,
+    *,
+    verify: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    cache_dir: str | Path | None = None,
+    cache_max_bytes: int | None = None,
+) -> SplitData:
     """Read the manifest and `<split>/labels.npz`; with `verify`, check every shard's sha256.
 
-    Never scans shards to count: all counts come from the manifest.
+    Never scans shards to count: all counts come from the manifest. `shards` may be a URL
+    (s3://, gs://, http(s)://, ...: manifest and labels are read remotely, shards are only
+    streamed or fetched later by the loader; file:// is read in place).
     """
+    from packer.remote import is_url
+
+    if is_url(shards) and str(shards).startswith("file://"):
+        shards = _file_url_path(str(shards))
+    if is_url(shards):
+        return _open_remote_split(str(shards), split, verify=verify, storage_options=storage_options,
+                                  cache_dir=cache_dir, cache_max_bytes=cache_max_bytes)
     root = Path(shards)
     try:
         manifest = read_manifest(root)
@@ -84,6 +158,59 @@ def open_split(shards: str | Path, split: str, *, verify: bool = False) -> Split
                 )
     key_index = {str(k): i for i, k in enumerate(labels.keys.tolist())}
     return SplitData(root, manifest, split, info, labels, key_index)
+
+
+def _file_url_path(url: str) -> Path:
+    from urllib.parse import unquote, urlparse
+
+    u = urlparse(url)
+    if u.netloc not in ("", "localhost"):
+        raise DataError(f"{url}: file:// URLs must name a local path (file:///path)")
+    return Path(unquote(u.path))
+
+
+def _open_remote_split(url: str, split: str, *, verify: bool, storage_options: dict[str, Any] | None,
+                       cache_dir: str | Path | None, cache_max_bytes: int | None) -> SplitData:
+    from packer.remote import (
+        display_url,
+        fetch_labels,
+        get_fs,
+        hash_remote,
+        join,
+        open_manifest,
+        redact,
+        url_key,
+    )
+
+    so = dict(storage_options or {})
+    where = display_url(url)
+    try:
+        manifest = open_manifest(url, so)
+        split = resolve_split(manifest, split)
+        if split not in manifest.splits:
+            have = ", ".join(sorted(manifest.splits)) or "none"
+            raise DataError(f"{where}: no split {split!r} in the manifest (splits: {have})")
+        info = manifest.splits[split]
+        labels = fetch_labels(url, split, so, manifest)
+        if verify:  # streams every shard once: the remote copy is what the manifest says
+            fs, root = get_fs(url, so)
+            for sh in info.shards:
+                if manifest.format == "lmdb":
+                    continue  # an lmdb shard is checked when it is fetched (cache_shards hashes it)
+                digest, _ = hash_remote(fs, join(root, sh.path))
+                if digest != sh.sha256:
+                    raise DataError(f"{where}/{sh.path}: checksum mismatch (sha256 {digest[:12]}..., manifest says "
+                                    f"{sh.sha256[:12]}...): the remote shard is corrupt or was changed after packing")
+    except DataError:
+        raise
+    except FileNotFoundError as e:
+        raise DataError(f"{where}: not found ({redact(str(e), so)})") from None
+    except (ValueError, OSError) as e:  # FormatError, RemoteError, connection errors
+        raise DataError(redact(str(e), so).replace(url, where)) from None
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key_index = {str(k): i for i, k in enumerate(labels.keys.tolist())}
+    return SplitData(cache / url_key(url, so), manifest, split, info, labels, key_index, url=url,
+                     storage_options=so, cache_dir=cache, cache_max_bytes=cache_max_bytes)
 
 
 def resolve_split(manifest: Manifest, split: str) -> str:

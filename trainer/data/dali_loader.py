@@ -17,20 +17,32 @@ pad_last_batch=True, stick_to_shard=True``. The loader runs the pipeline itself 
 `split.batches_per_rank` of them. (`DALIGenericIterator` cannot continue after an operator
 error, such as a corrupt JPEG, without losing count; running the pipeline directly keeps the
 batch count exact in that case too.)
+
+Data on network storage: a rank fetches only the shard files that overlap its sample range
+(`split.rank_segments`) into the shard cache and gives the reader just those files, with index
+files trimmed to the range's records at the two ends, as ``shard_id=0, num_shards=1``. The
+reader then holds exactly the samples ``shard_id=rank, num_shards=world_size`` over all files
+would give it; its epoch has ``ceil(L/B)`` batches (L = the range's length), and where that is
+fewer than `split.batches_per_rank` (validation, a short rank) the loader completes the epoch
+with padding batches (``valid=False``), as DALI's padded shard would. So every rank still yields
+exactly `batches_per_rank` batches.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from packer.format import TF_BBOX, TF_CLASS, TF_IMAGE, TF_KEY, WDS_BOX, WDS_CLASS, WDS_IMAGE, WDS_META
 from trainer.data.common import SplitData, build_batch, default_workers
-from trainer.data.split import batches_per_rank, dali_reader_batches
+from trainer.data.split import Segment, batches_per_rank, dali_reader_batches, rank_segments
 from trainer.data.transforms import (
     FILL,
     P_AFFINE,
@@ -84,15 +96,31 @@ class _ParamSource:
         return out
 
 
+def trimmed_index(fmt: str, index: Path, start: int, stop: int) -> bytes:
+    """The index of records ``[start, stop)`` of a shard only: the DALI readers then read just
+    those records of the file (offsets stay absolute)."""
+    lines = index.read_text().splitlines()
+    if fmt == "wds":  # "<version> <count>" then one line per sample
+        body = lines[1:][start:stop]
+        return (f"{lines[0].split()[0]} {len(body)}\n" + "".join(b + "\n" for b in body)).encode()
+    return "".join(b + "\n" for b in lines[start:stop]).encode()
+
+
 def _build_pipeline(data: SplitData, *, imgsz: int, batch: int, train: bool, augment: bool, rank: int,
-                    world_size: int, seed: int, threads: int, device_id: int | None, params: _ParamSource | None):
-    """The one pipeline definition (CPU when `device_id` is None, GPU decoding otherwise)."""
+                    world_size: int, seed: int, threads: int, device_id: int | None, params: _ParamSource | None,
+                    files: list[tuple[str, str]] | None = None):
+    """The one pipeline definition (CPU when `device_id` is None, GPU decoding otherwise).
+
+    files: (shard, index) pairs to read instead of all shards of the split; the caller then
+    passes the shard_id/num_shards that apply to them (`rank`, `world_size`)."""
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali import math as dmath
 
-    n = len(data.info.shards)
-    paths = [str(data.shard_path(i)) for i in range(n)]
-    idx = [str(data.index_path(i)) for i in range(n)]
+    if files is None:
+        n = len(data.info.shards)
+        files = [(str(data.shard_path(i)), str(data.index_path(i))) for i in range(n)]
+    paths = [p for p, _ in files]
+    idx = [i for _, i in files]
     decoder = "cpu" if device_id is None else "mixed"
     # packed at this size (the usual case): the letterbox is only a pad, no resampling at all
     resize = not bool(np.all(data.labels.hw.max(1) == imgsz))
@@ -188,6 +216,12 @@ class DaliLoader:
         self.threads = workers or default_workers()
         self._len = batches_per_rank(self.num_samples, world_size, batch, train=train)
         self._reader_len = dali_reader_batches(self.num_samples, world_size, batch)
+        self._files: list[tuple[str, str]] | None = None
+        self._tmp: str | None = None
+        self._shard_id, self._num_shards = rank, world_size
+        self.fetched: list[str] = []  # shard files this rank copied from network storage
+        if data.remote:
+            self._use_rank_files(rank_segments(data.shard_sizes, rank, world_size))
         self._epoch = 0
         self._built_epoch: int | None = None
         self._pipe = None
@@ -195,6 +229,20 @@ class DaliLoader:
         self._mosaic = True
         self._last: dict | None = None
         self.stats = {"corrupt_skipped": 0}
+
+    def _use_rank_files(self, segs: list[Segment]) -> None:
+        """Fetch this rank's files into the cache; read only them, trimmed to the rank's range."""
+        self.data.fetch(s.shard for s in segs)
+        self._tmp = tempfile.mkdtemp(prefix="dali-rank-idx-")
+        files = []
+        for s in segs:
+            idx = Path(self._tmp) / f"{s.shard:06d}.idx"
+            idx.write_bytes(trimmed_index(self.data.fmt, self.data.index_path(s.shard), s.start, s.stop))
+            files.append((str(self.data.shard_path(s.shard)), str(idx)))
+        self._files = files
+        self._shard_id, self._num_shards = 0, 1
+        self._reader_len = dali_reader_batches(sum(len(s) for s in segs), 1, self.batch)
+        self.fetched = [self.data.info.shards[s.shard].path for s in segs]
 
     def __len__(self) -> int:
         return self._len
@@ -219,9 +267,9 @@ class DaliLoader:
         if self._params is not None:
             self._params.mosaic = self._mosaic
         self._pipe = _build_pipeline(
-            self.data, imgsz=self.imgsz, batch=self.batch, train=self.train, augment=aug, rank=self.rank,
-            world_size=self.world_size, seed=int(ss.generate_state(1)[0] & 0x7FFFFFFF), threads=self.threads,
-            device_id=self.device_id, params=self._params,
+            self.data, imgsz=self.imgsz, batch=self.batch, train=self.train, augment=aug, rank=self._shard_id,
+            world_size=self._num_shards, seed=int(ss.generate_state(1)[0] & 0x7FFFFFFF), threads=self.threads,
+            device_id=self.device_id, params=self._params, files=self._files,
         )
         self._built_epoch = want
 
@@ -229,7 +277,12 @@ class DaliLoader:
         self._ensure_pipeline()
         seen: set[str] = set()
         errors = owed = 0
-        for j in range(self._reader_len):  # exactly one reader epoch, so epochs never drift
+        for j in range(max(self._reader_len, self._len)):  # exactly one reader epoch, so epochs never drift
+            if j >= self._reader_len:  # a rank-local reader ran out: the rest is padding
+                if self._last is None:
+                    raise RuntimeError("DALI could not read a single batch of this epoch")
+                yield self._substitute(self._last)
+                continue
             try:
                 outs = self._pipe.run()
                 errors = 0
@@ -308,6 +361,11 @@ class DaliLoader:
     def close(self) -> None:
         self._pipe = None
         self._built_epoch = None
+
+    def __del__(self) -> None:
+        tmp = getattr(self, "_tmp", None)  # the trimmed index files of a rank-local reader
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 __all__ = ["DaliLoader", "identity_params", "partner_ids"]

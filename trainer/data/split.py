@@ -173,3 +173,31 @@ def global_index(shard_sizes: Sequence[int], segments: Sequence[Segment]) -> np.
     if not segments:
         return np.zeros(0, dtype=np.int64)
     return np.concatenate([np.arange(starts[s.shard] + s.start, starts[s.shard] + s.stop) for s in segments])
+
+
+def rank_segments(shard_sizes: Sequence[int], rank: int, world_size: int) -> list[Segment]:
+    """The records of DALI's shard ``rank`` of ``world_size`` (`rank_range`, manifest order) as
+    segments of shard files: whole files inside the range, at most one cut file at each end."""
+    n = int(sum(shard_sizes))
+    r0, r1 = rank_range(n, rank, world_size)
+    return _slice_sequence(shard_sizes, range(len(shard_sizes)), r0, r1)
+
+
+def epoch_shards(
+    shard_sizes: Sequence[int],
+    *,
+    rank: int,
+    world_size: int,
+    batch: int,
+    train: bool,
+    seed: int = 0,
+    epoch: int = 0,
+) -> list[int]:
+    """Shard files rank ``rank`` reads in this epoch (all of its workers together; the padding
+    sample included), per `worker_plan`: what a rank must have locally before the epoch."""
+    plan = worker_plan(shard_sizes, rank=rank, world_size=world_size, worker=0, num_workers=1, batch=batch,
+                       train=train, seed=seed, epoch=epoch)
+    out = {s.shard for s in plan.segments}
+    if plan.pad_sample is not None:
+        out.add(plan.pad_sample.shard)
+    return sorted(out)

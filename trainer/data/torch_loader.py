@@ -8,6 +8,7 @@ batch count is `split.batches_per_rank` whatever the number of workers.
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import logging
@@ -16,12 +17,14 @@ import os
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import cv2
 import lmdb
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from packer.format import (
     WDS_BOX,
@@ -34,7 +37,7 @@ from packer.format import (
     lmdb_key,
 )
 from trainer.data.common import SplitData, build_batch, default_device, default_workers, to_device
-from trainer.data.split import Segment, batches_per_rank, worker_plan
+from trainer.data.split import Segment, batches_per_rank, epoch_shards, worker_plan
 from trainer.data.transforms import (
     AugmentConfig,
     augment_boxes,
@@ -86,9 +89,9 @@ class LmdbRecords(Dataset):
             return decode_lmdb_record(buf)
 
 
-def _wds_index(path: Path) -> list[tuple[int, int]]:
+def _wds_index(text: str) -> list[tuple[int, int]]:
     """(header offset of the sample's first member, end of its last member's data) per sample."""
-    lines = path.read_text().splitlines()
+    lines = text.splitlines()
     out = []
     for line in lines[1:]:
         parts = line.split()
@@ -99,12 +102,12 @@ def _wds_index(path: Path) -> list[tuple[int, int]]:
 
 
 class _Window(io.RawIOBase):
-    """A read-only window [start, stop) of a file, so a tar stream can start mid-archive."""
+    """At most `length` bytes of an open binary file from its current position, so a tar
+    stream can start mid-archive and stop at a sample boundary (local or remote file)."""
 
-    def __init__(self, path: Path, start: int, stop: int):
-        self._f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
-        self._f.seek(start)
-        self._left = stop - start
+    def __init__(self, f: IO[bytes], length: int):
+        self._f = f
+        self._left = length
 
     def readable(self) -> bool:
         return True
@@ -113,7 +116,7 @@ class _Window(io.RawIOBase):
         n = min(len(b), self._left)
         if n <= 0:
             return 0
-        got = self._f.readinto(memoryview(b)[:n])
+        got = self._f.readinto(memoryview(b)[:n])  # local files and fsspec files both fill in place
         self._left -= got
         return got
 
@@ -135,14 +138,31 @@ class RecordSource:
     """Reads records of one split by (shard, position), in whichever format it was packed.
 
     Opened lazily in each worker. `segment` yields ``(pos, Record | Exception)`` so one bad
-    record never stops the stream.
+    record never stops the stream. With `stream` (a WebDataset split on network storage) tar
+    members are read straight from the remote shards: each segment is one sequential read of
+    just its byte range (the index file, a few KB, gives the offsets).
     """
 
-    def __init__(self, data: SplitData):
+    def __init__(self, data: SplitData, stream: bool = False):
         self.fmt = data.fmt
         self.paths = [data.shard_path(i) for i in range(len(data.info.shards))]
         self.index_paths = [data.index_path(i) if self.fmt != "lmdb" else None for i in range(len(self.paths))]
+        self.stream = stream
+        if stream and (data.url is None or self.fmt != "wds"):
+            raise ValueError("streaming reads WebDataset shards on network storage only")
+        self.url, self.storage_options = data.url, data.storage_options
+        self.rels = [(sh.path, sh.index) for sh in data.info.shards]
         self._open: dict[int, object] = {}
+        self._fs: tuple[int, object, str] | None = None
+
+    def _remote(self) -> tuple[object, str]:
+        """This process's filesystem object (never shared across fork: its sessions would be)."""
+        if self._fs is None or self._fs[0] != os.getpid():
+            from packer.remote import get_fs
+
+            fs, root = get_fs(self.url, self.storage_options)
+            self._fs = (os.getpid(), fs, root)
+        return self._fs[1], self._fs[2]
 
     def _reader(self, shard: int):  # noqa: ANN202
         r = self._open.get(shard)
@@ -150,7 +170,13 @@ class RecordSource:
             if self.fmt == "lmdb":
                 r = LmdbRecords(self.paths[shard])
             elif self.fmt == "wds":
-                r = _wds_index(self.index_paths[shard])
+                if self.stream:
+                    from packer.remote import join, read_bytes
+
+                    fs, root = self._remote()
+                    r = _wds_index(read_bytes(fs, join(root, self.rels[shard][1])).decode())
+                else:
+                    r = _wds_index(self.index_paths[shard].read_text())
             else:
                 from packer.writers import open_reader
 
@@ -166,14 +192,28 @@ class RecordSource:
             return next(iter(self._wds_stream(shard, pos, pos + 1)))
         return r.read(pos)
 
-    def _wds_stream(self, shard: int, start: int, stop: int) -> Iterator[Record]:
-        from webdataset.tariterators import group_by_keys, tar_file_expander
+    def _open_at(self, shard: int, offset: int) -> IO[bytes]:
+        if not self.stream:
+            f = open(self.paths[shard], "rb", buffering=0)  # noqa: SIM115 - closed by _Window
+            f.seek(offset)
+            return f
+        from packer.remote import CHUNK, join, open_stream, retry
 
+        if offset == 0:  # from the start: one streaming GET (http) / sequential ranges (object stores)
+            return open_stream(join(self.url, self.rels[shard][0]), self.storage_options)
+        fs, root = self._remote()
+        f = retry(lambda: fs.open(join(root, self.rels[shard][0]), "rb", block_size=CHUNK, cache_type="readahead"))
+        f.seek(offset)
+        return f
+
+    def _wds_stream(self, shard: int, start: int, stop: int) -> Iterator[Record]:
         idx = self._reader(shard)
-        win = _Window(self.paths[shard], idx[start][0], -(-idx[stop - 1][1] // 512) * 512)  # end padded to a block
+        begin, end = idx[start][0], -(-idx[stop - 1][1] // 512) * 512  # end padded to a block
+        win = _Window(self._open_at(shard, begin), end - begin)
+        name = self.rels[shard][0] if self.stream else str(self.paths[shard])
         try:
             stream = io.BufferedReader(win, buffer_size=1 << 20)
-            files = tar_file_expander([{"url": str(self.paths[shard]), "stream": stream}])
+            files = tar_file_expander([{"url": name, "stream": stream}])
             for sample in group_by_keys(files):
                 yield _wds_record(sample)
         finally:
@@ -220,8 +260,9 @@ class ShardBatches(IterableDataset):
     """Yields this rank's batches (CPU tensors) for the current epoch; one worker's share each."""
 
     def __init__(self, data: SplitData, *, imgsz: int, batch: int, train: bool, rank: int, world_size: int,
-                 seed: int, augment: AugmentConfig, num_workers: int):
+                 seed: int, augment: AugmentConfig, num_workers: int, stream: bool = False):
         self.data, self.imgsz, self.batch, self.train = data, imgsz, batch, train
+        self.stream = stream
         self.rank, self.world_size, self.seed, self.augment = rank, world_size, seed, augment
         self.num_workers = num_workers
         ctx = mp.get_context()
@@ -237,7 +278,7 @@ class ShardBatches(IterableDataset):
         plan = worker_plan(self.data.shard_sizes, rank=self.rank, world_size=self.world_size, worker=w,
                            num_workers=nw, batch=self.batch, train=self.train, seed=self.seed, epoch=epoch)
         if self._source is None:
-            self._source = RecordSource(self.data)
+            self._source = RecordSource(self.data, stream=self.stream)
         rng = np.random.default_rng([self.seed, epoch, self.rank, w])
         mosaic = bool(self.mosaic.value)
         pool: deque[tuple[np.ndarray, np.ndarray, np.ndarray]] = deque(maxlen=MOSAIC_POOL)
@@ -371,8 +412,16 @@ class TorchLoader:
             workers = default_workers()
         workers = max(0, min(workers, self._len))  # more workers than batches would idle
         self.workers = workers
+        # network storage: WebDataset tars are streamed; tfrecord/LMDB need random access, so each
+        # epoch first fetches the shard files this rank reads into the local cache
+        self.stream = data.remote and data.fmt == "wds"
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self._epoch = 0
+        self._fetched_epoch: int | None = None
+        self.fetched: set[str] = set()  # shard files this rank copied from network storage
         self.dataset = ShardBatches(data, imgsz=imgsz, batch=batch, train=train, rank=rank, world_size=world_size,
-                                    seed=seed, augment=augment, num_workers=workers)
+                                    seed=seed, augment=augment, num_workers=workers, stream=self.stream)
+        self._fetch()  # bad or unreachable data fails here, before training starts
         cuda = self.device.type == "cuda"
         kw: dict = {}
         if workers > 0:
@@ -387,11 +436,31 @@ class TorchLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.epoch.value = int(epoch)
+        self._epoch = int(epoch)
+
+    def _fetch(self) -> None:
+        """Cache this epoch's shard files of this rank (remote tfrecord/LMDB only)."""
+        if not self.data.remote or self.stream:
+            return
+        # validation reads the same shards every epoch (no shuffle): one fetch is enough
+        epoch = self._epoch if self.train else 0
+        if self._fetched_epoch == epoch:
+            return
+        ids = epoch_shards(self.data.shard_sizes, rank=self.rank, world_size=self.world_size, batch=self.batch,
+                           train=self.train, seed=self.seed, epoch=epoch)
+        self.data.fetch(ids)
+        self.fetched.update(self.data.info.shards[i].path for i in ids)
+        self._fetched_epoch = epoch
 
     def set_mosaic(self, enabled: bool) -> None:
         self.dataset.mosaic.value = int(bool(enabled))
 
     def __iter__(self) -> Iterator[dict]:
+        self._fetch()
+        if self.data.remote and self.workers:
+            # fsspec closes a dropped filesystem's HTTP session on its event loop; a fork must not
+            # inherit such garbage (the child has no loop thread: each close would wait ~1 s)
+            gc.collect()
         n = 0
         for b in self.loader:
             self.stats["corrupt_skipped"] += int(b.pop("_corrupt", 0))
