@@ -212,9 +212,11 @@ def stall_advice(kind: str, workers: int | None) -> str:
     w = f"more --workers (now {workers if workers is not None else 'the default'})"
     disk = "or shards on a faster local disk (NVMe, /dev/shm)"
     if kind == "torch":
-        return f"try --loader dali (GPU decoding where there is a GPU), {w}, {disk}"
+        where = "GPU decoding" if torch.cuda.is_available() else "needs a GPU to help"
+        return f"try {w}, --loader dali ({where}), {disk}"
     if kind == "dali-cpu":
-        return f"decoding runs on the CPU here: try {w} (DALI threads), a smaller packed size, {disk}"
+        return (f"decoding runs on the CPU here: try --loader torch (faster than DALI's CPU pipeline on CPU-only "
+                f"machines), {w} (DALI threads), a smaller packed size, {disk}")
     return f"try {w}, {disk}"
 
 
