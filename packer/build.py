@@ -570,7 +570,7 @@ def _finish_split(split: str, state: _State, out: Path, nc: int) -> SplitInfo:
     entries = state.shards(split)
     pieces = [LabelArrays.load(state.piece(split, e["number"], "npz")) for e in entries]
     labels = LabelArrays.concat(pieces)
-    # shard numbers in pieces are journal numbers; empty tail pieces carry no samples
+    # journal entries without a shard (a tail of skipped images) add no samples, so shard ids stay aligned
     labels.save(out / split / LABELS_NAME)
     shards = [ShardInfo(**e["info"]) for e in entries if e["info"]]
     counts = np.bincount(labels.cls, minlength=nc)[:nc] if len(labels.cls) else np.zeros(nc, dtype=np.int64)
