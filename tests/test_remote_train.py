@@ -293,3 +293,26 @@ def test_bad_url_and_options_are_one_line_errors(tmp_path, monkeypatch):
     assert r.exit_code == 2 and "--storage-options must be a JSON object" in r.output
     r = CliRunner().invoke(main, ["http://127.0.0.1:9/ds", "--device", "cpu", "--out", str(tmp_path / "r")])
     assert r.exit_code == 2 and "manifest.json" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("fmt,loader", [("tfrecord", "dali"), ("wds", "torch")])
+def test_torchrun_two_ranks_from_http(http_root, tmp_path, fmt, loader):
+    """Real DDP (gloo) from a URL: each rank caches (DALI) or streams (wds) its own shards; equal steps."""
+    import re
+    import subprocess
+
+    from _train_util import PY, subprocess_env
+
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer.run",
+           f"{http_root}/{fmt}", "--epochs", "1", "--imgsz", "128", "--batch", "4", "--model", "yolov8n.yaml",
+           "--out", str(out), "--device", "cpu", "--loader", loader, "--workers", "1", "--cache-dir", str(cache)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    steps = re.search(r"steps per rank: (\d+), (\d+)", p.stdout)
+    assert steps and steps.group(1) == steps.group(2) and int(steps.group(1)) > 0
+    assert (out / "weights" / "last.pt").is_file()
+    if loader == "dali":
+        assert _cached(cache)  # shards were fetched into the cache, verified against the manifest
+    else:
+        assert not cache.exists()  # streamed
