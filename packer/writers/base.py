@@ -143,6 +143,50 @@ class ShardWriter(ABC):
             self.close()
 
 
+class IndexedFileWriter(ShardWriter):
+    """A shard file plus its index file, both at hidden temp names until `close`.
+
+    Subclasses write `self._data` in `add` and implement `_finalize` (trailer, index
+    contents; leaves `self._idx` finished) and `_temps` (every temp file they hold).
+    """
+
+    index: Path
+    _data: TempFile
+    _idx: TempFile | None
+
+    @abstractmethod
+    def _finalize(self) -> None:
+        """Write what ends the shard and its index, fsync both (still at temp names)."""
+
+    @abstractmethod
+    def _temps(self) -> list[TempFile | None]:
+        """Every temp file this writer holds (removed by abort)."""
+
+    def close(self) -> WrittenShard:
+        if self._result is not None:
+            return self._result
+        self._check_open()
+        try:
+            self._finalize()
+            assert self._idx is not None
+            self._idx.commit()  # index first: a shard never appears without its index
+            self._data.commit()
+        except BaseException:
+            self.abort()
+            raise
+        fsync_dir(self.path.parent)
+        self._result = WrittenShard(self.path, self.index, self.num_samples, self._data.size, self._data.hexdigest())
+        return self._result
+
+    def abort(self) -> None:
+        if self._result is not None:
+            return
+        self._aborted = True
+        for t in self._temps():
+            if t is not None:
+                t.discard()
+
+
 class ShardReader(ABC):
     """Reads Records back from one shard; validates framing and record contents.
 

@@ -29,7 +29,7 @@ from packer.format import (
     FormatError,
     Record,
 )
-from packer.writers.base import ShardReader, ShardWriter, TempFile, WrittenShard, fsync_dir, index_path
+from packer.writers.base import IndexedFileWriter, ShardReader, TempFile, index_path
 
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
@@ -287,7 +287,7 @@ def decode_example(data: bytes | memoryview) -> Record:
 # ------------------------------------------------------------------------ writer/reader
 
 
-class Writer(ShardWriter):
+class Writer(IndexedFileWriter):
     """Streams framed Examples into `<shard>` and `"<offset> <size>"` lines into `<shard>.idx`."""
 
     def __init__(self, path: Path):
@@ -311,28 +311,12 @@ class Writer(ShardWriter):
         self._idx.write(f"{offset} {len(data) + 16}\n".encode())
         self.num_samples += 1
 
-    def close(self) -> WrittenShard:
-        if self._result is not None:
-            return self._result
-        self._check_open()
-        try:
-            self._data.finish()
-            self._idx.finish()
-            self._idx.commit()
-            self._data.commit()
-        except BaseException:
-            self.abort()
-            raise
-        fsync_dir(self.path.parent)
-        self._result = WrittenShard(self.path, self.index, self.num_samples, self._data.size, self._data.hexdigest())
-        return self._result
+    def _finalize(self) -> None:
+        self._data.finish()
+        self._idx.finish()
 
-    def abort(self) -> None:
-        if self._result is not None:
-            return
-        self._aborted = True
-        self._data.discard()
-        self._idx.discard()
+    def _temps(self) -> list[TempFile | None]:
+        return [self._data, self._idx]
 
 
 def _parse_index(path: Path, shard: Path) -> np.ndarray:

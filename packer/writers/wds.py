@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from packer.format import WDS_BOX, WDS_CLASS, WDS_IMAGE, WDS_MEMBER_ORDER, WDS_META, FormatError, Record
-from packer.writers.base import ShardReader, ShardWriter, TempFile, WrittenShard, fsync_dir, index_path
+from packer.writers.base import IndexedFileWriter, ShardReader, TempFile, index_path
 
 BLOCK = 512
 RECORD = tarfile.RECORDSIZE  # tarfile/GNU tar pad archives to 20 blocks
@@ -44,7 +44,7 @@ def _pad(n: int) -> int:
     return -n % BLOCK
 
 
-class Writer(ShardWriter):
+class Writer(IndexedFileWriter):
     """Streams samples into a tar and their index lines into a temp file."""
 
     def __init__(self, path: Path):
@@ -81,39 +81,23 @@ class Writer(ShardWriter):
         self._lines.write((" ".join(line) + "\n").encode())
         self.num_samples += 1
 
-    def close(self) -> WrittenShard:
-        if self._result is not None:
-            return self._result
-        self._check_open()
+    def _finalize(self) -> None:
         assert self._lines is not None
-        try:
-            end = bytes(2 * BLOCK)  # end-of-archive marker, then pad to a whole record
-            self._data.write(end + bytes(-(self._data.size + len(end)) % RECORD))
-            self._data.finish()
-            self._lines.finish()
-            self._idx = TempFile(self.index, hashed=False)
-            self._idx.write(f"{INDEX_VERSION} {self.num_samples}\n".encode())
-            with open(self._lines.tmp, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    self._idx.write(chunk)
-            self._idx.finish()
-            self._lines.discard()
-            self._idx.commit()
-            self._data.commit()
-        except BaseException:
-            self.abort()
-            raise
-        fsync_dir(self.path.parent)
-        self._result = WrittenShard(self.path, self.index, self.num_samples, self._data.size, self._data.hexdigest())
-        return self._result
+        end = bytes(2 * BLOCK)  # end-of-archive marker, then pad to a whole record
+        self._data.write(end + bytes(-(self._data.size + len(end)) % RECORD))
+        self._data.finish()
+        self._lines.finish()
+        # the v1.2 header needs the sample count, known only now: header + the streamed lines
+        self._idx = TempFile(self.index, hashed=False)
+        self._idx.write(f"{INDEX_VERSION} {self.num_samples}\n".encode())
+        with open(self._lines.tmp, "rb") as f:
+            while chunk := f.read(1 << 20):
+                self._idx.write(chunk)
+        self._idx.finish()
+        self._lines.discard()
 
-    def abort(self) -> None:
-        if self._result is not None:
-            return
-        self._aborted = True
-        for t in (self._data, self._lines, self._idx):
-            if t is not None:
-                t.discard()
+    def _temps(self) -> list[TempFile | None]:
+        return [self._data, self._lines, self._idx]
 
 
 def _parse_index(path: Path, shard: Path, size: int) -> list[tuple[str, int, int]]:
