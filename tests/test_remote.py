@@ -325,3 +325,39 @@ def test_file_url_push_pull(packed, tmp_path, capsys):
     bad.write_bytes(b"x" + bad.read_bytes()[1:])  # a corrupt local copy is never uploaded
     code, _, err = _cli(capsys, "push", str(tmp_path / "copy"), (tmp_path / "store2").as_uri())
     assert code == 2 and "sha256" in err and not (tmp_path / "store2" / MANIFEST_NAME).exists()
+
+
+def test_killed_push_process_finishes_on_rerun(coco128, s3_server, tmp_path):
+    """A real `packer push` process SIGKILLed mid-upload: no remote manifest; the rerun sends only the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import fsspec
+
+    src = tmp_path / "many"
+    build_dataset(coco128, src, fmt="wds", size=64, shard_size=1, workers=2)  # 128 shards + 128 indexes
+    url = s3_server.make_bucket("killed-push") + "/ds"
+    env = {**os.environ, **s3_server.env()}
+    cmd = [str(Path(sys.executable).parent / "packer"), "push", str(src), url, "--no-progress", "--json"]
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **s3_server.options())
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen, deadline = 0, time.time() + 120
+    while time.time() < deadline and proc.poll() is None and seen < 40:
+        time.sleep(0.02)
+        fs.invalidate_cache()
+        seen = len(fs.find(url.removeprefix("s3://")))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert seen >= 40, f"push finished or stalled before it could be killed ({seen} objects)"
+    fs.invalidate_cache()
+    names = {p.rsplit("/", 1)[-1] for p in fs.find(url.removeprefix("s3://"))}
+    assert MANIFEST_NAME not in names  # an interrupted push never looks complete
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert len(s["skipped"]) >= len(names) - 1 and 0 < len(s["copied"]) < s["files"], s
+    assert not set(s["copied"]) & {n for n in s["skipped"]}
+    assert verify_dataset(url, storage_options=s3_server.options()).ok
