@@ -41,6 +41,7 @@ from packer.format import (
     REPORT_NAME,
     LabelArrays,
     Manifest,
+    Record,
     ShardInfo,
     SplitInfo,
     atomic_write_bytes,
@@ -559,10 +560,8 @@ def _pack_split(
         raise
 
 
-def label_only(rec):
+def label_only(rec: Record) -> Record:
     """Drop the JPEG bytes: label pieces keep only what labels.npz needs."""
-    from packer.format import Record
-
     return Record(rec.key, rec.source, b"", rec.height, rec.width, rec.orig_height, rec.orig_width, rec.cls, rec.boxes)
 
 

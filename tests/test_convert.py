@@ -8,31 +8,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from _pack_util import read_samples
 
 from packer.build import build_dataset
 from packer.convert import ConvertError, convert_dataset
 from packer.format import MANIFEST_NAME, read_manifest
 from packer.verify import verify_dataset
-from packer.writers import open_reader
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "samples" / "coco"
 BIN = Path(sys.executable).parent
 OPTS = {"size": 96, "workers": 1, "min_shards": 4}
-
-
-def _samples(root: Path) -> dict[str, list[tuple]]:
-    """split -> every record's fields (JPEG bytes included) in manifest shard order."""
-    m = read_manifest(root)
-    out = {}
-    for split, info in m.splits.items():
-        rows = []
-        for sh in info.shards:
-            with open_reader(m.format, root / sh.path) as r:
-                rows += [(x.key, x.source, x.height, x.width, x.orig_height, x.orig_width, x.cls.tolist(),
-                          x.boxes.tobytes(), x.jpeg) for x in r]
-        out[split] = rows
-    return out
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -47,7 +33,7 @@ def original(tmp_path_factory) -> Path:
 
 
 def test_round_trip_through_all_formats_is_lossless(tmp_path, original):
-    want = _samples(original)
+    want = read_samples(original)
     m0 = read_manifest(original)
     prev = original
     for fmt in ("wds", "lmdb", "tfrecord"):
@@ -58,7 +44,7 @@ def test_round_trip_through_all_formats_is_lossless(tmp_path, original):
         assert res.checked_records == 16
         assert m.format == fmt and m.options["fmt"] == fmt
         assert m.options["converted_from"] == {"format": read_manifest(prev).format, "path": str(prev), "shard_size": None}
-        assert _samples(out) == want, fmt  # same keys, order, labels, sizes and JPEG bytes
+        assert read_samples(out) == want, fmt  # same keys, order, labels, sizes and JPEG bytes
         for split, info in m.splits.items():
             assert (info.num_samples, info.num_boxes, info.class_counts) == (
                 m0.splits[split].num_samples, m0.splits[split].num_boxes, m0.splits[split].class_counts)
@@ -93,7 +79,7 @@ def test_reshard(tmp_path, original):
     assert [sh.num_samples for sh in m.splits["val2017"].shards] == [4]
     assert m.options["converted_from"]["shard_size"] == 5
     assert verify_dataset(out).ok
-    assert _samples(out) == _samples(original)
+    assert read_samples(out) == read_samples(original)
 
 
 def test_refusals_and_overwrite(tmp_path, original):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _pack_util import read_samples
 
 from packer.build import build_dataset
 from packer.convert import convert_dataset
@@ -27,20 +28,6 @@ OPTS = {"size": 96, "workers": 1, "min_shards": 4}
 def _pack_parts(dest: Path, n: int, fmt: str, **kw) -> None:
     for i in range(n):
         build_dataset(SRC, dest, fmt=fmt, num_parts=n, part=i, **{**OPTS, **kw})
-
-
-def _samples(root: Path) -> dict[str, list[tuple]]:
-    """split -> [(key, source, hw, orig hw, cls, boxes, jpeg)] in manifest shard order, read from the shards."""
-    m = read_manifest(root)
-    out = {}
-    for split, info in m.splits.items():
-        rows = []
-        for sh in info.shards:
-            with open_reader(m.format, root / sh.path) as r:
-                rows += [(x.key, x.source, x.height, x.width, x.orig_height, x.orig_width, x.cls.tolist(),
-                          x.boxes.tobytes(), x.jpeg) for x in r]
-        out[split] = rows
-    return out
 
 
 def _labels_equal(a: LabelArrays, b: LabelArrays) -> bool:
@@ -87,7 +74,7 @@ def test_merge_equals_single_build(built, fmt):
         # same samples in the same (pack-time shuffled) order, same labels and stored sizes
         assert _labels_equal(LabelArrays.load(one / s1.labels), LabelArrays.load(two / s2.labels))
     # same JPEG bytes per key, read back from the shards
-    assert _samples(one) == _samples(two)
+    assert read_samples(one) == read_samples(two)
     r1, r2 = (json.loads((d / "report.json").read_text()) for d in (one, two))
     assert r2["totals"] == r1["totals"] and r2["splits"] == r1["splits"] and r2["problems"] == r1["problems"]
     assert r2["totals"]["boxes"]["dropped"] == {"crowd": 1}  # the sample with a crowd box, found by one part
@@ -128,13 +115,13 @@ def test_more_parts_than_images_and_convert_of_merged(tmp_path, built):
     assert verify_dataset(dest).ok
     val = read_manifest(dest).splits["val2017"]
     assert len(val.shards) == 4 and val.num_samples == 4  # the empty part has no data.lmdb
-    assert _samples(dest) == _samples(built["one-lmdb"])
+    assert read_samples(dest) == read_samples(built["one-lmdb"])
     # a merged lmdb (one environment per part) converts to tfrecord, one shard per environment
     conv = tmp_path / "conv"
     m = convert_dataset(dest, conv, "tfrecord")
     assert [sh.num_samples for sh in m.splits["val2017"].shards] == [1, 1, 1, 1]
     assert verify_dataset(conv).ok
-    assert _samples(conv) == _samples(built["one-tfrecord"])
+    assert read_samples(conv) == read_samples(built["one-tfrecord"])
 
 
 def _copy(src: Path, dst: Path) -> Path:
