@@ -70,6 +70,9 @@ os.umask(_UMASK)
 
 KEY_MAX_LEN = 80  # keeps tar member names inside ustar's 100-byte name field
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+# Split names become folder and file names under the output folder, so they are held to
+# the same safe alphabet as keys: no dots, slashes or empty names can leave `-o`.
+SPLIT_NAME_RULE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class FormatError(ValueError):
@@ -125,6 +128,13 @@ def check_key(key: str) -> None:
     """Raise FormatError unless `key` is safe for every reader."""
     if not key or len(key) > KEY_MAX_LEN or _KEY_UNSAFE.search(key):
         raise FormatError(f"unsafe sample key {key!r}: use [A-Za-z0-9_-], at most {KEY_MAX_LEN} chars")
+
+
+def check_split_name(name: object) -> str:
+    """Return `name` if it is a safe split name ([A-Za-z0-9_-], 1..64 chars), else raise FormatError."""
+    if not isinstance(name, str) or not SPLIT_NAME_RULE.fullmatch(name):
+        raise FormatError(f"invalid split name {name!r}: use 1-64 characters from [A-Za-z0-9_-]")
+    return name
 
 
 def shard_name(split: str, index: int, fmt: str) -> str:
