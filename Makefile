@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := out/demo
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean check-light gpu-check
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 2; }
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, exactly as pinned: the CUDA build (runs on CPU) served from local disk
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[train,s3,gcs,bench,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -25,6 +25,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The base install alone (no extras) in a fresh venv packs samples/ and reports its size.
+LIGHT := out/light-venv
+check-light:
+	rm -rf $(LIGHT) out/light
+	$(PYTHON) -m venv $(LIGHT)
+	$(LIGHT)/bin/pip install -q --upgrade pip
+	$(LIGHT)/bin/pip install -q .
+	$(LIGHT)/bin/packer build samples/coco -o out/light/shards --format wds --size 128 --workers 1
+	$(LIGHT)/bin/packer verify out/light/shards --deep
+	$(LIGHT)/bin/python -c "import importlib.util as u, sys; bad=[m for m in ('torch','tensorflow','ultralytics','nvidia.dali') if u.find_spec(m.split('.')[0])]; sys.exit(f'heavy packages installed: {bad}' if bad else 0)"
+	@du -sh $(LIGHT) | awk '{print "base install (venv):", $$1}'
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
