@@ -1,23 +1,58 @@
-"""Shard writers and readers (tfrecord, wds, lmdb) with DALI-compatible index files."""
+"""Shard writers and readers (tfrecord, wds, lmdb) with DALI-compatible index files.
 
-from packer.writers.base import (
-    ShardReader,
-    ShardWriter,
-    UnknownFormatError,
-    WrittenShard,
-    get_writer,
-    index_path,
-    make_index,
-    open_reader,
-)
+One module per format holds its writer, its reader and its index; this package's registry
+picks the module by format name, so no format module imports its siblings or this file.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+
+from packer.format import FORMATS, FormatError
+from packer.writers.base import ShardReader, ShardWriter, WrittenShard, index_path
 
 __all__ = [
     "ShardReader",
     "ShardWriter",
     "UnknownFormatError",
     "WrittenShard",
+    "format_module",
     "get_writer",
     "index_path",
     "make_index",
     "open_reader",
 ]
+
+
+class UnknownFormatError(FormatError):
+    """The format name is not one of `packer.format.FORMATS`."""
+
+
+def format_module(fmt: str) -> ModuleType:
+    """The module holding `fmt`'s Writer, Reader (and make_index for indexed formats)."""
+    if fmt not in FORMATS:
+        raise UnknownFormatError(f"unknown shard format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    return importlib.import_module(f"packer.writers.{fmt}")
+
+
+def get_writer(fmt: str, path: Path) -> ShardWriter:
+    """A writer for shard `path` in format `fmt` ("tfrecord", "wds" or "lmdb")."""
+    return format_module(fmt).Writer(Path(path))
+
+
+def open_reader(fmt: str, path: Path) -> ShardReader:
+    """A reader for the shard at `path` (FormatError if it or its index is missing or malformed)."""
+    return format_module(fmt).Reader(Path(path))
+
+
+def make_index(fmt: str, path: Path) -> bytes:
+    """Recompute the index file bytes of an existing tfrecord/wds shard by scanning it.
+
+    Equals what DALI's `tfrecord2idx` / `wds2idx` write for that file. LMDB has no index.
+    """
+    m = format_module(fmt)
+    if not hasattr(m, "make_index"):
+        raise UnknownFormatError(f"format {fmt!r} has no index file")
+    return m.make_index(Path(path))

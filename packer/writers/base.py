@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from packer.format import FORMATS, INDEX_SUFFIX, Record
+from packer.format import INDEX_SUFFIX, Record
 
 _BUFSIZE = 1 << 20
 _UMASK = os.umask(0o022)
@@ -226,40 +226,3 @@ class ShardReader(ABC):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-
-
-class UnknownFormatError(ValueError):
-    """The format name is not one of `packer.format.FORMATS`."""
-
-
-def _module(fmt: str):  # noqa: ANN202 - returns a module
-    if fmt == "tfrecord":
-        from packer.writers import tfrecord as m
-    elif fmt == "wds":
-        from packer.writers import wds as m
-    elif fmt == "lmdb":
-        from packer.writers import lmdb as m
-    else:
-        raise UnknownFormatError(f"unknown shard format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    return m
-
-
-def get_writer(fmt: str, path: Path) -> ShardWriter:
-    """A writer for shard `path` in format `fmt` ("tfrecord", "wds" or "lmdb")."""
-    return _module(fmt).Writer(Path(path))
-
-
-def open_reader(fmt: str, path: Path) -> ShardReader:
-    """A reader for the shard at `path` (FormatError if it or its index is missing or malformed)."""
-    return _module(fmt).Reader(Path(path))
-
-
-def make_index(fmt: str, path: Path) -> bytes:
-    """Recompute the index file bytes of an existing tfrecord/wds shard by scanning it.
-
-    Equals what DALI's `tfrecord2idx` / `wds2idx` write for that file. LMDB has no index.
-    """
-    m = _module(fmt)
-    if not hasattr(m, "make_index"):
-        raise UnknownFormatError(f"format {fmt!r} has no index file")
-    return m.make_index(Path(path))
