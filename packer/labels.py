@@ -84,10 +84,31 @@ def clean_boxes(
     )
 
 
-def parse_yolo(text: str, source: str, nc: int) -> LabelResult:
+def _box_of_line(vals: list[float], kpt_shape: tuple[int, int] | None) -> tuple[float, float, float, float] | str:
+    """cx, cy, w, h of one numeric label line, or why its column count is wrong."""
+    n = len(vals)
+    if kpt_shape is not None:  # pose: class, box, then the keypoints (not packed)
+        want = 5 + kpt_shape[0] * kpt_shape[1]
+        if n != want:
+            return f"{n} columns (expected {want} for kpt_shape [{kpt_shape[0]}, {kpt_shape[1]}])"
+        return vals[1], vals[2], vals[3], vals[4]
+    if n != 5 and (n < 7 or n % 2 == 0):
+        return f"{n} columns (expected 5, or a polygon)"
+    if n == 5:
+        return vals[1], vals[2], vals[3], vals[4]
+    xs, ys = vals[1::2], vals[2::2]
+    if not all(math.isfinite(v) for v in vals[1:]):
+        return math.nan, math.nan, math.nan, math.nan
+    return (min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2, max(xs) - min(xs), max(ys) - min(ys)
+
+
+def parse_yolo(text: str, source: str, nc: int, kpt_shape: tuple[int, int] | None = None) -> LabelResult:
     """Parse a YOLO label file's text: `class cx cy w h` per line (normalized), or a
     polygon `class x1 y1 x2 y2 x3 y3 ...` (ultralytics' segment format, boxed as its
-    min/max). Blank lines are ignored; anything else is a "bad_line"."""
+    min/max). With `kpt_shape` (a pose dataset) every line must hold exactly
+    5 + prod(kpt_shape) columns and its first five are the box, as ultralytics reads them.
+    Blank lines are ignored; anything else is a "bad_line". Problem details give the line
+    number and why, never the line's text (a label file may be anything, even a secret)."""
     rows: list[tuple[int, float, float, float, float, str]] = []
     problems: list[Problem] = []
     found = 0
@@ -100,26 +121,17 @@ def parse_yolo(text: str, source: str, nc: int) -> LabelResult:
         try:
             vals = [float(p) for p in parts]
         except ValueError:
-            problems.append(Problem("box", "bad_line", source, f"{where}: not numeric: {line.strip()[:80]!r}"))
+            problems.append(Problem("box", "bad_line", source, f"{where}: not numeric"))
             continue
-        n = len(vals)
-        if n != 5 and (n < 7 or n % 2 == 0):
-            problems.append(Problem("box", "bad_line", source, f"{where}: {n} columns (expected 5, or a polygon)"))
+        box = _box_of_line(vals, kpt_shape)
+        if isinstance(box, str):
+            problems.append(Problem("box", "bad_line", source, f"{where}: {box}"))
             continue
         c = vals[0]
         if not math.isfinite(c) or c != int(c):
-            problems.append(Problem("box", "bad_line", source, f"{where}: class {parts[0]!r} is not an integer"))
+            problems.append(Problem("box", "bad_line", source, f"{where}: class is not an integer"))
             continue
-        if n == 5:
-            cx, cy, w, h = vals[1:]
-        else:
-            xs, ys = vals[1::2], vals[2::2]
-            if not all(math.isfinite(v) for v in vals[1:]):
-                cx = cy = w = h = math.nan
-            else:
-                cx, cy = (min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2
-                w, h = max(xs) - min(xs), max(ys) - min(ys)
-        rows.append((int(c), cx, cy, w, h, where))
+        rows.append((int(c), *box, where))
     cls, boxes, more = clean_boxes(rows, nc, source)
     return LabelResult(cls, boxes, problems + more, found)
 

@@ -203,10 +203,10 @@ def make_bad_coco(root: Path) -> dict:
         "images_packed": 9,
         "images_skipped": {"unreadable": 1, "truncated": 2, "empty_file": 1, "path_outside_root": 1,
                            "missing_image": 1},
-        "boxes_found": 4 + 2 + 2 + 2 + 1 + 1 + 1 + 1 + 2 + 1 + 1 + 1,  # 19 (orphan annotation not counted)
+        "boxes_found": 4 + 2 + 2 + 2 + 1 + 1 + 1 + 1 + 2 + 1 + 1 + 1 + 1,  # 20: every annotation in the json
         "boxes_packed": 2 + 1 + 1 + 1 + 1 + 1,  # 7
         "boxes_dropped": {"duplicate": 1, "crowd": 1, "out_of_bounds": 1, "class_out_of_range": 1,
-                          "zero_size": 1, "bad_line": 1, "image_skipped": 6},
+                          "zero_size": 1, "bad_line": 1, "image_skipped": 6, "orphan_annotation": 1},
         "fixes": {"clipped": 1},
         "warnings": {"size_mismatch": 2},
         "exif": {"source": "train/exif_rotated.jpg", "box": [ecx, ecy, ew, eh]},

@@ -19,6 +19,9 @@ IMAGE_REASONS = (
     "truncated",  # JPEG without EOI / PNG without IEND
     "missing_image",  # listed (json / txt list) but not on disk
     "path_outside_root",  # annotation path resolves outside the dataset root
+    "symlink_outside_root",  # image, its label file or its folder is a symlink leading outside the root
+    "duplicate_image",  # listed twice (same COCO file_name / same list entry): packed once
+    "too_large",  # more pixels than --max-pixels (read from the header, never decoded)
 )
 BOX_REASONS = (
     "crowd",  # COCO iscrowd=1 (kept with --keep-crowd)
@@ -29,6 +32,7 @@ BOX_REASONS = (
     "zero_size",  # w or h <= 0
     "duplicate",  # exact duplicate of another box of the same image
     "image_skipped",  # the box's image was skipped
+    "orphan_annotation",  # COCO annotation whose image_id matches no image
 )
 FIXES = ("clipped",)  # box partly outside [0,1], clipped and kept
 WARNINGS = ("size_mismatch",)  # COCO json width/height differ from the decoded image
@@ -58,6 +62,8 @@ class Candidate:
     reject: str | None = None  # an IMAGE_REASONS entry when discovery already knows
     detail: str = ""
     problems: list[Problem] = field(default_factory=list)  # found during discovery
+    # YOLO pose (data.yaml `kpt_shape`): label lines hold 5 + prod(kpt_shape) columns
+    kpt_shape: tuple[int, int] | None = None
 
 
 class SourceError(ValueError):
@@ -82,24 +88,46 @@ class Source:
 def inside_root(root: Path, path: str) -> str | None:
     """Lexically normalized absolute `path` if it stays inside `root`, else None.
 
-    Lexical on purpose: `..` and absolute paths from annotation files are what can escape;
-    symlinks inside the dataset were placed by its owner and are followed."""
+    Lexical on purpose: `..` and absolute paths from annotation files are what can escape
+    here; where symlinks lead is checked apart (`packer.sources.walk.Scope`)."""
     p = os.path.normpath(os.path.join(root, path))
     r = os.fspath(root)
     return p if p == r or p.startswith(r.rstrip(os.sep) + os.sep) else None
 
 
+def safe_text(s: str) -> str:
+    """`s` as valid UTF-8 text, for keys, reports and manifests.
+
+    A file name that is not UTF-8 reaches Python as a str with surrogate escapes (PEP 383):
+    its bytes are re-encoded and each undecodable byte is written as `\\xNN`, so
+    `images/caf\\xe9.jpg` names the file whose name holds the byte 0xE9. Other lone surrogates
+    (e.g. from a JSON `\\udXXX` escape) become `\\udXXX`."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        pass
+    try:
+        return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def rel_posix(root: Path, path: str) -> str:
-    """`path` relative to `root`, with forward slashes."""
-    return Path(os.path.relpath(path, root)).as_posix()
+    """`path` relative to `root`, with forward slashes, as valid UTF-8 text (see safe_text)."""
+    return safe_text(Path(os.path.relpath(path, root)).as_posix())
 
 
 def dedupe_sorted(cands: list[Candidate]) -> tuple[list[Candidate], int]:
-    """Sort by source and keep the first of each source (same source = same sample key)."""
-    out: list[Candidate] = []
+    """Sort by source (stable); every later entry with the source of an earlier one (same
+    source = same sample key) stays, rejected as "duplicate_image", so it is counted and its
+    boxes with it. Returns (candidates, number of duplicates)."""
+    out = sorted(cands, key=lambda c: c.source)
     seen: set[str] = set()
-    for c in sorted(cands, key=lambda c: c.source):
-        if c.source not in seen:
-            seen.add(c.source)
-            out.append(c)
-    return out, len(cands) - len(out)
+    dup = 0
+    for c in out:
+        if c.source in seen and c.reject != "duplicate_image":
+            dup += 1
+            c.path, c.reject, c.detail = None, "duplicate_image", "listed again; the first entry is packed"
+        seen.add(c.source)
+    return out, dup

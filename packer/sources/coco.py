@@ -14,9 +14,30 @@ import re
 from pathlib import Path
 from typing import Any
 
-from packer.sources.base import Candidate, Problem, SourceError, dedupe_sorted, inside_root, rel_posix
+from packer.format import FormatError, check_split_name
+from packer.sources.base import (
+    Candidate,
+    Problem,
+    SourceError,
+    dedupe_sorted,
+    inside_root,
+    rel_posix,
+    safe_text,
+)
+from packer.sources.walk import Scope
 
-_INSTANCES = re.compile(r"^instances_(.+)\.json$")
+_INSTANCES = re.compile(r"^instances_(.*)\.json$")
+
+
+def split_of(path: Path) -> str:
+    """The split a COCO json stands for: `instances_<split>.json` -> `<split>`, else the file
+    stem. Split names become folder names under -o, so they are checked (SourceError)."""
+    m = _INSTANCES.match(path.name)
+    split = m.group(1) if m else path.stem
+    try:
+        return check_split_name(split)
+    except FormatError as e:
+        raise SourceError(f"{safe_text(path.name)}: {safe_text(str(e))} (rename the json)") from None
 
 
 def find_coco_jsons(root: Path) -> dict[str, Path]:
@@ -26,9 +47,8 @@ def find_coco_jsons(root: Path) -> dict[str, Path]:
         return {}
     out = {}
     for p in sorted(ann.iterdir()):
-        m = _INSTANCES.match(p.name)
-        if m and p.is_file():
-            out[m.group(1)] = p
+        if _INSTANCES.match(p.name) and p.is_file():
+            out[split_of(p)] = p
     return out
 
 
@@ -36,10 +56,14 @@ def _load_json(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SourceError(f"cannot read COCO annotations {path}: {e}") from None
+    except OSError as e:
+        raise SourceError(f"cannot read COCO annotations {safe_text(str(path))}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:  # their messages give positions, not content
+        raise SourceError(f"cannot read COCO annotations {safe_text(str(path))}: {e}") from None
+    except RecursionError:
+        raise SourceError(f"cannot read COCO annotations {safe_text(str(path))}: nested too deeply") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise SourceError(f"{path} is not a COCO instances file (no 'images' list)")
+        raise SourceError(f"{safe_text(str(path))} is not a COCO instances file (no 'images' list)")
     return data
 
 
@@ -47,11 +71,11 @@ def category_names(data: dict[str, Any], path: Path) -> tuple[list[int], list[st
     """Sorted category ids and their names (index = class id)."""
     cats = data.get("categories")
     if not isinstance(cats, list) or not cats:
-        raise SourceError(f"{path} has no 'categories'")
+        raise SourceError(f"{safe_text(path.name)} has no 'categories'")
     try:
-        by_id = {int(c["id"]): str(c.get("name", c["id"])) for c in cats}
-    except (KeyError, TypeError, ValueError):
-        raise SourceError(f"{path}: every category needs an integer 'id'") from None
+        by_id = {int(c["id"]): safe_text(str(c.get("name", c["id"]))) for c in cats}
+    except (KeyError, TypeError, ValueError, OverflowError, AttributeError):
+        raise SourceError(f"{safe_text(path.name)}: every category needs an integer 'id'") from None
     ids = sorted(by_id)
     return ids, [by_id[i] for i in ids]
 
@@ -66,74 +90,143 @@ def _bbox(ann: dict[str, Any]) -> tuple[float, float, float, float] | None:
         return None
 
 
-def load_split(root: Path, split: str, data: dict[str, Any], cat_index: dict[int, int]) -> tuple[list[Candidate], list[str]]:
-    """Candidates (sorted by source) of one COCO split, plus notes."""
-    notes: list[str] = []
-    anns: dict[Any, list[dict[str, Any]]] = {}
-    for a in data.get("annotations") or []:
-        if isinstance(a, dict):
-            anns.setdefault(a.get("image_id"), []).append(a)
-    image_ids = {im.get("id") for im in data["images"] if isinstance(im, dict)}
-    orphans = sum(len(v) for k, v in anns.items() if k not in image_ids)
-    if orphans:
-        notes.append(f"{split}: {orphans} annotations refer to image ids not in 'images'; ignored")
+def _id(v: Any) -> int | str | None:
+    """An image id usable as a key (ints and strings, as json has them), else None."""
+    return v if isinstance(v, int | str) and not isinstance(v, bool) else None
 
+
+def _size(im: dict[str, Any]) -> tuple[int, int] | None:
+    h, w = im.get("height"), im.get("width")
+    ok = all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in (h, w))
+    return (int(h), int(w)) if ok else None
+
+
+def _class_of(a: dict[str, Any], cat_index: dict[int, int]) -> int | None:
+    try:
+        return cat_index.get(int(a.get("category_id")))
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _image_boxes(im: dict[str, Any], anns: list[dict[str, Any]], cat_index: dict[int, int]):
+    """(class, x, y, w, h, iscrowd) boxes of one image and the problems of its other annotations."""
+    boxes: list[tuple[int, float, float, float, float, int]] = []
+    problems: list[Problem] = []
+    for j, a in enumerate(anns):
+        b = _bbox(a)
+        if b is None:  # the detail names the annotation, never its content
+            problems.append(Problem("box", "bad_line", "", f"annotation {j}: bbox is not 4 numbers"))
+            continue
+        c = _class_of(a, cat_index)
+        if c is None:
+            cid = a.get("category_id")
+            shown = f"category_id {cid}" if isinstance(cid, int) and not isinstance(cid, bool) else "category_id"
+            problems.append(Problem("box", "class_out_of_range", "", f"annotation {j}: {shown} not in 'categories'"))
+            continue
+        boxes.append((c, *b, 1 if a.get("iscrowd") else 0))
+    return boxes, problems
+
+
+def _index_annotations(data: dict[str, Any], name: str) -> tuple[dict[Any, list[dict[str, Any]]], int]:
+    """image_id -> annotations, and the number of entries that are not objects."""
+    raw = data.get("annotations")
+    if raw is None:
+        raw = []
+    if not isinstance(raw, list):
+        raise SourceError(f"{name}: 'annotations' must be a list")
+    anns: dict[Any, list[dict[str, Any]]] = {}
+    for a in raw:
+        if isinstance(a, dict):
+            anns.setdefault(_id(a.get("image_id")), []).append(a)
+    return anns, sum(not isinstance(a, dict) for a in raw)
+
+
+def _unique_ids(images: list[Any], name: str) -> set[Any]:
+    """Ids of the images; two images with one id make the json ambiguous (SourceError)."""
+    ids: set[Any] = set()
+    for i, im in enumerate(images):
+        if not isinstance(im, dict):
+            raise SourceError(f"{name}: entry {i} of 'images' is not an object")
+        k = _id(im.get("id"))
+        if k is not None and k in ids:
+            shown = k if isinstance(k, int) else repr(safe_text(k[:40]))
+            raise SourceError(f"{name}: image id {shown} is used by more than one image; ids must be unique")
+        ids.add(k)
+    return ids
+
+
+def _locate(root: Path, scope: Scope, bases: list[str], cand: Candidate, fname: str, name: str) -> None:
+    """Set the candidate's source and path (or its reject reason) from its json file_name."""
+    if not fname:
+        cand.reject, cand.detail = "missing_image", f"entry in {name} has no file_name"
+        return
+    # a file_name that climbs above the root (absolute, or leading "..") is rejected
+    # whatever folder it would be looked up in; the lookups below then stay inside
+    paths = [p for b in bases if (p := inside_root(root, os.path.join(b, fname)))]
+    if inside_root(root, fname) is None or not paths:
+        cand.reject, cand.detail = "path_outside_root", "file_name resolves outside the dataset root"
+        return
+    found = next((p for p in paths if os.path.isfile(p)), None)
+    cand.source = rel_posix(root, found or paths[0])
+    if found is None:
+        cand.reject, cand.detail = "missing_image", f"listed in {name} but not found"
+    elif scope.escapes(found):
+        cand.reject = "symlink_outside_root"
+        cand.detail = "the image is a symlink resolving outside the dataset root (--follow-symlinks packs it)"
+    else:
+        cand.path = found
+
+
+def load_split(
+    root: Path, split: str, data: dict[str, Any], cat_index: dict[int, int], scope: Scope, json_path: Path
+) -> tuple[list[Candidate], list[str]]:
+    """Candidates (sorted by source) of one COCO split, plus notes. Every annotation is
+    counted: as a box of its image, or as a box problem ("orphan_annotation" for an image_id
+    that matches no image, "bad_line" for a non-object) on the split's first candidate."""
+    name = safe_text(json_path.name)
+    notes: list[str] = []
+    anns, not_objects = _index_annotations(data, name)
+    image_ids = _unique_ids(data["images"], name)
     bases = [str(b) for b in (root / split, root / "images" / split, root / "images") if b.is_dir()] + [str(root)]
     cands: list[Candidate] = []
     for im in data["images"]:
-        if not isinstance(im, dict):
-            continue
-        fname = str(im.get("file_name", "")).replace("\\", "/")
-        boxes: list[tuple[int, float, float, float, float, int]] = []
-        problems: list[Problem] = []
-        for j, a in enumerate(anns.get(im.get("id"), [])):
-            b = _bbox(a)
-            if b is None:
-                problems.append(Problem("box", "bad_line", fname, f"annotation {j}: bbox {a.get('bbox')!r} is not 4 numbers"))
-                continue
-            try:
-                c = cat_index.get(int(a.get("category_id")))
-            except (TypeError, ValueError):
-                c = None
-            if c is None:
-                problems.append(Problem("box", "class_out_of_range", fname,
-                                        f"annotation {j}: category_id {a.get('category_id')!r} is not in 'categories'"))
-                continue
-            boxes.append((c, *b, 1 if a.get("iscrowd") else 0))
-        h, w = im.get("height"), im.get("width")
-        size = (int(h), int(w)) if isinstance(h, int | float) and isinstance(w, int | float) and h > 0 and w > 0 else None
-        if size is not None and not all(math.isfinite(v) for v in size):
-            size = None
-
-        cand = Candidate(split=split, source=fname, path=None, coco_boxes=boxes, coco_size=size, problems=problems)
-        # a file_name that climbs above the root (absolute, or leading "..") is rejected
-        # whatever folder it would be looked up in; the lookups below then stay inside
-        paths = [p for b in bases if (p := inside_root(root, os.path.join(b, fname)))]
-        if not fname or inside_root(root, fname) is None or not paths:
-            cand.reject, cand.detail = "path_outside_root", f"file_name {fname!r} resolves outside the dataset root"
-        else:
-            found = next((p for p in paths if os.path.isfile(p)), None)
-            cand.source = rel_posix(root, found or paths[0])
-            if found is None:
-                cand.reject, cand.detail = "missing_image", f"listed in instances_{split}.json but not found"
-            else:
-                cand.path = found
+        fname = im.get("file_name")
+        fname = fname.replace("\\", "/") if isinstance(fname, str) else ""
+        k = _id(im.get("id"))
+        boxes, problems = _image_boxes(im, anns.get(k, []) if k is not None else [], cat_index)
+        cand = Candidate(split=split, source=safe_text(fname), path=None, coco_boxes=boxes, coco_size=_size(im),
+                         problems=problems)
+        _locate(root, scope, bases, cand, fname, name)
         for p in cand.problems:
             p.source = cand.source
         cands.append(cand)
     cands, dup = dedupe_sorted(cands)
     if dup:
-        notes.append(f"{split}: {dup} duplicate image entries ignored")
+        notes.append(f"{split}: {dup} images listed twice in {name}; counted as 'duplicate_image' (packed once)")
+    orphans = sum(len(v) for k, v in anns.items() if k is None or k not in image_ids)
+    if cands and (orphans or not_objects):
+        where = rel_posix(root, str(json_path)) if inside_root(root, str(json_path)) else name
+        if orphans:
+            cands[0].problems.append(Problem("box", "orphan_annotation", where,
+                                             f"{orphans} annotations refer to an image_id not in 'images'", orphans))
+        if not_objects:
+            cands[0].problems.append(Problem("box", "bad_line", where,
+                                             f"{not_objects} entries of 'annotations' are not objects", not_objects))
+    if orphans:
+        notes.append(f"{split}: {orphans} annotations refer to image ids not in 'images'; counted as 'orphan_annotation'")
     return cands, notes
 
 
-def load_coco(root: Path, jsons: dict[str, Path]) -> tuple[list[str], dict[str, list[Candidate]], list[str]]:
+def load_coco(
+    root: Path, jsons: dict[str, Path], follow_symlinks: bool = False
+) -> tuple[list[str], dict[str, list[Candidate]], list[str]]:
     """Names, split -> candidates, notes for COCO json files (split name -> path)."""
     names: list[str] | None = None
     ids: list[int] = []
     splits: dict[str, list[Candidate]] = {}
     notes: list[str] = []
     first = None
+    scope = Scope(root, follow_symlinks)
     for split, path in jsons.items():
         data = _load_json(path)
         s_ids, s_names = category_names(data, path)
@@ -142,7 +235,7 @@ def load_coco(root: Path, jsons: dict[str, Path]) -> tuple[list[str], dict[str, 
         elif (s_ids, s_names) != (ids, names):
             raise SourceError(f"categories differ between {first.name} and {path.name}")
         cat_index = {cid: i for i, cid in enumerate(ids)}
-        splits[split], more = load_split(root, split, data, cat_index)
+        splits[split], more = load_split(root, split, data, cat_index, scope, path)
         notes += more
     if ids and ids != list(range(len(ids))):
         notes.append(f"{len(ids)} category ids ({ids[0]}..{ids[-1]}) mapped to class indices 0..{len(ids) - 1}")

@@ -10,62 +10,90 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from packer.sources.base import Candidate, Source, SourceError
-from packer.sources.coco import _INSTANCES, find_coco_jsons, load_coco
+from packer.format import FormatError, check_split_name
+from packer.sources.base import Candidate, Source, SourceError, safe_text
+from packer.sources.coco import find_coco_jsons, load_coco, split_of
+from packer.sources.dataset_yaml import DatasetYaml, check_dataset_yaml
+from packer.sources.walk import FOLLOW_HINT, Scope
 from packer.sources.yolo import find_yaml, is_image, load_folders, load_yaml, names_from_files
 
 __all__ = ["Source", "SourceError", "detect_source"]
 
 
-def _coco_json_source(path: Path) -> Source:
-    m = _INSTANCES.match(path.name)
-    split = m.group(1) if m else path.stem
+def _coco_json_source(path: Path, follow: bool) -> Source:
+    split = split_of(path)
     # annotations/instances_x.json lives one level below the dataset root
     root = path.parent.parent if path.parent.name == "annotations" else path.parent
-    names, splits, notes = load_coco(root, {split: path})
+    names, splits, notes = load_coco(root, {split: path}, follow)
     return Source("coco", root, names, splits, notes)
 
 
-def _detect(src: Path) -> Source:
+def _yaml_source(y: Path, follow: bool, d: Any = None) -> tuple[Source, DatasetYaml]:
+    root, cfg, splits, notes = load_yaml(y, follow, d)
+    names = cfg.names if cfg.names is not None else names_from_files(Scope(root, follow), splits, notes)
+    return Source("yolo-yaml", root, names, splits, notes), cfg
+
+
+def _folder_source(src: Path, images: Path, follow: bool, cfg: DatasetYaml | None) -> Source:
+    scope = Scope(src, follow)
+    try:
+        entries = sorted(os.scandir(images), key=lambda e: e.name)
+    except OSError as e:
+        raise SourceError(f"cannot read {images}: {e.strerror or e}") from None
+    dirs = {e.name: e.path for e in entries if e.is_dir() and not e.name.startswith(".")}
+    flat = any(e.is_file() and is_image(e.name) for e in entries)
+    notes: list[str] = []
+    if dirs and not flat:
+        for name in dirs:
+            try:
+                check_split_name(name)
+            except FormatError as e:
+                raise SourceError(f"images/{safe_text(name)}: {safe_text(str(e))} (rename the folder)") from None
+        layout, splits = "yolo-dirs", load_folders(scope, dirs)
+    else:
+        layout, splits = "yolo-flat", load_folders(scope, {"train": str(images)})
+        notes.append("flat images/ folder packed as split 'train'")
+    notes += scope.notes
+    if cfg is not None and cfg.names is not None:
+        names = cfg.names
+        notes.append("names from data.yaml (it lists no splits; the folders were used)")
+    else:
+        names = names_from_files(scope, splits, notes)
+    return Source(layout, src, names, splits, notes)
+
+
+def _detect(src: Path, follow: bool) -> tuple[Source, DatasetYaml | None]:
     if src.is_file():
         if src.suffix in (".yaml", ".yml"):
-            root, names, splits, notes = load_yaml(src)
-            if names is None:
-                names = names_from_files(root, splits, notes)
-            return Source("yolo-yaml", root, names, splits, notes)
+            return _yaml_source(src, follow)
         if src.suffix == ".json":
-            return _coco_json_source(src)
+            return _coco_json_source(src, follow), None
         raise SourceError(f"{src} is a file: pass a dataset folder, a data.yaml or a COCO instances json")
     if not src.is_dir():
         raise SourceError(f"{src} does not exist")
 
-    y = find_yaml(src)
-    if y is not None:
-        root, names, splits, notes = load_yaml(y)
-        notes.insert(0, f"dataset yaml: {y.name}")
-        if names is None:
-            names = names_from_files(root, splits, notes)
-        return Source("yolo-yaml", root, names, splits, notes)
+    notes: list[str] = []
+    y, d = find_yaml(src, notes)
+    cfg = check_dataset_yaml(d, y.name) if y is not None else None
+    if y is not None and cfg.has_splits:
+        source, cfg = _yaml_source(y, follow, d)
+        source.notes[:0] = [f"dataset yaml: {y.name}", *notes]
+        return source, cfg
 
     jsons = find_coco_jsons(src)
     if jsons:
-        names, splits, notes = load_coco(src, jsons)
-        return Source("coco", src, names, splits, notes)
+        names, splits, more = load_coco(src, jsons, follow)
+        if cfg is not None:
+            notes.append(f"{y.name} lists no splits; the COCO annotations were used")
+        return Source("coco", src, names, splits, notes + more), None
 
     images = src / "images"
     if images.is_dir():
-        entries = sorted(os.scandir(images), key=lambda e: e.name)
-        dirs = {e.name: e.path for e in entries if e.is_dir() and not e.name.startswith(".")}
-        flat = any(e.is_file() and is_image(e.name) for e in entries)
-        notes: list[str] = []
-        if dirs and not flat:
-            layout, splits = "yolo-dirs", load_folders(src, dirs)
-        else:
-            layout, splits = "yolo-flat", load_folders(src, {"train": str(images)})
-            notes.append("flat images/ folder packed as split 'train'")
-        names = names_from_files(src, splits, notes)
-        return Source(layout, src, names, splits, notes)
+        source = _folder_source(src, images, follow, cfg)
+        source.notes[:0] = notes
+        return source, cfg
 
     raise SourceError(
         f"could not detect layout of {src}: expected a data.yaml, annotations/instances_<split>.json (COCO), "
@@ -73,15 +101,17 @@ def _detect(src: Path) -> Source:
     )
 
 
-def detect_source(src: str | Path, splits: Sequence[str] | None = None) -> Source:
+def detect_source(src: str | Path, splits: Sequence[str] | None = None, *, follow_symlinks: bool = False) -> Source:
     """Detect the dataset layout under `src` and list every image of every split.
 
     `splits=None` keeps every split found; otherwise only those named (SourceError if one
     is missing). Candidates are sorted by `source` within each split. Raises SourceError
-    (one readable line) when nothing usable is found.
+    (one readable line) when nothing usable is found. Symlinks resolving outside the
+    dataset root are not read (candidates rejected as "symlink_outside_root") unless
+    `follow_symlinks`; see packer.sources.walk.
     """
     path = Path(src).expanduser()
-    source = _detect(path.resolve() if path.exists() else path)
+    source, cfg = _detect(path.resolve() if path.exists() else path, follow_symlinks)
     source.root = Path(source.root).resolve()
     found = {k: v for k, v in source.splits.items() if v}
     for k in source.splits.keys() - found.keys():
@@ -96,16 +126,36 @@ def detect_source(src: str | Path, splits: Sequence[str] | None = None) -> Sourc
     if not found:
         raise SourceError(f"no images found under {src}")
     source.splits = found
-    if source.layout.startswith("yolo"):
-        for k, cands in found.items():
-            bg = sum(c.label_file is None and c.reject is None for c in cands)
-            if bg:
-                source.notes.append(f"{k}: {bg} of {len(cands)} images have no label file (kept as background)")
-    for cands in found.values():
-        cands.sort(key=_by_source)
+    _finish_notes(source, src, cfg)
     if not source.names:
         raise SourceError(f"no class names for {src}: add a data.yaml or classes.txt")
     return source
+
+
+def _finish_notes(source: Source, src: str | Path, cfg: DatasetYaml | None) -> None:
+    """Sort candidates, apply kpt_shape, and add the summary notes (background images,
+    symlinks left out); SourceError when every image is behind such a symlink."""
+    cands = [c for v in source.splits.values() for c in v]
+    if source.layout.startswith("yolo"):
+        for k, v in source.splits.items():
+            bg = sum(c.label_file is None and c.reject is None for c in v)
+            if bg:
+                source.notes.append(f"{k}: {bg} of {len(v)} images have no label file (kept as background)")
+        if cfg is not None and cfg.kpt_shape is not None:
+            for c in cands:
+                c.kpt_shape = cfg.kpt_shape
+            n, dim = cfg.kpt_shape
+            source.notes.append(f"pose labels (kpt_shape [{n}, {dim}]): {5 + n * dim} columns a line; "
+                                "boxes packed, keypoints not")
+    for v in source.splits.values():
+        v.sort(key=_by_source)
+    linked = sum(c.reject == "symlink_outside_root" for c in cands)
+    if linked and linked == len(cands):
+        raise SourceError(f"every image under {safe_text(str(src))} is behind a symlink resolving outside it: "
+                          "pass --follow-symlinks to pack them")
+    if linked:
+        source.notes.append(f"{linked} images, label files or folders are symlinks resolving outside the dataset "
+                            f"root and were skipped (symlink_outside_root): {FOLLOW_HINT}")
 
 
 def _by_source(c: Candidate) -> str:
