@@ -1,21 +1,28 @@
 """Image bytes in, stored JPEG bytes out: validate, decode, orient, resize, encode.
 
-Pure functions on bytes (no file I/O) so they run the same in the main process and in
-worker processes. Decoding uses OpenCV's `imdecode(IMREAD_COLOR)`, which is what
-ultralytics' `imread` does: EXIF orientation applied, grayscale / palette / 16-bit / CMYK /
-alpha images become 8-bit 3-channel BGR, so the pixels we store are the pixels ultralytics
-would train on.
+Pure functions on bytes (no file I/O): they run the same in the main process and in
+workers. Decoding gives what OpenCV's `imdecode(IMREAD_COLOR)` (ultralytics' `imread`)
+gives: EXIF-oriented 8-bit 3-channel BGR, the pixels ultralytics would train on. Nothing is decoded before PIL has read the header and its size is checked: over
+`max_pixels` is `too_large` (1 KB can declare 30000x30000), a side under 10 px `too_small`
+(as ultralytics' verify_image_label). Multi-page / animated files: the first frame (what
+cv2.imdecode reads), with a `multi_frame` warning. JPEGs are decoded strictly (simplejpeg):
+one libjpeg only warns about is packed as OpenCV decodes it, re-encoded, with a
+`corrupt_data` warning, so no packed record fails `verify --deep`.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import re
 import struct
+import warnings
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import simplejpeg
+from PIL import Image
 
 # ultralytics.data.utils.IMG_FORMATS (8.4.190): the extensions an image folder may hold.
 IMG_FORMATS = frozenset({"avif", "bmp", "dng", "heic", "heif", "jp2", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp"})
@@ -24,6 +31,15 @@ _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 
 # In entropy-coded data 0xFF is followed by 0x00 (stuffing), RSTn or fill 0xFF; anything else is a marker.
 _NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
+
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS (warning level), which ultralytics users live with
+MIN_SIDE = 10  # ultralytics' verify_image_label: assert (shape[0] > 9) & (shape[1] > 9)
+# PIL plugins whose headers we read (in this order); an image none of them identifies is skipped
+# as ultralytics skips it (verify_image_label opens every image with PIL). JPEG covers MPO.
+_PIL_FORMATS = ("JPEG", "PNG", "TIFF", "WEBP", "BMP", "GIF", "JPEG2000", "AVIF")
+_PIL_OPEN_ERRORS = (SyntaxError, ValueError, IndexError, TypeError, OSError, EOFError, struct.error, MemoryError)
+_TJ_PREFIX = re.compile(r"^tj\w*\(\):\s*")
+_STARTS_WITH = re.compile(r":?\s*starts with.*$", re.IGNORECASE)  # libjpeg quotes a non-JPEG's first bytes
 
 _configured = False
 
@@ -59,6 +75,17 @@ class ProcessedImage:
     orig_height: int  # decoded size (after EXIF orientation)
     orig_width: int
     passthrough: bool  # the source bytes were kept unchanged
+    warnings: tuple[tuple[str, str], ...] = ()  # (sources.base.WARNINGS reason, detail)
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What PIL reads from an image's header (no pixels decoded)."""
+
+    format: str  # PIL's format name: "JPEG", "MPO", "PNG", "TIFF", "WEBP", ...
+    width: int  # as stored (before EXIF orientation; the pixel count is the same)
+    height: int
+    frames: int  # pages / animation frames; 1 for still images
 
 
 def configure_worker() -> None:
@@ -174,6 +201,112 @@ def check_bytes(data: bytes) -> JpegInfo | None:
     return None
 
 
+def _pil_identify(data: bytes) -> Image.Image | None:
+    """The first of _PIL_FORMATS whose plugin opens `data` (header only), else None. Not `Image.open`:
+    that applies PIL's own bomb limit (warning, error at twice MAX_IMAGE_PIXELS); ours is max_pixels."""
+    Image.init()  # registers every plugin once; a dict lookup afterwards
+    for fmt in _PIL_FORMATS:
+        factory, accept = Image.OPEN.get(fmt, (None, None))
+        ok = factory is not None and (accept is None or accept(data[:16]))
+        if not ok or isinstance(ok, str):  # a str is PIL's "this plugin is not installed"
+            continue
+        try:
+            return factory(io.BytesIO(data), None)
+        except _PIL_OPEN_ERRORS:
+            continue
+    return None
+
+
+def _webp_canvas(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a WebP canvas from its header: PIL's WebP plugin applies PIL's own bomb limit."""
+    kind, le = data[12:16], int.from_bytes
+    if data[:4] != b"RIFF" or data[8:12] != b"WEBP" or len(data) < 30:
+        return None
+    if kind == b"VP8X":
+        return le(data[24:27], "little") + 1, le(data[27:30], "little") + 1
+    if kind == b"VP8L" and data[20] == 0x2F:
+        bits = le(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if kind == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+        return le(data[26:28], "little") & 0x3FFF, le(data[28:30], "little") & 0x3FFF
+    return None
+
+
+def read_header(data: bytes) -> ImageHeader:
+    """Format, size and frame count from the header, decoding no pixels.
+
+    ImageError("unreadable"): no supported format recognised (text, other formats, broken header);
+    "too_large": PIL's own hard limit tripped on a GIF frame larger than its canvas."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's DecompressionBombWarning: our limit decides
+        try:
+            im = _pil_identify(data)
+            if im is None:
+                raise ImageError("unreadable", "not a JPEG, PNG, TIFF, WebP, BMP, GIF or JPEG 2000 image")
+            frames = int(getattr(im, "n_frames", 1) or 1)
+        except Image.DecompressionBombError:
+            if (wh := _webp_canvas(data)) is not None:
+                return ImageHeader("WEBP", *wh, 1)
+            raise ImageError("too_large", f"over {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels") from None
+        except _PIL_OPEN_ERRORS as e:
+            raise ImageError("unreadable", f"{im.format} header: {type(e).__name__}") from None
+    return ImageHeader(im.format or "", im.size[0], im.size[1], frames)
+
+
+def check_size(head: ImageHeader, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """ImageError("too_large") above `max_pixels`, ImageError("too_small") for a side under MIN_SIDE."""
+    w, h = head.width, head.height
+    if w * h > max_pixels:
+        raise ImageError("too_large", f"{w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} (--max-pixels)")
+    if min(w, h) < MIN_SIDE:
+        raise ImageError("too_small", f"{w}x{h} pixels; each side needs at least {MIN_SIDE} (as ultralytics)")
+
+
+def _libjpeg_detail(e: Exception) -> str:
+    """libjpeg's message without the TurboJPEG function name and without quoted file bytes."""
+    return "libjpeg: " + (_STARTS_WITH.sub("", _TJ_PREFIX.sub("", (str(e).strip() or "error").splitlines()[0])) or "error")
+
+
+def decode_jpeg_strict(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode a JPEG like cv2.imdecode(IMREAD_COLOR) (BGR uint8 HxWx3, EXIF orientation applied,
+    same pixels), but fail where libjpeg only warns (corrupt entropy data, premature end...).
+
+    ImageError reasons: empty_file; unreadable (not a JPEG, libjpeg gives up); corrupt_data (libjpeg
+    recovers with a warning, which OpenCV ignores); too_large (over max_pixels: nothing decoded)."""
+    if not data:
+        raise ImageError("empty_file", "0 bytes")
+    try:
+        info = parse_jpeg(data)
+    except ValueError:
+        raise ImageError("unreadable", "not a JPEG (no SOI marker)") from None
+    if info.width * info.height > max_pixels:
+        raise ImageError("too_large", f"{info.width}x{info.height} pixels, over the limit of {max_pixels:,}")
+    colorspace = "CMYK" if info.components == 4 else "BGR"
+    try:
+        img = simplejpeg.decode_jpeg(data, colorspace=colorspace, strict=True)
+    except ValueError as e:
+        try:
+            simplejpeg.decode_jpeg(data, colorspace=colorspace, strict=False)
+        except ValueError:
+            raise ImageError("unreadable", _libjpeg_detail(e)) from None
+        raise ImageError("corrupt_data", _libjpeg_detail(e)) from None
+    if colorspace == "BGR" and info.orientation in (None, 1):
+        return np.ascontiguousarray(img)
+    return decode(data)  # CMYK or EXIF-rotated: clean, so OpenCV's decode is the reference
+
+
+def _decode_jpeg_or_opencv(data: bytes, max_pixels: int) -> tuple[np.ndarray, tuple[tuple[str, str], ...]]:
+    """Strict decode; a JPEG libjpeg warns about is decoded as OpenCV does, with a corrupt_data warning.
+    One that libjpeg-turbo's TurboJPEG API cannot read at all is left to OpenCV to judge."""
+    try:
+        return decode_jpeg_strict(data, max_pixels), ()
+    except ImageError as e:
+        if e.reason not in ("corrupt_data", "unreadable"):
+            raise
+        note = ("corrupt_data", f"{e.detail}; packed as OpenCV decodes it, re-encoded")
+        return decode(data), (note,) if e.reason == "corrupt_data" else ()
+
+
 def decode(data: bytes) -> np.ndarray:
     """Decode like ultralytics' `imread` (cv2.IMREAD_COLOR): 8-bit 3-channel BGR, EXIF-oriented.
 
@@ -239,19 +372,27 @@ def can_pass_through(info: JpegInfo | None) -> bool:
     )
 
 
-def process_image(data: bytes, size: int = 704, quality: int = 95, upscale: bool = False) -> ProcessedImage:
-    """Validate, decode, orient, resize and encode one image (see module doc).
+def process_image(
+    data: bytes, size: int = 704, quality: int = 95, upscale: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> ProcessedImage:
+    """Validate, check the header size, decode, orient, resize and encode one image (see module doc).
 
-    The bytes are always decoded (to validate them and learn the true size). A baseline
-    3-channel JPEG that needs no resize and no re-orientation is kept byte for byte.
-    Raises ImageError with reason "empty_file", "truncated" or "unreadable".
+    The bytes are always decoded (to validate them and learn the true size). A baseline 3-channel
+    JPEG needing no resize nor re-orientation, that libjpeg decodes without warning, is kept byte
+    for byte. ImageError reasons: empty_file, truncated, unreadable, too_large, too_small.
     """
     configure_worker()
     info = check_bytes(data)
-    img = decode(data)
+    head = read_header(data)
+    check_size(head, max_pixels)  # before any decoding: nothing above max_pixels is ever allocated
+    notes: tuple[tuple[str, str], ...] = ()
+    if head.frames > 1 and head.format != "MPO":  # MPO: a camera JPEG plus previews, the first is the photo
+        notes = (("multi_frame", f"{head.format} with {head.frames} frames; packed the first, as OpenCV reads it"),)
+    img, corrupt = _decode_jpeg_or_opencv(data, max_pixels) if info is not None else (decode(data), ())
     h0, w0 = img.shape[:2]
     h, w = target_size(h0, w0, size, upscale)
-    if (h, w) == (h0, w0) and can_pass_through(info) and (info.height, info.width) == (h0, w0):
-        return ProcessedImage(bytes(data), h0, w0, h0, w0, True)
+    same = (h, w) == (h0, w0) and can_pass_through(info) and (info.height, info.width) == (h0, w0)
+    if same and not corrupt:
+        return ProcessedImage(bytes(data), h0, w0, h0, w0, True, notes)
     out = resize(img, size, upscale)
-    return ProcessedImage(encode_jpeg(out, quality), out.shape[0], out.shape[1], h0, w0, False)
+    return ProcessedImage(encode_jpeg(out, quality), out.shape[0], out.shape[1], h0, w0, False, notes + corrupt)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from packer.format import Record, make_key
-from packer.images import ImageError, process_image
+from packer.images import DEFAULT_MAX_PIXELS, ImageError, process_image
 from packer.labels import LabelResult, coco_to_yolo, parse_yolo
 from packer.sources.base import Candidate, Problem
 
@@ -24,10 +24,13 @@ class ProcessOptions:
     nc: int = 80  # number of classes (class ids >= nc are out of range)
     keep_crowd: bool = False
     upscale: bool = False  # never upscale unless asked
+    max_pixels: int = DEFAULT_MAX_PIXELS  # images declaring more pixels are skipped as too_large, undecoded
 
     def __post_init__(self) -> None:
         if self.size < 1:
             raise ValueError(f"size must be a positive number of pixels, not {self.size}")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be a positive number of pixels, not {self.max_pixels}")
         if not 1 <= self.quality <= 100:
             raise ValueError(f"JPEG quality must be 1..100, not {self.quality}")
         if self.nc < 0:
@@ -80,9 +83,10 @@ def process_candidate(c: Candidate, opts: ProcessOptions) -> SampleResult:
     except OSError as e:
         return skipped("unreadable", f"cannot read file: {e.strerror or e}")
     try:
-        img = process_image(data, opts.size, opts.quality, opts.upscale)
+        img = process_image(data, opts.size, opts.quality, opts.upscale, opts.max_pixels)
     except ImageError as e:
         return skipped(e.reason, e.detail)
+    problems.extend(Problem("warning", reason, c.source, detail) for reason, detail in img.warnings)
 
     if yolo is not None:
         labels = yolo

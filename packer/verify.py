@@ -2,8 +2,10 @@
 
 Checks, per split: every shard's size and sha256; every index file equals the index
 recomputed from its shard; record counts equal the manifest; every record's key, labels
-and sizes equal the cached label arrays; `deep` also decodes every image and checks its
-size. Any single flipped byte in a shard fails the sha256 check.
+and sizes equal the cached label arrays; `deep` also decodes every image strictly
+(`images.decode_jpeg_strict`: a libjpeg warning, e.g. corrupt entropy-coded data, is an
+error, reported with shard, position and key) and checks its size. Any single flipped byte
+in a shard fails the sha256 check.
 """
 
 from __future__ import annotations
@@ -192,11 +194,14 @@ def _compare(rel: str, pos: int, rec, labels: LabelArrays, i: int, res: VerifyRe
 
 
 def _decode_check(rel: str, pos: int, rec, res: VerifyResult) -> None:
-    import cv2
+    """Decode strictly (libjpeg warnings are errors: OpenCV would decode corrupt data silently)."""
+    from packer.images import ImageError, decode_jpeg_strict
 
-    img = cv2.imdecode(np.frombuffer(rec.jpeg, np.uint8), cv2.IMREAD_COLOR)
     res.decoded_images += 1
-    if img is None:
-        res.errors.append(f"{rel}#{pos}: image {rec.key} does not decode")
-    elif img.shape[:2] != (rec.height, rec.width):
+    try:
+        img = decode_jpeg_strict(rec.jpeg)
+    except ImageError as e:
+        res.errors.append(f"{rel}#{pos}: image {rec.key} does not decode cleanly: {e.reason}: {e.detail}")
+        return
+    if img.shape[:2] != (rec.height, rec.width):
         res.errors.append(f"{rel}#{pos}: image {rec.key} is {img.shape[1]}x{img.shape[0]}, record says {rec.width}x{rec.height}")
