@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import cv2
@@ -213,3 +214,32 @@ def make_bad_coco(root: Path) -> dict:
         "passthrough": "train/good.jpg",
         "dotted": "train/my.photo v2 (1).jpg",
     })
+
+
+def tiny_jpeg(seed: int = 0) -> bytes:
+    """A valid 64 x 48 JPEG (different bytes per seed)."""
+    return _jpeg(_scene(48, 64, seed))
+
+
+def snapshot(root: Path, out: Path) -> dict[str, tuple[int, int]]:
+    """path -> (size, mtime_ns) of every entry under `root` except `out` and what is inside it
+    (symlinks not followed). Equal before and after a build: nothing was written outside -o."""
+    skip = os.fspath(out)
+    snap: dict[str, tuple[int, int]] = {}
+    for d, dirs, files in os.walk(root):
+        for n in dirs + files:
+            p = os.path.join(d, n)
+            if p == skip or p.startswith(skip + os.sep):
+                continue
+            st = os.lstat(p)
+            snap[p] = (st.st_size, st.st_mtime_ns)
+    return snap
+
+
+def checked_report(out: Path) -> dict:
+    """The report.json a build wrote in `out`, after checking that its totals reconcile."""
+    report = json.loads((Path(out) / "report.json").read_text(encoding="utf-8"))
+    for t in (report["totals"], *report["splits"].values()):
+        assert t["images"]["found"] == t["images"]["packed"] + sum(t["images"]["skipped"].values()), t
+        assert t["boxes"]["found"] == t["boxes"]["packed"] + sum(t["boxes"]["dropped"].values()), t
+    return report

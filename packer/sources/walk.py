@@ -66,14 +66,16 @@ def walk_images(scope: Scope, folder: str) -> tuple[list[str], list[str]]:
     """(image paths, linked folders leading outside the root) under `folder`, recursively.
 
     Hidden files and folders are left out, as ultralytics' glob("**/*.*") does. Each real
-    folder (device, inode) is entered once, so symlink loops end; folders that are symlinks
-    out of the root are returned apart and not entered unless `scope.follow_symlinks`."""
+    folder (device, inode) is entered once, so symlink loops end; folders reached by real
+    paths are walked before any reached through a symlink, so an image keeps its real path.
+    Folders that are symlinks out of the root are returned apart and not entered unless
+    `scope.follow_symlinks`."""
     images: list[str] = []
     outside: list[str] = []
     seen: set[tuple[int, int]] = set()
-    stack = [folder]
-    while stack:
-        d = stack.pop()
+    stack, linked = [folder], []
+    while stack or linked:
+        d = stack.pop() if stack else linked.pop(0)
         try:
             st = os.stat(d)
             if (st.st_dev, st.st_ino) in seen:
@@ -88,9 +90,12 @@ def walk_images(scope: Scope, folder: str) -> tuple[list[str], list[str]]:
         for e in entries:
             if e.name.startswith("."):
                 continue
-            if _is_dir(e):
-                (outside if e.is_symlink() and scope.escapes(e.path) else subdirs).append(e.path)
-            elif is_image(e.name):
-                images.append(e.path)
+            if not _is_dir(e):
+                if is_image(e.name):
+                    images.append(e.path)
+            elif not e.is_symlink():
+                subdirs.append(e.path)
+            else:
+                (outside if scope.escapes(e.path) else linked).append(e.path)
         stack.extend(reversed(subdirs))
     return sorted(images), outside
