@@ -22,6 +22,7 @@ IMAGE_REASONS = (
     "symlink_outside_root",  # image, its label file or its folder is a symlink leading outside the root
     "duplicate_image",  # listed twice (same COCO file_name / same list entry): packed once
     "too_large",  # more pixels than --max-pixels (read from the header, never decoded)
+    "too_small",  # a side under 10 px (ultralytics skips those too)
 )
 BOX_REASONS = (
     "crowd",  # COCO iscrowd=1 (kept with --keep-crowd)
@@ -35,7 +36,9 @@ BOX_REASONS = (
     "orphan_annotation",  # COCO annotation whose image_id matches no image
 )
 FIXES = ("clipped",)  # box partly outside [0,1], clipped and kept
-WARNINGS = ("size_mismatch",)  # COCO json width/height differ from the decoded image
+# size_mismatch: COCO json width/height differ from the decoded image;
+# multi_frame: a multi-page TIFF / animated image, its first frame packed
+WARNINGS = ("size_mismatch", "multi_frame")
 
 
 @dataclass
