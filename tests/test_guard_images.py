@@ -61,6 +61,31 @@ def webp_bomb(side: int = 12000) -> bytes:
     return bytes(data)
 
 
+def tiff_bomb(side: int = 30000) -> bytes:
+    """A small uncompressed TIFF whose ImageWidth/ImageLength tags say side x side."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), COLORS[0]).save(buf, "TIFF")
+    data = bytearray(buf.getvalue())
+    assert data[:4] == b"II*\0"
+    (ifd,) = struct.unpack_from("<I", data, 4)
+    (n,) = struct.unpack_from("<H", data, ifd)
+    for i in range(n):
+        at = ifd + 2 + 12 * i
+        tag, typ = struct.unpack_from("<HH", data, at)
+        if tag in (256, 257):  # ImageWidth, ImageLength
+            struct.pack_into("<H" if typ == 3 else "<I", data, at + 8, side)
+    return bytes(data)
+
+
+def gif_bomb(side: int = 30000) -> bytes:
+    """A small GIF whose logical screen says side x side."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), COLORS[0]).save(buf, "GIF")
+    data = bytearray(buf.getvalue())
+    struct.pack_into("<HH", data, 6, side, side)
+    return bytes(data)
+
+
 def _pil_multi(fmt: str, **kw) -> bytes:
     frames = [Image.new("RGB", (32, 24), c) for c in COLORS]
     buf = io.BytesIO()
@@ -84,10 +109,11 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
 """
 
 
-@pytest.mark.parametrize("make", [jpeg_bomb, png_bomb, webp_bomb])
+@pytest.mark.parametrize("make", [jpeg_bomb, png_bomb, webp_bomb, tiff_bomb, gif_bomb])
 def test_bomb_is_too_large_without_being_decoded(make, tmp_path):
     bomb = make()
     assert len(bomb) < 2048  # a 1-2 KB file declaring 144M-900M pixels
+    assert I.read_header(bomb).width >= 12000
     (tmp_path / "small.jpg").write_bytes(_jpeg())
     (tmp_path / "bomb").write_bytes(bomb)
     out = subprocess.run([sys.executable, "-c", _MEASURE, str(ROOT), str(tmp_path / "small.jpg"), str(tmp_path / "bomb")],
