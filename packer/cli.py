@@ -82,8 +82,14 @@ def cli() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--splits", default=None, help="Comma-separated splits to pack (default: all found).")
 @click.option("--keep-crowd", is_flag=True, help="Keep COCO iscrowd=1 boxes.")
-@click.option("--overwrite", is_flag=True, help="Replace a packed dataset already in --out.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted build, keeping finished shards.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=89_478_485, show_default=True,
+              help="Skip images whose header declares more pixels (reason too_large), without decoding them.")
+@click.option("--follow-symlinks", is_flag=True,
+              help="Pack symlinks that lead outside SRC (default: skipped as symlink_outside_root).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace what packer wrote in --out (your other files there are kept).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted build, keeping finished shards (refused if the source changed).")
 @click.option("--strict", is_flag=True, help="Fail (exit 1) on any problem in the input.")
 @click.option("--num-parts", type=click.IntRange(min=1), default=1, show_default=True,
               help="Multi-machine packing: split the work into N parts (then `packer merge`).")
@@ -95,8 +101,8 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 def build(src, out, fmt, size, upscale, quality, shard_size, shard_bytes, min_shards, workers, shuffle, seed,
-          splits, keep_crowd, overwrite, resume, strict, num_parts, part, staging, storage_options, as_json,
-          progress) -> None:
+          splits, keep_crowd, max_pixels, follow_symlinks, overwrite, resume, strict, num_parts, part, staging,
+          storage_options, as_json, progress) -> None:
     """Pack SRC (a COCO or YOLO folder, detected automatically) into shards.
 
     -o may be a URL (s3://bucket/prefix, gs://..., file://...): the dataset is built in a
@@ -122,7 +128,8 @@ def build(src, out, fmt, size, upscale, quality, shard_size, shard_bytes, min_sh
             src, out, fmt=fmt, size=size, quality=quality, shard_size=shard_size, shard_bytes=shard_bytes,
             min_shards=min_shards, workers=workers, shuffle=shuffle, seed=seed,
             splits=[s.strip() for s in splits.split(",") if s.strip()] if splits else None,
-            keep_crowd=keep_crowd, upscale=upscale, overwrite=overwrite, resume=resume, strict=strict,
+            keep_crowd=keep_crowd, upscale=upscale, max_pixels=max_pixels, follow_symlinks=follow_symlinks,
+            overwrite=overwrite, resume=resume, strict=strict,
             progress=_progress_default() if progress is None else progress,
             num_parts=num_parts, part=part,
         )
@@ -241,17 +248,20 @@ def push(shards, url, storage_options, retries, as_json, progress) -> None:
 @STORAGE_OPTIONS
 @click.option("--retries", type=click.IntRange(min=0), default=4, show_default=True,
               help="Retries per file on transient network errors (exponential backoff).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace another dataset packer wrote in OUT (your other files there are kept).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--progress/--no-progress", default=None)
-def pull(url, out, storage_options, retries, as_json, progress) -> None:
+def pull(url, out, storage_options, retries, overwrite, as_json, progress) -> None:
     """Download the packed dataset at URL (s3://, gs://, http(s)://, file://) into folder OUT,
-    manifest last; every file is checked against the manifest, matching local files are kept."""
+    manifest last; every file is checked against the manifest, matching local files are kept.
+    OUT must be new, empty, this same dataset or an unfinished pull of URL (else --overwrite)."""
     from packer.remote import parse_storage_options
     from packer.transfer import format_transfer_summary
     from packer.transfer import pull as pull_dataset
 
     res = pull_dataset(url, out, storage_options=parse_storage_options(storage_options), attempts=retries + 1,
-                       progress=_progress_default() if progress is None else progress)
+                       progress=_progress_default() if progress is None else progress, overwrite=overwrite)
     s = res.summary()
     click.echo(json.dumps(s) if as_json else format_transfer_summary(s, "pulled"))
 
@@ -280,7 +290,8 @@ def merge(dest, as_json) -> None:
 @click.option("--format", "fmt", type=click.Choice(FORMATS), required=True, help="Target format.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=None,
               help="Samples per output shard (default: keep the source's shard boundaries).")
-@click.option("--overwrite", is_flag=True, help="Replace a packed dataset already in --out.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace what packer wrote in --out (your other files there are kept).")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Check source checksums and labels while copying.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
@@ -305,11 +316,13 @@ def convert(shards, out, fmt, shard_size, overwrite, check, as_json, progress) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: one readable line and exit 2 for usage errors, never a traceback."""
-    from packer.build import BuildError
+    """Entry point: one readable line and exit 2 for usage errors, 1 for data and disk
+    problems, never a traceback."""
+    from packer.output import BuildError
     from packer.remote import RemoteError, redact
     from packer.sources.detect import SourceError
 
+    _log_notes()
     try:
         cli.main(args=argv, prog_name="packer", standalone_mode=False)
     except click.exceptions.Exit as e:
@@ -321,11 +334,31 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"packer: error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
     except (BuildError, SourceError, FormatError, RemoteError) as e:
-        click.echo(f"packer: error: {redact(str(e))}", err=True)
-        sys.exit(2)
+        click.echo(f"packer: error: {_one_line(redact(str(e)))}", err=True)
+        sys.exit(getattr(e, "exit_code", 2))
     except (KeyboardInterrupt, click.Abort):
         click.echo("packer: interrupted; no manifest was written (rerun with --resume to continue)", err=True)
         sys.exit(130)
+    except OSError as e:  # the environment failed (disk, permissions) outside any output folder
+        where = f": {e.filename}" if e.filename else ""
+        click.echo(f"packer: error: {e.strerror or _one_line(str(e))}{where}", err=True)
+        sys.exit(1)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _log_notes() -> None:
+    """Library notes (e.g. a stale output lock taken over) go to stderr as `packer: note: ...`."""
+    import logging
+
+    log = logging.getLogger("packer")
+    if not log.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("packer: note: %(message)s"))
+        log.addHandler(h)
+        log.propagate = False
 
 
 if __name__ == "__main__":

@@ -16,14 +16,13 @@ tfrecord shards, index files and labels.npz byte for byte. `shard_size` re-shard
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from packer import __version__
-from packer.build import STATE_DIR, BuildError, label_only, prepare_out, remove_temp_files
+from packer.build import label_only
 from packer.format import (
     FORMATS,
     LABEL_FIELDS,
@@ -36,11 +35,13 @@ from packer.format import (
     ShardInfo,
     SplitInfo,
     atomic_write_bytes,
+    check_split_name,
     read_manifest,
     sha256_file,
     shard_name,
     write_manifest,
 )
+from packer.output import BuildError, OutputError, OutputFolder, output_folder
 from packer.writers import ShardWriter, get_writer, open_reader
 
 CONVERTED_FROM = "converted_from"  # manifest options key: {"format", "path", "shard_size"}
@@ -79,27 +80,37 @@ def convert_dataset(
         raise ConvertError("--shard-size does not apply to lmdb (one environment per split)")
     src = Path(src).resolve()
     m = read_manifest(src)
-    out = Path(out).resolve()
-    if out == src or src.is_relative_to(out):
-        raise ConvertError(f"output folder {out} contains the source {src}; choose another -o")
-    _prepare_convert_out(out, src, overwrite)
+    for split in m.splits:
+        check_split_name(split)
+    try:
+        with output_folder(out, source=src, hint="free some space (or choose another -o), then convert again") as folder:
+            folder.prepare(overwrite=overwrite, verb="replace")
+            folder.start()  # marks the folder as an unfinished conversion until the manifest exists
+            manifest = _convert_all(src, m, folder, fmt, shard_size, check, progress)
+            folder.finish()
+    except OutputError as e:  # the output folder's refusals, as this module's error type
+        raise ConvertError(str(e)) from None
+    return manifest
 
+
+def _convert_all(src: Path, m: Manifest, folder: OutputFolder, fmt: str, shard_size: int | None, check: bool,
+                 progress: bool) -> Manifest:
     from tqdm import tqdm
 
-    state = out / STATE_DIR  # marks the folder as an unfinished conversion until the manifest exists
-    state.mkdir(parents=True, exist_ok=True)
+    out = folder.root
     splits: dict[str, SplitInfo] = {}
     sizes_out: dict[str, list[int]] = {}
     total = sum(s.num_samples for s in m.splits.values())
     with tqdm(total=total, unit="rec", desc="converting", disable=not progress) as bar:
         for split in m.splits:
             plan = _plan(m, split, shard_size)
-            splits[split] = _convert_split(src, m, split, out, fmt, plan, check, bar)
+            splits[split] = _convert_split(src, m, split, folder, fmt, plan, check, bar)
             if isinstance(plan, list):
                 sizes_out[split] = plan
 
     report = src / REPORT_NAME
     if report.is_file():
+        folder.claim(REPORT_NAME)
         atomic_write_bytes(out / REPORT_NAME, report.read_bytes())
     options: dict[str, Any] = {k: v for k, v in m.options.items() if k not in (CONVERTED_FROM, SHARD_SIZES)}
     if "fmt" in options:
@@ -109,23 +120,9 @@ def convert_dataset(
         options[SHARD_SIZES] = sizes_out
     manifest = Manifest(format=fmt, size=m.size, names=list(m.names), source=dict(m.source), options=options,
                         packer_version=__version__, splits=splits)
+    folder.claim(MANIFEST_NAME)
     write_manifest(out, manifest)  # last: its presence means "complete"
-    shutil.rmtree(state, ignore_errors=True)
     return manifest
-
-
-def _prepare_convert_out(out: Path, src: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConvertError(f"output path {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        has_manifest, has_state = (out / MANIFEST_NAME).exists(), (out / STATE_DIR).exists()
-        if not (has_manifest or has_state):
-            raise ConvertError(f"output folder {out} is not empty and is not a packed dataset; choose another -o")
-        if not overwrite:
-            what = "a packed dataset" if has_manifest else "an unfinished build or conversion"
-            raise ConvertError(f"{out} already holds {what}; pass --overwrite to replace it")
-    prepare_out(out, src, overwrite=True, resume=False)
-    remove_temp_files(out)
 
 
 def _plan(m: Manifest, split: str, shard_size: int | None) -> list[int] | int:
@@ -142,8 +139,9 @@ def _plan(m: Manifest, split: str, shard_size: int | None) -> list[int] | int:
     return [s for s in sizes if s > 0]
 
 
-def _convert_split(src: Path, m: Manifest, split: str, out: Path, fmt: str, plan: list[int] | int,
-                   check: bool, bar) -> SplitInfo:
+def _convert_split(src: Path, m: Manifest, split: str, folder: OutputFolder, fmt: str, plan: list[int] | int,
+                   check: bool, bar) -> SplitInfo:  # noqa: ANN001 - tqdm
+    out = folder.root
     info = m.splits[split]
     (out / split).mkdir(parents=True, exist_ok=True)
     targets = iter(plan) if isinstance(plan, list) else None
@@ -173,7 +171,7 @@ def _convert_split(src: Path, m: Manifest, split: str, out: Path, fmt: str, plan
                 with open_reader(m.format, path) as reader:
                     for rec in reader:
                         if writer is None:
-                            writer = get_writer(fmt, out / split / shard_name(split, len(shards), fmt))
+                            writer = _open_writer(folder, split, len(shards), fmt)
                             target = (next(targets, 0) if targets is not None else plan) if fmt != "lmdb" else 0
                         writer.add(rec)
                         rows.append((label_only(rec), len(shards), in_shard))
@@ -196,11 +194,18 @@ def _convert_split(src: Path, m: Manifest, split: str, out: Path, fmt: str, plan
     labels = LabelArrays.from_records(rows)
     if check:
         _check_labels(src / info.labels, labels, split)
+    folder.claim(f"{split}/{LABELS_NAME}")
     labels.save(out / split / LABELS_NAME)
     nc = len(m.names)
     counts = np.bincount(labels.cls, minlength=nc)[:nc] if len(labels.cls) else np.zeros(nc, np.int64)
     return SplitInfo(num_samples=len(labels), num_boxes=int(len(labels.cls)), class_counts=[int(c) for c in counts],
                      labels=f"{split}/{LABELS_NAME}", shards=shards)
+
+
+def _open_writer(folder: OutputFolder, split: str, number: int, fmt: str) -> ShardWriter:
+    rel = f"{split}/{shard_name(split, number, fmt)}"
+    folder.claim(rel, *([] if fmt == "lmdb" else [rel + ".idx"]))
+    return get_writer(fmt, folder.root / rel)
 
 
 def _check_shard(path: Path, sh: ShardInfo) -> None:

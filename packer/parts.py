@@ -21,18 +21,17 @@ ranges that tile every split, no sample key twice) and writes ``DEST/<split>/lab
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from packer.build import PARTS_DIR, BuildError, Tally
 from packer.format import (
     LABELS_NAME,
     MANIFEST_NAME,
@@ -43,13 +42,28 @@ from packer.format import (
     ShardInfo,
     SplitInfo,
     atomic_write_bytes,
+    check_split_name,
     dumps_json,
     read_manifest,
     write_manifest,
 )
+from packer.journal import Tally
+from packer.output import (
+    LOCK_NAME,
+    PARTS_OPTION,
+    STATE_DIR,
+    BuildError,
+    check_not_inside,
+    is_temp_name,
+    our_manifest,
+    output_folder,
+    record_written,
+    remove_owned,
+)
 from packer.sources.base import Candidate
 
-PART_OPTION = "parts"  # manifest options key: part selection (part manifests) / part count (merged)
+PARTS_DIR = "parts"  # multi-machine packing: <out>/parts/part-IIIII-of-NNNNN/
+PART_OPTION = PARTS_OPTION  # manifest options key: part selection (part manifests) / part count (merged)
 _PART_DIR = re.compile(r"^part-(\d{5})-of-(\d{5})$")
 
 
@@ -92,28 +106,27 @@ def prepare_part_dest(dest: Path, src_root: Path, num_parts: int, part: int, *, 
 
     Several parts may run this at the same time on shared storage: it only creates
     folders (exist_ok) and never touches another part's folder, except that `overwrite`
-    removes folders of an earlier run with another --num-parts and a stale merged manifest.
+    removes what packer wrote in folders of an earlier run with another --num-parts, and
+    turns a merged dataset back into an unfinished merge (its manifest goes first).
     """
     dest = Path(dest).resolve()
-    if dest == src_root or src_root.is_relative_to(dest):
-        raise PartsError(f"output folder {dest} contains the source {src_root}; choose another -o")
+    check_not_inside(dest, src_root)
     if dest.exists() and not dest.is_dir():
         raise PartsError(f"output path {dest} exists and is not a folder")
-    manifest = dest / MANIFEST_NAME
-    if manifest.exists():
-        try:
-            merged = PART_OPTION in json.loads(manifest.read_text()).get("options", {})
-        except (OSError, ValueError, AttributeError):
-            merged = False
-        if not merged:
+    merged = our_manifest(dest) if dest.is_dir() else None
+    if merged is not None:
+        if PART_OPTION not in merged.options:
             raise PartsError(f"{dest} holds a single-machine packed dataset; choose another -o for parts")
         if not overwrite:
             raise PartsError(
                 f"{dest} holds the merged dataset; pass --overwrite to rebuild part {part} "
                 "(the merged manifest is removed until `packer merge` runs again)"
             )
-        manifest.unlink(missing_ok=True)
-    elif dest.is_dir() and any(p.name != PARTS_DIR for p in dest.iterdir()) and not (dest / PARTS_DIR).is_dir():
+        # the merged files stay listed as packer's, so the next merge may replace them
+        record_written(dest, [s.labels for s in merged.splits.values()] + [REPORT_NAME])
+        (dest / MANIFEST_NAME).unlink(missing_ok=True)
+    elif dest.is_dir() and not (dest / PARTS_DIR).is_dir() and any(
+            p.name not in (PARTS_DIR, STATE_DIR, LOCK_NAME) and not is_temp_name(p.name) for p in dest.iterdir()):
         raise PartsError(f"output folder {dest} is not empty and holds no parts; choose another -o")
     parts_root = dest / PARTS_DIR
     if parts_root.is_dir():
@@ -124,8 +137,10 @@ def prepare_part_dest(dest: Path, src_root: Path, num_parts: int, part: int, *, 
                 f"{parts_root} holds parts of a run with another --num-parts ({', '.join(other[:3])}); "
                 "pass --overwrite to remove them, or choose another -o"
             )
-        for name in other:
-            shutil.rmtree(parts_root / name, ignore_errors=True)  # other parts may be removing them too
+        for name in other:  # other parts may be removing them too: every step tolerates that
+            with contextlib.suppress(OSError):
+                remove_owned(parts_root / name)
+                (parts_root / name).rmdir()
     parts_root.mkdir(parents=True, exist_ok=True)
     return parts_root / part_dir_name(part, num_parts)
 
@@ -162,11 +177,30 @@ def merge_parts(dest: str | os.PathLike, *, check_files: bool = True) -> Manifes
     """
     dest = Path(dest).resolve()
     n, folders = find_parts(dest)
+    with output_folder(dest, hint="free some space, then merge again") as folder:
+        folder.load_owned()
+        manifest, merged_labels, report = _merged(dest, n, folders, check_files)
+        folder.start()
+        folder.claim(*(f"{split}/{LABELS_NAME}" for split in merged_labels), REPORT_NAME, MANIFEST_NAME)
+        (dest / MANIFEST_NAME).unlink(missing_ok=True)  # a re-merge must not look complete half-way
+        for split, labels in merged_labels.items():
+            labels.save(dest / split / LABELS_NAME)
+        atomic_write_bytes(dest / REPORT_NAME, dumps_json(report))
+        write_manifest(dest, manifest)  # last: its presence means "complete"
+        folder.finish()
+    return manifest
+
+
+def _merged(dest: Path, n: int, folders: list[Path],
+            check_files: bool) -> tuple[Manifest, dict[str, LabelArrays], dict[str, Any]]:
+    """The merged manifest, label arrays per split and report of the parts (all checks done)."""
     manifests = [_read_part(dest, i, n, d) for i, d in enumerate(folders)]
     first = manifests[0]
     for i, m in enumerate(manifests[1:], 1):
         _check_same(folders[i], i, n, first, m)
     splits = list(first.splits)
+    for split in splits:
+        check_split_name(split)
     if PARTS_DIR in splits:
         raise PartsError(f"a split named {PARTS_DIR!r} would clash with the parts folder; rename that split")
     reports = [_read_report(dest, i, n, d) for i, d in enumerate(folders)]
@@ -175,50 +209,47 @@ def merge_parts(dest: str | os.PathLike, *, check_files: bool = True) -> Manifes
     merged_labels: dict[str, LabelArrays] = {}
     for split in splits:
         _check_ranges(dest, split, folders, manifests, reports)
-        pieces, shards, owner = [], [], []
-        for i, (d, m) in enumerate(zip(folders, manifests, strict=True)):
-            info = m.splits[split]
-            rel = d.relative_to(dest).as_posix()
-            try:
-                la = LabelArrays.load(d / info.labels)
-            except (FormatError, FileNotFoundError) as e:
-                raise PartsError(f"part {i} of {n} ({rel}): {split} label arrays unreadable: {e}") from None
-            if len(la) != info.num_samples:
-                raise PartsError(f"part {i} of {n} ({rel}): {split} labels.npz holds {len(la)} samples, "
-                                 f"its manifest says {info.num_samples}")
-            la.shard = la.shard + len(shards)
-            for sh in info.shards:
-                if check_files:
-                    _check_file(d, sh, i, n, rel)
-                shards.append(ShardInfo(
-                    path=f"{rel}/{sh.path}", num_samples=sh.num_samples, bytes=sh.bytes, sha256=sh.sha256,
-                    index=f"{rel}/{sh.index}" if sh.index else None,
-                ))
-            pieces.append(la)
-            owner.append(np.full(len(la), i, dtype=np.int64))
-        labels = LabelArrays.concat(pieces)
-        _check_unique(split, labels, np.concatenate(owner) if owner else np.zeros(0, np.int64))
-        nc = len(first.names)
-        counts = np.bincount(labels.cls, minlength=nc)[:nc] if len(labels.cls) else np.zeros(nc, np.int64)
-        split_infos[split] = SplitInfo(
-            num_samples=len(labels), num_boxes=int(len(labels.cls)), class_counts=[int(c) for c in counts],
-            labels=f"{split}/{LABELS_NAME}", shards=shards,
-        )
-        merged_labels[split] = labels
+        split_infos[split], merged_labels[split] = _merge_split(dest, split, folders, manifests, check_files)
 
     options = {k: v for k, v in first.options.items() if k != PART_OPTION}
     options[PART_OPTION] = {"num_parts": n, "folders": [d.relative_to(dest).as_posix() for d in folders]}
     manifest = Manifest(format=first.format, size=first.size, names=list(first.names), source=dict(first.source),
                         options=options, packer_version=first.packer_version, splits=split_infos)
     manifest.validate()
-    report = _merge_reports(reports, folders, dest, splits)
+    return manifest, merged_labels, _merge_reports(reports, folders, dest, splits)
 
-    (dest / MANIFEST_NAME).unlink(missing_ok=True)  # a re-merge must not look complete half-way
-    for split, labels in merged_labels.items():
-        labels.save(dest / split / LABELS_NAME)
-    atomic_write_bytes(dest / REPORT_NAME, dumps_json(report))
-    write_manifest(dest, manifest)  # last: its presence means "complete"
-    return manifest
+
+def _merge_split(dest: Path, split: str, folders: list[Path], manifests: list[Manifest],
+                 check_files: bool) -> tuple[SplitInfo, LabelArrays]:
+    n = len(folders)
+    pieces, shards, owner = [], [], []
+    for i, (d, m) in enumerate(zip(folders, manifests, strict=True)):
+        info = m.splits[split]
+        rel = d.relative_to(dest).as_posix()
+        try:
+            la = LabelArrays.load(d / info.labels)
+        except (FormatError, FileNotFoundError) as e:
+            raise PartsError(f"part {i} of {n} ({rel}): {split} label arrays unreadable: {e}") from None
+        if len(la) != info.num_samples:
+            raise PartsError(f"part {i} of {n} ({rel}): {split} labels.npz holds {len(la)} samples, "
+                             f"its manifest says {info.num_samples}")
+        la.shard = la.shard + len(shards)
+        for sh in info.shards:
+            if check_files:
+                _check_file(d, sh, i, n, rel)
+            shards.append(ShardInfo(
+                path=f"{rel}/{sh.path}", num_samples=sh.num_samples, bytes=sh.bytes, sha256=sh.sha256,
+                index=f"{rel}/{sh.index}" if sh.index else None,
+            ))
+        pieces.append(la)
+        owner.append(np.full(len(la), i, dtype=np.int64))
+    labels = LabelArrays.concat(pieces)
+    _check_unique(split, labels, np.concatenate(owner) if owner else np.zeros(0, np.int64))
+    nc = len(manifests[0].names)
+    counts = np.bincount(labels.cls, minlength=nc)[:nc] if len(labels.cls) else np.zeros(nc, np.int64)
+    info = SplitInfo(num_samples=len(labels), num_boxes=int(len(labels.cls)), class_counts=[int(c) for c in counts],
+                     labels=f"{split}/{LABELS_NAME}", shards=shards)
+    return info, labels
 
 
 def _read_part(dest: Path, i: int, n: int, d: Path) -> Manifest:

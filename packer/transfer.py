@@ -30,8 +30,11 @@ from packer.format import (
     LabelArrays,
     Manifest,
     atomic_write_bytes,
+    check_split_name,
+    dumps_json,
     sha256_file,
 )
+from packer.output import STATE_DIR, is_write_error, output_folder
 from packer.remote import (
     DEFAULT_ATTEMPTS,
     ChecksumError,
@@ -49,6 +52,8 @@ from packer.remote import (
     upload,
     write_bytes,
 )
+
+PULL_NAME = "pull.json"  # in the journal folder of an unfinished pull: {"url": where from}
 
 
 @dataclass
@@ -272,12 +277,16 @@ def pull(
     progress: bool = False,
     attempts: int = DEFAULT_ATTEMPTS,
     filesystem: Any = None,
+    overwrite: bool = False,
 ) -> TransferResult:
     """Download the packed dataset at `url` into folder `local`, manifest last.
 
     Every file is written through a temp file + rename; shards are checked against the
     manifest's size and sha256, index files against the index recomputed from their shard,
     label arrays against the manifest's counts. Local files that already match are kept.
+    `local` follows the output-folder rules of `packer build` (packer.output): it must be
+    new, empty, the same dataset (identical manifest) or an unfinished pull of the same
+    URL; anything packer wrote there is replaced only with `overwrite`.
     """
     t0 = time.monotonic()
     local = Path(local)
@@ -290,72 +299,98 @@ def pull(
     else:
         m, data = read_manifest_bytes(url, storage_options)
         fs, root = get_fs(url, storage_options)
+    for split in m.splits:
+        check_split_name(split)
     files = dataset_files(m)
     res = TransferResult(display_url(url), str(local), files=len(files) + 1)
-    local.mkdir(parents=True, exist_ok=True)
-    lman = local / MANIFEST_NAME
-    if lman.is_file() and lman.read_bytes() != data:
-        lman.unlink()  # the folder stops claiming to be complete before anything changes
+    marker = {"url": display_url(url)}
+    with output_folder(local, hint="free some space, then pull again (files already copied are kept)") as folder:
+        same = _same_pull(folder.root, data, marker)
+        folder.prepare(overwrite=overwrite, same=same, keep=[f.rel for f in files], verb="replace")
+        folder.start()
+        atomic_write_bytes(folder.state_dir / PULL_NAME, dumps_json(marker))
+        folder.claim(*(f.rel for f in files), MANIFEST_NAME)
+        lman = folder.root / MANIFEST_NAME
+        if lman.is_file() and lman.read_bytes() != data:
+            lman.unlink()  # the folder stops claiming to be complete before anything changes
+        try:
+            _pull_files(fs, root, folder.root, m, files, res, progress, attempts, len(data))
+        except FileNotFoundError as e:
+            raise RemoteError(f"pull from {display_url(url)}: a file named by the manifest is missing "
+                              f"({redact(str(e), storage_options)})") from None
+        except ChecksumError:
+            raise
+        except OSError as e:
+            if is_write_error(e, folder.root):
+                raise  # disk full / read-only: output_folder turns it into one line
+            raise RemoteError(f"pull from {display_url(url)} failed: {redact(str(e), storage_options)}") from None
+        atomic_write_bytes(lman, data)
+        res.copied.append(MANIFEST_NAME)
+        res.bytes_copied += len(data)
+        folder.finish()
+    res.elapsed_s = time.monotonic() - t0
+    return res
+
+
+def _same_pull(root: Path, data: bytes, marker: dict[str, str]) -> bool:
+    """`root` holds this very dataset, or an unfinished pull from the same URL (safe to continue:
+    every file is checked against the manifest)."""
+    with contextlib.suppress(OSError):
+        if (root / MANIFEST_NAME).read_bytes() == data:
+            return True
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((root / STATE_DIR / PULL_NAME).read_bytes()) == marker
+    return False
+
+
+def _pull_files(fs, root: str, local: Path, m: Manifest, files: list[FileEntry],  # noqa: ANN001
+                res: TransferResult, progress: bool, attempts: int, manifest_bytes: int) -> None:
     remote = remote_sizes(fs, root, [f.rel for f in files])
     if REPORT_NAME not in remote:
         files = [f for f in files if f.kind != "report"]
         res.files -= 1
-    res.bytes_total = sum(remote.get(f.rel, f.bytes or 0) for f in files) + len(data)
+    res.bytes_total = sum(remote.get(f.rel, f.bytes or 0) for f in files) + manifest_bytes
+    with _bar(res.bytes_total, progress, "pull") as bar:
+        for f in files:
+            path = local / f.rel
+            size = remote.get(f.rel, f.bytes)
+            if path.is_file() and path.stat().st_size == size and _local_same(fs, root, m, local, f, path, res, attempts):
+                res.skipped.append(f.rel)
+                bar.update(size or 0)
+                continue
+            got = [0]
 
-    def check(f: FileEntry, path: Path) -> None:
-        check_file(m, local, f, path)
+            def on_bytes(n: int, got=got) -> None:
+                got[0] += n
+                bar.update(n)
 
+            def once(f=f, path=path, got=got, on_bytes=on_bytes) -> None:
+                bar.update(-got[0])
+                got[0] = 0
+                download(fs, join(root, f.rel), path, sha256=f.sha256, size=f.bytes, on_bytes=on_bytes)
+                if f.kind != "shard":
+                    try:
+                        check_file(m, local, f, path)
+                    except ChecksumError:
+                        path.unlink(missing_ok=True)
+                        raise
+
+            _retrying(res, attempts, once)
+            res.copied.append(f.rel)
+            res.bytes_copied += got[0]
+        bar.update(manifest_bytes)
+
+
+def _local_same(fs, root: str, m: Manifest, local: Path, f: FileEntry, path: Path,  # noqa: ANN001
+                res: TransferResult, attempts: int) -> bool:
+    """A local file of the right size also matches the manifest (or, for report.json, the remote file)."""
+    if f.kind == "report":
+        return sha256_file(path) == _retrying(res, attempts, lambda: hash_remote(fs, join(root, f.rel)))[0]
     try:
-        with _bar(res.bytes_total, progress, "pull") as bar:
-            for f in files:
-                path = local / f.rel
-                size = remote.get(f.rel, f.bytes)
-                if path.is_file() and path.stat().st_size == size:
-                    if f.kind == "report":
-                        same = sha256_file(path) == _retrying(res, attempts, lambda f=f: hash_remote(fs, join(root, f.rel)))[0]
-                    else:
-                        try:
-                            check(f, path)
-                            same = True
-                        except ChecksumError:
-                            same = False
-                    if same:
-                        res.skipped.append(f.rel)
-                        bar.update(size or 0)
-                        continue
-                got = [0]
-
-                def on_bytes(n: int, got=got) -> None:
-                    got[0] += n
-                    bar.update(n)
-
-                def once(f=f, path=path, got=got, on_bytes=on_bytes) -> None:
-                    bar.update(-got[0])
-                    got[0] = 0
-                    download(fs, join(root, f.rel), path, sha256=f.sha256, size=f.bytes, on_bytes=on_bytes)
-                    if f.kind != "shard":
-                        try:
-                            check(f, path)
-                        except ChecksumError:
-                            path.unlink(missing_ok=True)
-                            raise
-
-                _retrying(res, attempts, once)
-                res.copied.append(f.rel)
-                res.bytes_copied += got[0]
-            atomic_write_bytes(lman, data)
-            res.copied.append(MANIFEST_NAME)
-            res.bytes_copied += len(data)
-            bar.update(len(data))
-    except FileNotFoundError as e:
-        raise RemoteError(f"pull from {display_url(url)}: a file named by the manifest is missing "
-                          f"({redact(str(e), storage_options)})") from None
+        check_file(m, local, f, path)
+        return True
     except ChecksumError:
-        raise
-    except OSError as e:
-        raise RemoteError(f"pull from {display_url(url)} failed: {redact(str(e), storage_options)}") from None
-    res.elapsed_s = time.monotonic() - t0
-    return res
+        return False
 
 
 # -------------------------------------------------------------------- build to a URL

@@ -1,0 +1,438 @@
+"""The output folder of every command that writes a dataset: build, convert, merge, pull.
+
+The rules live here and only here:
+
+- A folder is a packed dataset only if its `manifest.json` parses as ours
+  (`packer.format.read_manifest`); a folder holding `.packer-state/` is an unfinished run of
+  ours. Any other non-empty folder belongs to the user and is refused, `--overwrite` or not.
+- Before a run creates a file it records the file's path in `.packer-state/written.txt`
+  (appended and fsynced), and it never writes a path that exists unless packer wrote it
+  (`OutputFolder.claim`). So `--overwrite` removes exactly what packer wrote: the files
+  the old manifest lists (shards, indexes, labels, report; for a merged dataset also its
+  parts' files), the files listed in `written.txt`, the journal and packer's hidden temp
+  files. A directory is removed only when that leaves it empty.
+- One writer at a time: `.packer.lock` in the folder, held with flock(2) and holding the
+  holder's pid and host. A second run exits 2 naming the holder; a lock left by a dead
+  process on this host is taken over with a note; the lock file is removed at exit.
+- An OSError while writing (disk full, file too large, read-only) becomes one line
+  (`WriteFailed`, exit 1) and leaves no temp files and no manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from packer.format import MANIFEST_NAME, REPORT_NAME, FormatError, Manifest, check_relpath, read_manifest
+
+LOCK_NAME = ".packer.lock"
+STATE_DIR = ".packer-state"  # journal of an unfinished run; its presence marks the folder as ours
+WRITTEN_NAME = "written.txt"  # every file a run may create, one relative path per line
+PARTS_OPTION = "parts"  # manifest options key of a merged dataset: {"num_parts", "folders"}
+# hidden temp files of ours: atomic_write_bytes / writers (.<name>.<8 random>[.build].tmp), uploads (.<name>.<pid>.tmp)
+_TEMP = re.compile(r"^\..+\.([A-Za-z0-9_]{8}(\.build)?|\d+)\.tmp$")
+# journal files of ours inside STATE_DIR
+_JOURNAL = re.compile(r"^(state\.json|fingerprint\.json|written\.txt|pull\.json|[A-Za-z0-9_-]{1,64}-\d{5}\.(npz|json))$")
+_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+log = logging.getLogger("packer")
+
+
+class BuildError(Exception):
+    """A run that cannot start or must not finish (one user-facing line; exit 2)."""
+
+    exit_code = 2
+
+
+class OutputError(BuildError, ValueError):
+    """The output folder cannot be used as asked: not ours, busy, read-only, would clobber a file."""
+
+
+class WriteFailed(BuildError, OSError):
+    """Writing the output failed (disk full, file too large, I/O error): exit 1, nothing published."""
+
+    exit_code = 1
+
+
+def is_temp_name(name: str) -> bool:
+    """True for packer's own hidden temp files (never user content)."""
+    return bool(_TEMP.match(name))
+
+
+def check_not_inside(out: Path, src: Path) -> None:
+    """Refuse an output folder that is, or contains, the source."""
+    out, src = Path(out).resolve(), Path(src).resolve()
+    if out == src or src.is_relative_to(out):
+        raise OutputError(f"output folder {out} contains the source {src}; choose another -o")
+
+
+# ---------------------------------------------------------------------------- the lock
+
+
+class WriterLock:
+    """`<folder>/.packer.lock`: flock(2) on a file holding {"pid", "host", "since"}.
+
+    The file is unlinked (while still locked) on release; a taker re-checks that the path
+    still names the file it locked, so a lock file being removed is never mistaken for a
+    free lock."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / LOCK_NAME
+        self.fd: int | None = None
+        self.note: str | None = None
+
+    def acquire(self) -> None:
+        for _ in range(50):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                if self._try_lock(fd) and self._still_linked(fd):
+                    self._take(fd)
+                    return
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+        raise OutputError(f"cannot take the lock {self.path}: it keeps changing; retry")
+
+    def _try_lock(self, fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            raise OutputError(f"{self.path.parent} is being written by another packer run ({_holder(fd)}); "
+                              "wait for it to finish, or choose another -o") from None
+        except OSError as e:  # a file system without flock: the pid check in _take decides
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return True
+            raise
+
+    def _still_linked(self, fd: int) -> bool:
+        try:
+            return os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False
+
+    def _take(self, fd: int) -> None:
+        old = _read_holder(fd)
+        if old:
+            host, pid = old.get("host"), old.get("pid")
+            if host != socket.gethostname():
+                raise OutputError(f"{self.path} was left by pid {pid} on host {host}; if no packer runs there, "
+                                  "delete that file and rerun")
+            if isinstance(pid, int) and _alive(pid) and pid != os.getpid():
+                raise OutputError(f"{self.path.parent} is being written by another packer run "
+                                  f"(pid {pid} on host {host}); wait for it to finish, or choose another -o")
+            self.note = f"took over the lock of an interrupted run (pid {pid} on this host, no longer running)"
+            log.warning(self.note)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            if self._still_linked(self.fd):
+                self.path.unlink()
+        os.close(self.fd)
+        self.fd = None
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        d = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def _holder(fd: int) -> str:
+    d = {}
+    for _ in range(20):  # the holder writes its details right after locking
+        if d := _read_holder(fd):
+            break
+        time.sleep(0.01)
+    if not d:
+        return "starting up"
+    return f"pid {d.get('pid')} on host {d.get('host')}, since {d.get('since')}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------- what packer wrote
+
+
+def manifest_files(m: Manifest) -> list[str]:
+    """Files a manifest lists (labels, shards, index files), relative to its folder."""
+    out: list[str] = []
+    for s in m.splits.values():
+        out.append(s.labels)
+        for sh in s.shards:
+            out.append(sh.path)
+            if sh.index:
+                out.append(sh.index)
+    return out
+
+
+def read_written(folder: Path) -> list[str]:
+    """The paths listed in `folder/.packer-state/written.txt` (unsafe or torn lines ignored)."""
+    try:
+        lines = (folder / STATE_DIR / WRITTEN_NAME).read_bytes().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return []
+    out = []
+    for ln in lines:
+        with contextlib.suppress(FormatError):
+            if ln and ln not in (MANIFEST_NAME, LOCK_NAME) and not ln.startswith(STATE_DIR):
+                check_relpath(ln)
+                out.append(ln)
+    return out
+
+
+def our_manifest(folder: Path) -> Manifest | None:
+    """The folder's manifest if it is ours, None if there is none; OutputError if it is not ours."""
+    if not (folder / MANIFEST_NAME).exists():
+        return None
+    try:
+        return read_manifest(folder)
+    except (FormatError, OSError, ValueError, RecursionError) as e:
+        raise OutputError(f"{folder} holds a {MANIFEST_NAME} that is not a packer manifest ({e}); "
+                          "choose another -o") from None
+
+
+def owned_files(folder: Path) -> set[str]:
+    """Every file in `folder` that packer wrote, as far as its manifest and journal tell."""
+    rels = set(read_written(folder))
+    try:
+        m = our_manifest(folder)
+    except OutputError:
+        m = None
+    if m is not None:
+        rels.update(manifest_files(m))
+        rels.update((MANIFEST_NAME, REPORT_NAME))
+        parts = m.options.get(PARTS_OPTION)
+        folders = parts.get("folders") if isinstance(parts, dict) else None
+        for sub in folders if isinstance(folders, list) else []:
+            with contextlib.suppress(FormatError, TypeError):
+                check_relpath(sub)
+                rels.update(f"{sub}/{r}" for r in owned_files(folder / sub))
+                rels.update(f"{sub}/{STATE_DIR}/{p.name}" for p in _journal_files(folder / sub))
+    return rels
+
+
+def _journal_files(folder: Path) -> list[Path]:
+    d = folder / STATE_DIR
+    return [p for p in d.iterdir() if _JOURNAL.match(p.name) or is_temp_name(p.name)] if d.is_dir() else []
+
+
+def remove_temp_files(folder: Path, dirs: Iterable[Path] = ()) -> None:
+    """Packer's hidden temp files in `folder`, its journal folder and `dirs` (never elsewhere)."""
+    for d in {folder, folder / STATE_DIR, *dirs}:
+        with contextlib.suppress(OSError):
+            for p in d.iterdir():
+                if is_temp_name(p.name) and p.is_file():
+                    p.unlink(missing_ok=True)
+
+
+def remove_owned(folder: Path, keep: Iterable[str] = ()) -> None:
+    """Remove what packer wrote in `folder` (see module doc), the manifest first; keep `keep`."""
+    folder = Path(folder)
+    rels = owned_files(folder) - set(keep)
+    if rels:  # the list survives a crash half-way: the folder stays recognisably ours
+        record_written(folder, sorted(rels))
+    (folder / MANIFEST_NAME).unlink(missing_ok=True)
+    dirs = set()
+    for rel in sorted(rels, key=lambda r: -r.count("/")):
+        p = folder / rel
+        if p.is_file() or p.is_symlink():
+            p.unlink(missing_ok=True)
+        dirs.update(q for q in p.parents if q != folder and q.is_relative_to(folder))
+    remove_temp_files(folder, dirs)
+    for p in _journal_files(folder):
+        p.unlink(missing_ok=True)
+    for d in sorted(dirs | {folder / STATE_DIR}, key=lambda q: -len(q.parts)):
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only if empty: the user's files keep their folders
+
+
+def record_written(folder: Path, rels: list[str]) -> None:
+    """Append `rels` to the folder's list of files packer wrote (fsynced before they are created)."""
+    path = folder / STATE_DIR / WRITTEN_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as f:
+        f.write("".join(f"{r}\n" for r in rels).encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ------------------------------------------------------------------- the folder
+
+
+class OutputFolder:
+    """An output folder held by this process: its lock, what it holds, what this run claims."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.lock = WriterLock(root)
+        self.manifest: Manifest | None = None  # the old manifest, when ours
+        self.unfinished = False  # holds the journal of an unfinished run
+        self._owned: set[str] = set()
+        self.notes: list[str] = []
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / STATE_DIR
+
+    def load_owned(self) -> None:
+        """Read what packer wrote here (old manifest, journal list) and drop stale temp files of ours."""
+        self.manifest = our_manifest(self.root)
+        self.unfinished = self.state_dir.is_dir()
+        self._owned = owned_files(self.root)
+        if self.manifest is not None or self.unfinished:
+            remove_temp_files(self.root, {(self.root / r).parent for r in self._owned})
+
+    def inspect(self) -> str:
+        """"empty", "complete" or "unfinished"; OutputError if the folder is not ours."""
+        entries = [p for p in self.root.iterdir() if p.name != LOCK_NAME and not is_temp_name(p.name)]
+        if not entries:
+            return "empty"
+        self.load_owned()
+        if self.manifest is None and not self.unfinished:
+            raise OutputError(f"output folder {self.root} is not empty and is not a packed dataset; choose another -o")
+        return "complete" if self.manifest is not None else "unfinished"
+
+    def prepare(self, *, overwrite: bool, resume: bool = False, same: bool = False, keep: Iterable[str] = (),
+                verb: str = "rebuild") -> str:
+        """Apply the refuse/resume/overwrite rules; returns what the folder held ("empty"...)."""
+        kind = self.inspect()
+        what = "a packed dataset" if kind == "complete" else "an unfinished build or conversion"
+        if resume and kind == "empty":
+            raise OutputError(f"{self.root} holds no unfinished build to resume")
+        if resume and kind == "complete":
+            raise OutputError(f"{self.root} already holds a complete packed dataset; nothing to resume "
+                              "(--overwrite to rebuild)")
+        if kind == "empty" or resume or same:
+            return kind
+        if not overwrite:
+            extra = " or --resume to continue" if verb == "rebuild" and kind == "unfinished" else ""
+            raise OutputError(f"{self.root} already holds {what}; pass --overwrite to replace it{extra}")
+        keep = self._owned & set(keep)
+        remove_owned(self.root, keep)
+        self.manifest, self.unfinished = None, False
+        self._owned = keep
+        return kind
+
+    def start(self) -> None:
+        """Mark the folder as holding an unfinished run of ours (before the first file)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / WRITTEN_NAME).touch()
+
+    def claim(self, *rels: str) -> None:
+        """Record `rels` as written by this run; OutputError if one exists and packer did not write it."""
+        new = [r for r in rels if r not in self._owned]
+        for r in new:
+            p = self.root / r
+            if p.exists() or p.is_symlink():
+                raise OutputError(f"{p} exists and packer did not write it; move it away or choose another -o")
+        if new:
+            record_written(self.root, new)
+            self._owned.update(new)
+
+    def finish(self) -> None:
+        """After the manifest: the journal folder goes (the manifest now lists what packer wrote)."""
+        for p in _journal_files(self.root):
+            p.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.state_dir.rmdir()
+
+
+@contextlib.contextmanager
+def output_folder(out: str | os.PathLike, *, source: Path | None = None, hint: str = "rerun") -> Iterator[OutputFolder]:
+    """Create (if needed) and lock `out` for one run; OSErrors while writing become WriteFailed.
+
+    On any failure packer's temp files are removed, and a folder this call created is
+    removed again if nothing else is in it. `hint` ends the disk-full message."""
+    root = Path(out).resolve()
+    if source is not None:
+        check_not_inside(root, source)
+    if root.exists() and not root.is_dir():
+        raise OutputError(f"output path {root} exists and is not a folder")
+    created = not root.exists()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        folder = OutputFolder(root)
+        folder.lock.acquire()
+    except OSError as e:
+        raise OutputError(f"cannot write to output folder {root}: {e.strerror or e}") from None
+    if folder.lock.note:
+        folder.notes.append(folder.lock.note)
+    try:
+        with write_errors(root, hint):
+            yield folder
+    except BaseException:
+        with contextlib.suppress(OSError):
+            remove_temp_files(root, [p for p in root.iterdir() if p.is_dir()])
+        raise
+    finally:
+        folder.lock.release()
+        if created:
+            with contextlib.suppress(OSError):
+                root.rmdir()
+
+
+@contextlib.contextmanager
+def write_errors(root: Path, hint: str = "rerun") -> Iterator[None]:
+    """OSError (and LMDB's own I/O errors) while writing under `root` -> WriteFailed, one line."""
+    try:
+        yield
+    except BuildError:
+        raise
+    except OSError as e:
+        if is_write_error(e, root):
+            raise WriteFailed(_io_message(root, e.errno, e.strerror or str(e), hint)) from None
+        raise
+    except Exception as e:
+        if type(e).__module__ == "lmdb" and _errno_of(e) is not None:
+            raise WriteFailed(_io_message(root, _errno_of(e), str(e), hint)) from None
+        raise
+
+
+def is_write_error(e: OSError, root: Path) -> bool:
+    """Disk full, file too large, read-only or I/O error, or no permission under `root`."""
+    return e.errno in _SPACE or e.errno in (errno.EROFS, errno.EIO) or (
+        e.errno in (errno.EACCES, errno.EPERM) and _under(e.filename, root))
+
+
+def _under(name: object, root: Path) -> bool:
+    return isinstance(name, (str, os.PathLike)) and Path(os.path.abspath(name)).is_relative_to(root)
+
+
+def _errno_of(e: Exception) -> int | None:
+    text = str(e)
+    for code in (*_SPACE, errno.EROFS, errno.EIO):
+        if os.strerror(code) in text:
+            return code
+    return None
+
+
+def _io_message(root: Path, code: int | None, text: str, hint: str) -> str:
+    name = errno.errorcode.get(code or 0, "EIO")
+    what = "the disk is full" if code in _SPACE else "the output cannot be written"
+    return f"writing to {root} failed: {what} ({name}: {text}); no manifest was written; {hint}"
