@@ -252,3 +252,10 @@ def test_other_supported_formats_pack():
         Image.fromarray(_scene(24, 32, 2)[:, :, ::-1]).save(buf, fmt)
         out = I.process_image(buf.getvalue())
         assert (out.height, out.width, out.warnings) == (24, 32, ()), fmt
+
+
+def test_reasons_are_in_the_report_vocabulary():
+    from packer.sources.base import IMAGE_REASONS, WARNINGS
+
+    assert {"too_large", "too_small", "unreadable", "truncated", "empty_file"} <= set(IMAGE_REASONS)
+    assert "multi_frame" in WARNINGS
