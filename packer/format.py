@@ -17,16 +17,30 @@ A packed folder looks like::
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
 import struct
 import tempfile
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from packer.schema import (  # noqa: F401  (FormatError, check_split_name, SPLIT_NAME_RULE: re-exported)
+    MANIFEST_KEYS,
+    MANIFEST_MAX_BYTES,
+    SPLIT_NAME_RULE,
+    FormatError,
+    check_manifest,
+    check_relpath,
+    check_split_name,
+    label_problem,
+    load_json,
+)
 
 FORMAT_VERSION = 1
 FORMATS = ("tfrecord", "wds", "lmdb")
@@ -70,14 +84,6 @@ os.umask(_UMASK)
 
 KEY_MAX_LEN = 80  # keeps tar member names inside ustar's 100-byte name field
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
-# Split names become folder and file names under the output folder, so they are held to
-# the same safe alphabet as keys: no dots, slashes or empty names can leave `-o`.
-SPLIT_NAME_RULE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
-class FormatError(ValueError):
-    """A packed folder or record does not follow this contract."""
-
 
 @dataclass
 class Record:
@@ -128,13 +134,6 @@ def check_key(key: str) -> None:
     """Raise FormatError unless `key` is safe for every reader."""
     if not key or len(key) > KEY_MAX_LEN or _KEY_UNSAFE.search(key):
         raise FormatError(f"unsafe sample key {key!r}: use [A-Za-z0-9_-], at most {KEY_MAX_LEN} chars")
-
-
-def check_split_name(name: object) -> str:
-    """Return `name` if it is a safe split name ([A-Za-z0-9_-], 1..64 chars), else raise FormatError."""
-    if not isinstance(name, str) or not SPLIT_NAME_RULE.fullmatch(name):
-        raise FormatError(f"invalid split name {name!r}: use 1-64 characters from [A-Za-z0-9_-]")
-    return name
 
 
 def shard_name(split: str, index: int, fmt: str) -> str:
@@ -219,53 +218,44 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        # stable key order: the contract fields first
-        order = ("format_version", "format", "size", "names", "source", "options", "packer_version", "splits")
-        return {k: d[k] for k in order}
+        return {k: d[k] for k in MANIFEST_KEYS}  # stable key order: the contract fields first
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Manifest:
-        try:
-            if d["format_version"] != FORMAT_VERSION:
-                raise FormatError(
-                    f"manifest format_version {d['format_version']} is not supported (this build reads {FORMAT_VERSION})"
-                )
-            if d["format"] not in FORMATS:
-                raise FormatError(f"unknown format {d['format']!r}")
-            splits = {
-                name: SplitInfo(
-                    num_samples=int(s["num_samples"]),
-                    num_boxes=int(s["num_boxes"]),
-                    class_counts=[int(c) for c in s["class_counts"]],
-                    labels=s["labels"],
-                    shards=[ShardInfo(**sh) for sh in s["shards"]],
-                )
-                for name, s in d["splits"].items()
-            }
-            m = cls(
-                format=d["format"], size=int(d["size"]), names=list(d["names"]), source=dict(d["source"]),
-                options=dict(d["options"]), packer_version=d["packer_version"], splits=splits,
-            )
-        except (KeyError, TypeError) as e:
-            raise FormatError(f"manifest is missing or has a malformed field: {e}") from e
+    def from_dict(cls, d: Any) -> Manifest:
+        """Build from a manifest's JSON object, checked first against the schema (`schema.check_manifest`:
+        exact keys, JSON types, ranges, safe split names and paths); FormatError names the first misfit."""
+        d = check_manifest(d, FORMAT_VERSION, FORMATS)
+        splits = {k: SplitInfo(**{**s, "class_counts": list(s["class_counts"]),
+                                  "shards": [ShardInfo(**sh) for sh in s["shards"]]}) for k, s in d["splits"].items()}
+        m = cls(format=d["format"], size=d["size"], names=list(d["names"]), source=dict(d["source"]),
+                options=dict(d["options"]), packer_version=d["packer_version"], splits=splits)
         m.validate()
         return m
 
     def validate(self) -> None:
-        """Internal consistency: counts add up and no path leaves the dataset folder."""
+        """Internal consistency: counts add up, index files as the format has them, no path leaves the folder."""
         for name, s in self.splits.items():
+            check_split_name(name)
             if sum(sh.num_samples for sh in s.shards) != s.num_samples:
                 raise FormatError(f"split {name!r}: shard sample counts do not add up to {s.num_samples}")
             if len(s.class_counts) != len(self.names) or sum(s.class_counts) != s.num_boxes:
                 raise FormatError(f"split {name!r}: class_counts do not match names/num_boxes")
+            if any((sh.index is None) != (self.format == "lmdb") for sh in s.shards):
+                raise FormatError(f"split {name!r}: {self.format} shards must {'not ' * (self.format == 'lmdb')}"
+                                  "have an index file")
             for p in [s.labels] + [sh.path for sh in s.shards] + [sh.index for sh in s.shards if sh.index]:
                 check_relpath(p)
 
 
-def check_relpath(p: str) -> None:
-    """Paths inside a manifest must stay inside the dataset folder."""
-    if p.startswith("/") or "\\" in p or ".." in Path(p).parts or "://" in p:
-        raise FormatError(f"unsafe path in manifest: {p!r}")
+def parse_manifest(data: bytes, where: str) -> Manifest:
+    """The validated Manifest in `data`, the bytes of a manifest.json read from `where` (a path or URL,
+    for messages): the one parser of local and remote manifests. Anything wrong (too large, not UTF-8,
+    not JSON, nested too deep, off the schema) is one FormatError line naming `where`."""
+    obj = load_json(data, where)
+    try:
+        return Manifest.from_dict(obj)
+    except FormatError as e:
+        raise FormatError(f"{where}: {e}") from None
 
 
 def read_manifest(root: str | os.PathLike) -> Manifest:
@@ -274,10 +264,11 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
     if not path.is_file():
         raise FormatError(f"{path} not found: not a packed dataset, or its build did not finish")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path} is not valid JSON: {e}") from e
-    return Manifest.from_dict(data)
+        with open(path, "rb") as f:
+            data = f.read(MANIFEST_MAX_BYTES + 1)  # never more: a huge file is refused, not loaded
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror})") from None
+    return parse_manifest(data, str(path))
 
 
 def write_manifest(root: str | os.PathLike, manifest: Manifest) -> Path:
@@ -346,54 +337,58 @@ class LabelArrays:
     @classmethod
     def from_records(cls, rows: list[tuple[Record, int, int]]) -> LabelArrays:
         """Build from (record, shard, pos) in shard order (records may have empty jpeg)."""
-        counts = np.array([len(r.cls) for r, _, _ in rows], dtype=np.int64)
-        return cls(
-            keys=np.array([r.key for r, _, _ in rows], dtype=str),
-            sources=np.array([r.source for r, _, _ in rows], dtype=str),
-            offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-            cls=np.concatenate([r.cls for r, _, _ in rows] or [np.zeros(0)]).astype(np.int32),
-            boxes=np.concatenate([r.boxes for r, _, _ in rows] or [np.zeros((0, 4))]).astype(np.float32).reshape(-1, 4),
-            hw=np.array([(r.height, r.width) for r, _, _ in rows], dtype=np.int32).reshape(-1, 2),
-            orig_hw=np.array([(r.orig_height, r.orig_width) for r, _, _ in rows], dtype=np.int32).reshape(-1, 2),
-            shard=np.array([s for _, s, _ in rows], dtype=np.int32),
-            pos=np.array([p for _, _, p in rows], dtype=np.int64),
-        )
+        return cls._assemble(
+            [np.array([r.key for r, _, _ in rows], dtype=str)], [np.array([r.source for r, _, _ in rows], dtype=str)],
+            [np.array([len(r.cls) for r, _, _ in rows], dtype=np.int64)], [r.cls for r, _, _ in rows],
+            [r.boxes for r, _, _ in rows], [np.array([(r.height, r.width) for r, _, _ in rows])],
+            [np.array([(r.orig_height, r.orig_width) for r, _, _ in rows])],
+            [np.array([s for _, s, _ in rows])], [np.array([p for _, _, p in rows])])
 
     @classmethod
     def concat(cls, parts: list[LabelArrays]) -> LabelArrays:
         """Concatenate label arrays (e.g. per-shard pieces) keeping sample order."""
         if not parts:
             return cls.from_records([])
-        counts = np.concatenate([np.diff(p.offsets) for p in parts])
-        return cls(
-            keys=np.concatenate([p.keys for p in parts]).astype(str),
-            sources=np.concatenate([p.sources for p in parts]).astype(str),
-            offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-            cls=np.concatenate([p.cls for p in parts]).astype(np.int32),
-            boxes=np.concatenate([p.boxes for p in parts]).astype(np.float32).reshape(-1, 4),
-            hw=np.concatenate([p.hw for p in parts]).astype(np.int32).reshape(-1, 2),
-            orig_hw=np.concatenate([p.orig_hw for p in parts]).astype(np.int32).reshape(-1, 2),
-            shard=np.concatenate([p.shard for p in parts]).astype(np.int32),
-            pos=np.concatenate([p.pos for p in parts]).astype(np.int64),
-        )
+        return cls._assemble(*([getattr(p, k) for p in parts] for k in ("keys", "sources")),
+                             [np.diff(p.offsets) for p in parts],
+                             *([getattr(p, k) for p in parts] for k in LABEL_FIELDS[3:]))
+
+    @classmethod
+    def _assemble(cls, keys, sources, counts, cls_, boxes, hw, orig_hw, shard, pos) -> LabelArrays:  # noqa: ANN001
+        """Join per-piece arrays (lists, in sample order) into one LabelArrays with the contract's dtypes."""
+        def cat(xs: list, dtype: Any, shape: tuple[int, ...] = (-1,)) -> np.ndarray:
+            return np.concatenate([np.asarray(x).reshape(shape) for x in xs] or [np.zeros(0)]).astype(dtype).reshape(shape)
+
+        return cls(keys=cat(keys, str), sources=cat(sources, str),
+                   offsets=np.concatenate([[0], np.cumsum(cat(counts, np.int64))]).astype(np.int64),
+                   cls=cat(cls_, np.int32), boxes=cat(boxes, np.float32, (-1, 4)), hw=cat(hw, np.int32, (-1, 2)),
+                   orig_hw=cat(orig_hw, np.int32, (-1, 2)), shard=cat(shard, np.int32), pos=cat(pos, np.int64))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Atomic, deterministic .npz (np.savez writes fixed zip timestamps)."""
-        import io
-
         buf = io.BytesIO()
         np.savez(buf, **{k: getattr(self, k) for k in LABEL_FIELDS})
         return atomic_write_bytes(Path(path), buf.getvalue())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> LabelArrays:
+    def load(cls, path: str | os.PathLike | io.BytesIO, *, num_classes: int | None = None,
+             num_shards: int | None = None) -> LabelArrays:
+        """Read a labels.npz without pickle and check it against the contract: dtypes, shapes, offsets,
+        finite boxes, positive sizes, class ids < `num_classes` and shard numbers < `num_shards` (if given)."""
+        where = path if isinstance(path, (str, os.PathLike)) else LABELS_NAME
         try:
             with np.load(path, allow_pickle=False) as z:
+                if not isinstance(z, np.lib.npyio.NpzFile):
+                    raise ValueError("a single array, not an .npz archive")
+                declared = sum(i.file_size for i in z.zip.infolist())
+                if declared > 64 * sum(i.compress_size for i in z.zip.infolist()) + (64 << 20):
+                    raise ValueError("its members expand far beyond the archive (a zip bomb?)")
                 arrays = {k: z[k] for k in LABEL_FIELDS}
-        except (KeyError, ValueError, OSError) as e:
-            raise FormatError(f"{path}: not a valid label array file ({e})") from e
-        la = cls(**arrays)
-        n = len(la.keys)
-        if la.offsets.shape != (n + 1,) or la.offsets[-1] != len(la.cls) or la.boxes.shape != (len(la.cls), 4):
-            raise FormatError(f"{path}: inconsistent label array shapes")
-        return la
+        except (KeyError, ValueError, TypeError, AttributeError, OSError, EOFError, MemoryError,
+                zipfile.BadZipFile) as e:
+            raise FormatError(f"{where}: not a valid label array file ({str(e).splitlines()[0][:120]})") from None
+        problem = label_problem(arrays, num_classes, num_shards)
+        if problem:
+            raise FormatError(f"{where}: label arrays do not follow the contract: {problem}")
+        return cls(**arrays)
+

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from packer.format import LabelArrays, read_manifest
+from packer.format import FormatError, LabelArrays, read_manifest
 
 
 def dataset_info(root: str | os.PathLike) -> dict[str, Any]:
@@ -17,7 +17,9 @@ def dataset_info(root: str | os.PathLike) -> dict[str, Any]:
     m = read_manifest(root)
     splits: dict[str, Any] = {}
     for name, s in m.splits.items():
-        labels = LabelArrays.load(root / s.labels)
+        labels = LabelArrays.load(root / s.labels, num_classes=len(m.names), num_shards=len(s.shards))
+        if len(labels) != s.num_samples:
+            raise FormatError(f"{root / s.labels}: {len(labels)} samples, the manifest says {s.num_samples}")
         per_image = np.diff(labels.offsets)
         # images containing each class: count unique (sample, class) pairs
         sample_of_box = np.repeat(np.arange(len(labels)), per_image)
