@@ -36,6 +36,7 @@ check-light:
 	$(LIGHT)/bin/packer build samples/coco -o out/light/shards --format wds --size 128 --workers 1
 	$(LIGHT)/bin/packer verify out/light/shards --deep
 	$(LIGHT)/bin/python -c "import importlib.util as u, sys; bad=[m for m in ('torch','tensorflow','ultralytics','nvidia.dali') if u.find_spec(m.split('.')[0])]; sys.exit(f'heavy packages installed: {bad}' if bad else 0)"
+	rm -rf build
 	@du -sh $(LIGHT) | awk '{print "base install (venv):", $$1}'
 
 lint: $(STAMP)
