@@ -21,10 +21,16 @@ MAX_YAML_BYTES = 8 << 20  # a names list of 100k classes is ~2 MB
 MAX_YAML_NODES = 1_000_000  # scalars + collections after alias expansion
 
 
+def _quoted(m: re.Match) -> str:
+    """Token names (',' ']' '<block end>') stay; anything longer could be the file's text."""
+    inner = m.group(0)[1:-1]
+    return m.group(0) if len(inner) <= 2 or re.fullmatch(r"<[a-z ]+>", inner) else "..."
+
+
 def _problem(e: yaml.YAMLError) -> str:
-    """PyYAML's message without its quoted snippets of the file."""
+    """PyYAML's message (without the file snippet it appends), with line and column."""
     mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-    what = re.sub(r"(['\"]).*?\1", "...", str(getattr(e, "problem", "") or "invalid syntax"))
+    what = re.sub(r"'[^']*'|\"[^\"]*\"", _quoted, str(getattr(e, "problem", "") or "invalid syntax"))
     return f"{what} at line {mark.line + 1}, column {mark.column + 1}" if mark else what
 
 
