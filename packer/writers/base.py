@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from packer.format import INDEX_SUFFIX, Record
+from packer.format import INDEX_SUFFIX, FormatError, Record
 
 _BUFSIZE = 1 << 20
 _UMASK = os.umask(0o022)
@@ -47,6 +47,29 @@ def index_path(path: Path) -> Path:
     """The index file of a shard: the shard's file name + `format.INDEX_SUFFIX`."""
     path = Path(path)
     return path.with_name(path.name + INDEX_SUFFIX)
+
+
+def index_bytes(src: Path | str | bytes) -> tuple[bytes, str]:
+    """An index file's bytes (`src` is its path, or already its bytes) and a name for messages."""
+    if isinstance(src, bytes):
+        return src, "index"
+    try:
+        return Path(src).read_bytes(), str(src)
+    except FileNotFoundError:
+        raise FormatError(f"{src}: index file not found") from None
+
+
+def indexed_shard_size(src: Path | str | bytes, shard_size: int | None) -> int:
+    """`shard_size`, or else the size of the shard that the index file `src` names (its path
+    without `format.INDEX_SUFFIX`); FormatError if that shard is missing."""
+    if shard_size is not None:
+        return shard_size
+    if isinstance(src, bytes) or not str(src).endswith(INDEX_SUFFIX):
+        raise ValueError("shard_size is needed to check an index given as bytes or not named <shard>.idx")
+    shard = Path(str(src)[: -len(INDEX_SUFFIX)])
+    if not shard.is_file():
+        raise FormatError(f"{shard}: shard not found")
+    return shard.stat().st_size
 
 
 def fsync_dir(folder: Path) -> None:
@@ -79,6 +102,10 @@ class TempFile:
         self.size += len(data)
         if self._hash is not None:
             self._hash.update(data)
+
+    def tell(self) -> int:
+        """Bytes written so far (the file position: writes only append)."""
+        return self.size
 
     def hexdigest(self) -> str:
         assert self._hash is not None
@@ -212,6 +239,10 @@ class ShardReader(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release files / the environment."""
+
+    def __getitem__(self, pos: int) -> Record:
+        """`read(pos)`: map-style access, as a torch `Dataset` has it."""
+        return self.read(pos)
 
     def _check_pos(self, pos: int) -> int:
         n = len(self)

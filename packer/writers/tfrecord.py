@@ -1,20 +1,26 @@
-"""TFRecord shards of `tf.train.Example`, encoded and parsed without TensorFlow.
+"""TFRecord shards of `tf.train.Example`, written and read with `protobuf`, without TensorFlow.
 
 Framing per record (little-endian): ``u64 len | u32 masked_crc32c(len) | data | u32
-masked_crc32c(data)``. The Example protobuf is hand-encoded with its feature map in sorted
-key order, which is what TensorFlow's deterministic serialization produces. The index
+masked_crc32c(data)``. The Example message classes are built at import from the schema of
+TensorFlow's ``example.proto`` / ``feature.proto`` (written out below as a descriptor, so
+neither TensorFlow nor protoc is needed), in a private descriptor pool that cannot clash
+with TensorFlow's own. Records are serialized deterministically (feature map in key order),
+which is what TensorFlow's deterministic serialization of the same Example gives. The index
 ``<shard>.idx`` has one ``"<offset> <size>\\n"`` line per record, as DALI's `tfrecord2idx`.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
 
 import crc32c
 import numpy as np
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
 
 from packer.format import (
     TF_BBOX,
@@ -29,17 +35,21 @@ from packer.format import (
     FormatError,
     Record,
 )
-from packer.writers.base import IndexedFileWriter, ShardReader, TempFile, index_path
+from packer.writers.base import (
+    IndexedFileWriter,
+    ShardReader,
+    TempFile,
+    index_bytes,
+    index_path,
+    indexed_shard_size,
+)
 
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _MASK_DELTA = 0xA282EAD8
+FRAME_BYTES = 16  # length, its CRC, and the data CRC around each record's data
 
-# protobuf wire tags: field number << 3 | wire type (2 = length-delimited, 0 = varint, 5 = fixed32)
-_LEN1, _LEN2 = 0x0A, 0x12  # field 1/2, length-delimited
-# Feature.kind: 1 bytes_list, 2 float_list, 3 int64_list
-_BYTES, _FLOAT, _INT64 = 1, 2, 3
-
+_BYTES, _FLOAT, _INT64 = "bytes_list", "float_list", "int64_list"  # the `Feature.kind` oneof
 _FEATURES = {  # name -> kind; every one present in every record
     TF_IMAGE: _BYTES,
     TF_KEY: _BYTES,
@@ -51,7 +61,39 @@ _FEATURES = {  # name -> kind; every one present in every record
     TF_CLASS: _INT64,
     TF_BBOX: _FLOAT,
 }
-_ORDER = tuple(sorted(_FEATURES))  # TensorFlow's deterministic map order
+_SIZES = (TF_HEIGHT, TF_WIDTH, TF_ORIG_HEIGHT, TF_ORIG_WIDTH)
+_INDEX_LINES = re.compile(rb"(?:[0-9]{1,18} [0-9]{1,18}\n)*")  # tfrecord2idx: "<offset> <size>\n"
+
+
+def _example_schema() -> descriptor_pb2.FileDescriptorProto:
+    """tensorflow/core/example/{feature,example}.proto (proto3), the messages an Example needs."""
+    fd = descriptor_pb2.FieldDescriptorProto
+    rep, msg = fd.LABEL_REPEATED, fd.TYPE_MESSAGE
+    f = descriptor_pb2.FileDescriptorProto(name="packer/tf_example.proto", package="tensorflow", syntax="proto3")
+    for name, scalar in (("BytesList", fd.TYPE_BYTES), ("FloatList", fd.TYPE_FLOAT), ("Int64List", fd.TYPE_INT64)):
+        field = f.message_type.add(name=name).field.add(name="value", number=1, type=scalar, label=rep)
+        if scalar != fd.TYPE_BYTES:
+            field.options.packed = True
+    feature = f.message_type.add(name="Feature")
+    feature.oneof_decl.add(name="kind")
+    for number, (name, cls) in enumerate(
+        ((_BYTES, "BytesList"), (_FLOAT, "FloatList"), (_INT64, "Int64List")), start=1
+    ):
+        feature.field.add(name=name, number=number, type=msg, type_name=f".tensorflow.{cls}", oneof_index=0)
+    features = f.message_type.add(name="Features")
+    entry = features.nested_type.add(name="FeatureEntry")
+    entry.options.map_entry = True
+    entry.field.add(name="key", number=1, type=fd.TYPE_STRING)
+    entry.field.add(name="value", number=2, type=msg, type_name=".tensorflow.Feature")
+    features.field.add(name="feature", number=1, type=msg, label=rep, type_name=".tensorflow.Features.FeatureEntry")
+    example = f.message_type.add(name="Example")
+    example.field.add(name="features", number=1, type=msg, type_name=".tensorflow.Features")
+    return f
+
+
+_POOL = descriptor_pool.DescriptorPool()
+_POOL.Add(_example_schema())
+Example = message_factory.GetMessageClass(_POOL.FindMessageTypeByName("tensorflow.Example"))
 
 
 def masked_crc(data: bytes | memoryview) -> int:
@@ -60,228 +102,52 @@ def masked_crc(data: bytes | memoryview) -> int:
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
-def _varint(n: int) -> bytes:
-    if n < 0:
-        n += 1 << 64  # protobuf int64: two's complement, 10 bytes
-    if n < 0x80:
-        return bytes((n,))
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _head(tag: int, n: int) -> bytes:
-    """Tag and length of a length-delimited field (tags here are all < 128)."""
-    return bytes((tag,)) + _varint(n)
-
-
-def _packed_int64(values: np.ndarray) -> bytes:
-    if len(values) and values.min() >= 0 and values.max() < 0x80:
-        return values.astype(np.uint8).tobytes()  # one byte per varint: the common case
-    return b"".join(_varint(int(v)) for v in values)
-
-
-def _feature(kind: int, value: bytes | int | np.ndarray) -> tuple[list[bytes], int]:
-    """A `Feature` message as chunks plus its length (chunks avoid copying the JPEG per nesting level)."""
-    if kind == _BYTES:
-        payload = value  # a one-element BytesList is always emitted, even for b""
-    elif kind == _INT64:
-        payload = _packed_int64(np.atleast_1d(np.asarray(value, dtype=np.int64)))
-    else:
-        payload = np.asarray(value, dtype="<f4").tobytes()
-    inner: list[bytes] = [_head(_LEN1, len(payload)), payload] if payload or kind == _BYTES else []  # type: ignore[list-item]
-    n = sum(len(c) for c in inner)
-    head = _head((kind << 3) | 2, n)
-    return [head, *inner], len(head) + n
-
-
-# encoded map-entry key fields, computed once
-_KEY_FIELDS = {name: _head(_LEN1, len(name.encode())) + name.encode() for name in _FEATURES}
-
-
-def encode_example_chunks(rec: Record) -> list[bytes]:
-    """`encode_example` as a list of chunks whose concatenation is the serialized Example."""
-    values = {
-        TF_IMAGE: rec.jpeg,
-        TF_KEY: rec.key.encode(),
-        TF_SOURCE: rec.source.encode(),
-        TF_HEIGHT: rec.height,
-        TF_WIDTH: rec.width,
-        TF_ORIG_HEIGHT: rec.orig_height,
-        TF_ORIG_WIDTH: rec.orig_width,
-        TF_CLASS: rec.cls,
-        TF_BBOX: rec.boxes,
-    }
-    chunks: list[bytes] = []
-    total = 0
-    for name in _ORDER:  # Features.feature map entries: {1: key, 2: Feature}
-        fchunks, flen = _feature(_FEATURES[name], values[name])
-        key, vhead = _KEY_FIELDS[name], _head(_LEN2, flen)
-        elen = len(key) + len(vhead) + flen
-        ehead = _head(_LEN1, elen)
-        chunks += [ehead, key, vhead, *fchunks]
-        total += len(ehead) + elen
-    return [_head(_LEN1, total), *chunks]  # Example.features
-
-
-def encode_example(rec: Record) -> bytes:
-    """Serialize `rec` as a `tf.train.Example` (same bytes as TF's deterministic serialization)."""
-    return b"".join(encode_example_chunks(rec))
-
-
-def frame(data: bytes) -> bytes:
-    """One framed TFRecord around `data`."""
-    n = _U64.pack(len(data))
-    return b"".join((n, _U32.pack(masked_crc(n)), data, _U32.pack(masked_crc(data))))
-
-
-# ------------------------------------------------------------------------------ parsing
-
-
-def _read_varint(buf: memoryview, o: int) -> tuple[int, int]:
-    n = shift = 0
-    while True:
-        if o >= len(buf) or shift > 63:
-            raise FormatError("truncated or overlong varint")
-        b = buf[o]
-        o += 1
-        n |= (b & 0x7F) << shift
-        if b < 0x80:
-            return n, o
-        shift += 7
-
-
-def _fields(buf: memoryview) -> Iterator[tuple[int, int, memoryview | int]]:
-    """(field number, wire type, payload) of a protobuf message; skips nothing silently."""
-    o, end = 0, len(buf)
-    while o < end:
-        tag, o = _read_varint(buf, o)
-        num, wt = tag >> 3, tag & 7
-        if wt == 2:
-            n, o = _read_varint(buf, o)
-            if o + n > end:
-                raise FormatError("length-delimited field runs past its message")
-            yield num, wt, buf[o : o + n]
-            o += n
-        elif wt == 0:
-            v, o = _read_varint(buf, o)
-            yield num, wt, v
-        elif wt == 5:
-            if o + 4 > end:
-                raise FormatError("truncated fixed32 field")
-            yield num, wt, buf[o : o + 4]
-            o += 4
-        elif wt == 1:
-            if o + 8 > end:
-                raise FormatError("truncated fixed64 field")
-            yield num, wt, buf[o : o + 8]
-            o += 8
-        else:
-            raise FormatError(f"unsupported protobuf wire type {wt}")
-
-
-def _int64s(buf: memoryview) -> list[int]:
-    out: list[int] = []
-    for num, wt, v in _fields(buf):
-        if num != 1:
-            continue
-        if wt == 0:
-            out.append(v)  # type: ignore[arg-type]
-        elif wt == 2:
-            p = v  # packed
-            if all(b < 0x80 for b in p):  # type: ignore[union-attr]
-                out.extend(p)  # type: ignore[arg-type]
-                continue
-            o = 0
-            while o < len(p):  # type: ignore[arg-type]
-                x, o = _read_varint(p, o)  # type: ignore[arg-type]
-                out.append(x)
-        else:
-            raise FormatError("bad Int64List encoding")
-    return [x - (1 << 64) if x >= 1 << 63 else x for x in out]
-
-
-def _floats(buf: memoryview) -> np.ndarray:
-    parts: list[bytes] = []
-    for num, wt, v in _fields(buf):
-        if num != 1:
-            continue
-        if wt in (2, 5):
-            if len(v) % 4:  # type: ignore[arg-type]
-                raise FormatError("FloatList length is not a multiple of 4")
-            parts.append(bytes(v))  # type: ignore[arg-type]
-        else:
-            raise FormatError("bad FloatList encoding")
-    return np.frombuffer(b"".join(parts), dtype="<f4").astype(np.float32)
-
-
-def _bytes_list(buf: memoryview) -> list[bytes]:
-    out = []
-    for num, wt, v in _fields(buf):
-        if num == 1:
-            if wt != 2:
-                raise FormatError("bad BytesList encoding")
-            out.append(bytes(v))  # type: ignore[arg-type]
-    return out
+def _example_bytes(rec: Record) -> bytes:
+    """`rec` as a serialized `tf.train.Example` (TensorFlow's deterministic serialization)."""
+    ex = Example()
+    feats = ex.features.feature
+    for name, value in ((TF_IMAGE, rec.jpeg), (TF_KEY, rec.key.encode()), (TF_SOURCE, rec.source.encode())):
+        feats[name].bytes_list.value.append(value)
+    for name, value in zip(_SIZES, (rec.height, rec.width, rec.orig_height, rec.orig_width), strict=True):
+        feats[name].int64_list.value.append(int(value))
+    cls, boxes = feats[TF_CLASS].int64_list, feats[TF_BBOX].float_list
+    cls.SetInParent()  # present (as an empty list) for background images too
+    boxes.SetInParent()
+    cls.value.extend(rec.cls.tolist())
+    boxes.value.extend(rec.boxes.reshape(-1).tolist())  # float32 -> float -> float32 is exact
+    return ex.SerializeToString(deterministic=True)
 
 
 def decode_example(data: bytes | memoryview) -> Record:
-    """Parse a serialized `tf.train.Example` written by `encode_example` into a Record."""
-    feats: dict[str, tuple[int, memoryview]] = {}
-    for num, wt, features in _fields(memoryview(data)):
-        if num != 1 or wt != 2:
-            continue
-        for fnum, fwt, entry in _fields(features):  # type: ignore[arg-type]
-            if fnum != 1 or fwt != 2:
-                continue
-            name, feature = None, memoryview(b"")
-            for enum, ewt, ev in _fields(entry):  # type: ignore[arg-type]
-                if enum == 1 and ewt == 2:
-                    name = bytes(ev).decode()  # type: ignore[arg-type]
-                elif enum == 2 and ewt == 2:
-                    feature = ev  # type: ignore[assignment]
-            kind, payload = 0, memoryview(b"")
-            for knum, kwt, kv in _fields(feature):
-                if kwt == 2 and knum in (_BYTES, _FLOAT, _INT64):
-                    kind, payload = knum, kv  # type: ignore[assignment]
-            if name is not None:
-                feats[name] = (kind, payload)
+    """Parse a serialized `tf.train.Example` holding this contract's features into a Record."""
+    try:
+        feats = Example.FromString(data).features.feature
+    except DecodeError as e:
+        raise FormatError(f"not a tf.train.Example ({e})") from None
     for name, kind in _FEATURES.items():
         if name not in feats:
             raise FormatError(f"feature {name!r} missing")
-        if feats[name][0] != kind:
+        if feats[name].WhichOneof("kind") != kind:
             raise FormatError(f"feature {name!r} has the wrong type")
 
     def one(name: str) -> bytes | int:
-        kind, payload = feats[name]
-        vals = _bytes_list(payload) if kind == _BYTES else _int64s(payload)
-        if len(vals) != 1:
-            raise FormatError(f"feature {name!r} has {len(vals)} values, expected 1")
-        return vals[0]
+        values = getattr(feats[name], _FEATURES[name]).value
+        if len(values) != 1:
+            raise FormatError(f"feature {name!r} has {len(values)} values, expected 1")
+        return values[0]
 
-    cls = np.asarray(_int64s(feats[TF_CLASS][1]), dtype=np.int64)
-    boxes = _floats(feats[TF_BBOX][1])
+    cls = np.array(feats[TF_CLASS].int64_list.value, dtype=np.int64)
+    boxes = np.array(feats[TF_BBOX].float_list.value, dtype=np.float32)
     if len(boxes) != 4 * len(cls):
         raise FormatError(f"{len(cls)} classes but {len(boxes)} box values (expected {4 * len(cls)})")
     if len(cls) and (cls.min() < np.iinfo(np.int32).min or cls.max() > np.iinfo(np.int32).max):
         raise FormatError("class id outside int32")
     try:
-        return Record(
-            key=one(TF_KEY).decode(),  # type: ignore[union-attr]
-            source=one(TF_SOURCE).decode(),  # type: ignore[union-attr]
-            jpeg=one(TF_IMAGE),  # type: ignore[arg-type]
-            height=one(TF_HEIGHT),  # type: ignore[arg-type]
-            width=one(TF_WIDTH),  # type: ignore[arg-type]
-            orig_height=one(TF_ORIG_HEIGHT),  # type: ignore[arg-type]
-            orig_width=one(TF_ORIG_WIDTH),  # type: ignore[arg-type]
-            cls=cls,
-            boxes=boxes,
-        )
+        key, source = one(TF_KEY).decode(), one(TF_SOURCE).decode()  # type: ignore[union-attr]
     except UnicodeDecodeError as e:
-        raise FormatError(f"key/source is not UTF-8: {e}") from e
+        raise FormatError(f"key/source is not UTF-8: {e}") from None
+    h, w, oh, ow = (one(name) for name in _SIZES)
+    return Record(key, source, one(TF_IMAGE), h, w, oh, ow, cls, boxes)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------ writer/reader
@@ -302,13 +168,13 @@ class Writer(IndexedFileWriter):
 
     def add(self, rec: Record) -> None:
         self._check_open()
-        data = b"".join(encode_example_chunks(rec))
+        data = _example_bytes(rec)
         n = _U64.pack(len(data))
         offset = self._data.size
         self._data.write(n + _U32.pack(masked_crc(n)))
         self._data.write(data)
         self._data.write(_U32.pack(masked_crc(data)))
-        self._idx.write(f"{offset} {len(data) + 16}\n".encode())
+        self._idx.write(f"{offset} {len(data) + FRAME_BYTES}\n".encode())
         self.num_samples += 1
 
     def _finalize(self) -> None:
@@ -319,20 +185,6 @@ class Writer(IndexedFileWriter):
         return [self._data, self._idx]
 
 
-def _parse_index(path: Path, shard: Path) -> np.ndarray:
-    try:
-        text = path.read_bytes()
-    except FileNotFoundError:
-        raise FormatError(f"{shard}: index file {path.name} not found") from None
-    try:
-        arr = np.array([line.split() for line in text.splitlines()], dtype=np.int64).reshape(-1, 2)
-    except ValueError:
-        raise FormatError(f"{path}: malformed index (want '<offset> <size>' lines)") from None
-    if text and not text.endswith(b"\n"):
-        raise FormatError(f"{path}: malformed index (last line not terminated)")
-    return arr
-
-
 class Reader(ShardReader):
     """Reads a TFRecord shard with its `.idx`; checks both CRCs of every record."""
 
@@ -340,17 +192,7 @@ class Reader(ShardReader):
         super().__init__(path)
         if not self.path.is_file():
             raise FormatError(f"{self.path}: shard not found")
-        self.index = _parse_index(index_path(self.path), self.path)
-        size = self.path.stat().st_size
-        offsets, sizes = self.index[:, 0], self.index[:, 1]
-        ends = offsets + sizes
-        if (
-            (len(self.index) and offsets[0] != 0)
-            or np.any(offsets[1:] != ends[:-1])
-            or np.any(sizes < 16)
-            or (ends[-1] if len(ends) else 0) != size
-        ):
-            raise FormatError(f"{self.path}: index {index_path(self.path).name} does not match the shard")
+        self.index = read_index(index_path(self.path), self.path.stat().st_size)
         self._fd = os.open(self.path, os.O_RDONLY)
 
     def __len__(self) -> int:
@@ -359,12 +201,12 @@ class Reader(ShardReader):
     def _parse(self, buf: bytes | memoryview, pos: int) -> Record:
         mv = memoryview(buf)
         where = f"{self.path}: record {pos}"
-        if len(mv) < 16:
+        if len(mv) < FRAME_BYTES:
             raise FormatError(f"{where}: truncated record")
         head = mv[:8]
         (n,) = _U64.unpack(head)
-        if n + 16 != len(mv):
-            raise FormatError(f"{where}: length field {n} does not match the index/file ({len(mv) - 16})")
+        if n + FRAME_BYTES != len(mv):
+            raise FormatError(f"{where}: length field {n} does not match the index/file ({len(mv) - FRAME_BYTES})")
         if _U32.unpack(mv[8:12])[0] != masked_crc(head):
             raise FormatError(f"{where}: length CRC mismatch")
         data = mv[12 : 12 + n]
@@ -394,6 +236,49 @@ class Reader(ShardReader):
             self._fd = -1
 
 
+# ------------------------------------------------------------------------------ index
+
+
+def _index_lines(data: bytes, where: str) -> list[bytes]:
+    """The lines (newline kept) of a well-formed index, else FormatError."""
+    if not _INDEX_LINES.fullmatch(data):
+        raise FormatError(f"{where}: malformed index (want '<offset> <size>' lines)")
+    return data.splitlines(keepends=True)
+
+
+def read_index(src: Path | str | bytes, shard_size: int | None = None) -> np.ndarray:
+    """int64 (n, 2): offset and size (framing included) of each record, from a shard's index file.
+
+    `src` is the index file or its bytes. The records must tile the shard: the first at 0, each
+    where the previous one ends, each at least a frame, the last ending at `shard_size` (by
+    default the size of the shard the index file names: its path without the ``.idx``).
+    FormatError if not.
+    """
+    data, where = index_bytes(src)
+    shard_size = indexed_shard_size(src, shard_size)
+    _index_lines(data, where)
+    index = np.array(data.split(), dtype=np.int64).reshape(-1, 2)
+    offsets, sizes = index[:, 0], index[:, 1]
+    ends = offsets + sizes
+    if (
+        (len(index) and offsets[0] != 0)
+        or np.any(offsets[1:] != ends[:-1])
+        or np.any(sizes < FRAME_BYTES)
+        or (int(ends[-1]) if len(ends) else 0) != shard_size
+    ):
+        raise FormatError(f"{where}: index does not match the shard ({shard_size} bytes)")
+    return index
+
+
+def trim_index(src: Path | str | bytes, start: int, stop: int) -> bytes:
+    """The index of records ``[start, stop)`` only, offsets unchanged: DALI's reader given it reads
+    just those records of the whole shard file."""
+    lines = _index_lines(*index_bytes(src))
+    if not 0 <= start <= stop <= len(lines):
+        raise ValueError(f"records [{start}, {stop}) are not within the index's {len(lines)}")
+    return b"".join(lines[start:stop])
+
+
 def make_index(path: Path) -> bytes:
     """Index bytes for an existing TFRecord file: the same lines `tfrecord2idx` writes."""
     lines = []
@@ -405,7 +290,7 @@ def make_index(path: Path) -> bytes:
             if len(head) != 8:
                 raise FormatError(f"{path}: truncated record at offset {off}")
             (n,) = _U64.unpack(head)
-            rec = n + 16
+            rec = n + FRAME_BYTES
             if off + rec > size:
                 raise FormatError(f"{path}: record at offset {off} runs past the end of the file")
             lines.append(f"{off} {rec}\n")

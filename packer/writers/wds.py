@@ -2,14 +2,15 @@
 
 Each sample is four consecutive members in `format.WDS_MEMBER_ORDER`: ``<key>.jpg``,
 ``<key>.cls`` (int32 LE, N), ``<key>.box`` (float32 LE, 4N: cx cy w h), ``<key>.json``
-(compact metadata). Headers are fixed (mtime 0, uid/gid 0, no user/group names, mode
-0o644), so the same records give the same bytes. The index ``<shard>.idx`` is produced
+(compact metadata). `tarfile` writes and parses the archive; every header field is fixed
+(mtime 0, uid/gid 0, no user/group names, mode 0o644), so the same records give the same bytes. The index ``<shard>.idx`` is produced
 while writing and equals `wds2idx`'s output: ``v1.2 <n>`` then one line per sample of
 ``<ext> <data_offset> <size> <name>`` groups.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tarfile
@@ -19,20 +20,26 @@ from pathlib import Path
 import numpy as np
 
 from packer.format import WDS_BOX, WDS_CLASS, WDS_IMAGE, WDS_MEMBER_ORDER, WDS_META, FormatError, Record
-from packer.writers.base import IndexedFileWriter, ShardReader, TempFile, index_path
+from packer.writers.base import (
+    IndexedFileWriter,
+    ShardReader,
+    TempFile,
+    index_bytes,
+    index_path,
+    indexed_shard_size,
+)
 
-BLOCK = 512
-RECORD = tarfile.RECORDSIZE  # tarfile/GNU tar pad archives to 20 blocks
+BLOCK = tarfile.BLOCKSIZE
 INDEX_VERSION = "v1.2"
 _META_FIELDS = ("key", "source", "height", "width", "orig_height", "orig_width")
 
 
-def tar_header(name: str, size: int) -> bytes:
-    """A deterministic ustar header for a regular file."""
+def _member(name: str, size: int) -> tarfile.TarInfo:
+    """A regular file's header with every field fixed, so the same records give the same bytes."""
     ti = tarfile.TarInfo(name)
     ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = size, 0, 0o644, 0, 0, "", ""
     ti.type = tarfile.REGTYPE
-    return ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+    return ti
 
 
 def encode_meta(rec: Record) -> bytes:
@@ -40,12 +47,13 @@ def encode_meta(rec: Record) -> bytes:
     return json.dumps(rec.meta(), separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _pad(n: int) -> int:
-    return -n % BLOCK
+def _padded(n: int | np.ndarray) -> int | np.ndarray:
+    """`n` rounded up to whole tar blocks."""
+    return -(-n // BLOCK) * BLOCK
 
 
 class Writer(IndexedFileWriter):
-    """Streams samples into a tar and their index lines into a temp file."""
+    """Streams samples into a tar (`tarfile`, ustar) and their index lines into a temp file."""
 
     def __init__(self, path: Path):
         super().__init__(path)
@@ -58,6 +66,10 @@ class Writer(IndexedFileWriter):
         except BaseException:
             self.abort()
             raise
+        self._tar = tarfile.TarFile(
+            fileobj=self._data, mode="w", format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict",
+            copybufsize=1 << 20,
+        )
 
     def add(self, rec: Record) -> None:
         self._check_open()
@@ -67,24 +79,19 @@ class Writer(IndexedFileWriter):
             (WDS_BOX, rec.boxes.astype("<f4").tobytes()),
             (WDS_META, encode_meta(rec)),
         )
-        parts, line = [], []
-        off = self._data.size
+        line = []
         for ext, data in members:
             name = f"{rec.key}.{ext}"
-            hdr = tar_header(name, len(data))
-            off += len(hdr)
-            line.append(f"{ext} {off} {len(data)} {name}")
-            off += len(data) + _pad(len(data))
-            parts += (hdr, data, bytes(_pad(len(data))))
-        self._data.write(b"".join(parts))
+            self._tar.addfile(_member(name, len(data)), io.BytesIO(data))
+            line.append(f"{ext} {self._tar.offset - _padded(len(data))} {len(data)} {name}")  # data after header
+        self._tar.members.clear()  # TarFile keeps every member for getmembers(); a writer needs none
         assert self._lines is not None
         self._lines.write((" ".join(line) + "\n").encode())
         self.num_samples += 1
 
     def _finalize(self) -> None:
         assert self._lines is not None
-        end = bytes(2 * BLOCK)  # end-of-archive marker, then pad to a whole record
-        self._data.write(end + bytes(-(self._data.size + len(end)) % RECORD))
+        self._tar.close()  # end-of-archive blocks, padded to a whole record (what GNU tar writes)
         self._data.finish()
         self._lines.finish()
         # the v1.2 header needs the sample count, known only now: header + the streamed lines
@@ -100,76 +107,42 @@ class Writer(IndexedFileWriter):
         return [self._data, self._lines, self._idx]
 
 
-def _parse_index(path: Path, shard: Path, size: int) -> list[tuple[str, int, int]]:
-    """Per sample: (key, first header offset, end of last member's data)."""
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        raise FormatError(f"{shard}: index file {path.name} not found") from None
-    except UnicodeDecodeError:
-        raise FormatError(f"{path}: index is not text") from None
-    bad = FormatError(f"{path}: malformed index or it does not match {shard.name}")
-    head = lines[0].split() if lines else []
-    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit() or int(head[1]) != len(lines) - 1:
-        raise bad
-    out = []
-    for line in lines[1:]:
-        tok = line.split(" ")
-        if len(tok) != 4 * len(WDS_MEMBER_ORDER):
-            raise bad
-        key = tok[3].split(".", 1)[0]
-        prev_end = None
-        for i, ext in enumerate(WDS_MEMBER_ORDER):
-            e, off, n, name = tok[4 * i : 4 * i + 4]
-            if e != ext or name != f"{key}.{ext}" or not off.isdigit() or not n.isdigit() or int(off) % BLOCK:
-                raise bad
-            if prev_end is not None and int(off) != prev_end + _pad(prev_end) + BLOCK:
-                raise bad  # members of a sample are consecutive
-            prev_end = int(off) + int(n)
-        start = int(tok[1]) - BLOCK
-        if out and start != out[-1][2] + _pad(out[-1][2]) or not out and start != 0 or prev_end > size:
-            raise bad
-        out.append((key, start, prev_end))
-    return out
-
-
 class Reader(ShardReader):
-    """Reads a wds tar through its index; checks every member's tar header against it."""
+    """Reads a wds tar through its index (`tarfile` parses each sample's members); checks every
+    member's name, offset and size against the index."""
 
     def __init__(self, path: Path):
         super().__init__(path)
         if not self.path.is_file():
             raise FormatError(f"{self.path}: shard not found")
-        self.samples = _parse_index(index_path(self.path), self.path, self.path.stat().st_size)
+        _, self.keys, self.members = _parse_index(*index_bytes(index_path(self.path)), self.path.stat().st_size)
         self._fd = os.open(self.path, os.O_RDONLY)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.keys)
 
     def read(self, pos: int) -> Record:
         pos = self._check_pos(pos)
-        key, start, end = self.samples[pos]
-        buf = os.pread(self._fd, end - start, start)
-        where = f"{self.path}: sample {pos} ({key})"
-        if len(buf) != end - start:
+        key, where = self.keys[pos], f"{self.path}: sample {pos} ({self.keys[pos]})"
+        start, size = (int(x) for x in _sample_ranges(self.members[pos : pos + 1])[0])
+        buf = os.pread(self._fd, size, start)
+        if len(buf) != size:
             raise FormatError(f"{where}: truncated")
+        expect = iter(zip(WDS_MEMBER_ORDER, self.members[pos].tolist(), strict=True))
         data: dict[str, bytes] = {}
-        o = 0
-        for ext in WDS_MEMBER_ORDER:
-            try:
-                ti = tarfile.TarInfo.frombuf(buf[o : o + BLOCK], "utf-8", "strict")
-            except tarfile.HeaderError as e:
-                raise FormatError(f"{where}: bad tar header for .{ext}: {e}") from None
-            if ti.name != f"{key}.{ext}" or not ti.isreg():
-                raise FormatError(f"{where}: member {key}.{ext} missing (found {ti.name!r})")
-            o += BLOCK
-            data[ext] = buf[o : o + ti.size]
-            data_end = o + ti.size
-            o = data_end + _pad(ti.size)
-        if data_end != end - start:
-            raise FormatError(f"{where}: member sizes do not match the index")
+        try:
+            with tarfile.open(fileobj=io.BytesIO(buf), mode="r:", encoding="utf-8", errors="strict") as tar:
+                for ti in tar:
+                    ext, (off, n) = next(expect, (None, (-1, -1)))
+                    if ti.name != f"{key}.{ext}" or not ti.isreg() or start + ti.offset_data != off or ti.size != n:
+                        raise FormatError(f"{where}: tar member {ti.name!r} does not match the index")
+                    data[ext] = tar.extractfile(ti).read()  # type: ignore[union-attr]
+        except tarfile.TarError as e:
+            raise FormatError(f"{where}: bad tar member ({e})") from None
+        missing = [f"{key}.{ext}" for ext in WDS_MEMBER_ORDER if ext not in data]
+        if missing:
+            raise FormatError(f"{where}: member {missing[0]} missing")
         return self._decode(data, key, where)
-
     @staticmethod
     def _decode(data: dict[str, bytes], key: str, where: str) -> Record:
         cls, box = data[WDS_CLASS], data[WDS_BOX]
@@ -200,6 +173,84 @@ class Reader(ShardReader):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+# ------------------------------------------------------------------------------ index
+
+
+def _is_count(s: str) -> bool:
+    return s.isascii() and s.isdigit() and len(s) <= 18
+
+
+def _parse_index(data: bytes, where: str, shard_size: int | None) -> tuple[list[str], list[str], np.ndarray]:
+    """A v1.2 index as (sample lines without newline, keys, int64 (n, members, 2) data offset and size).
+
+    FormatError unless every sample has exactly the contract's members, in order, and all members
+    lie back to back from offset 0 (one header block before each, data padded to whole blocks),
+    ending within `shard_size` when given.
+    """
+    bad = FormatError(f"{where}: malformed index or it does not match its shard")
+    try:
+        lines = data.decode("ascii").split("\n")
+    except UnicodeDecodeError:
+        raise bad from None
+    head = lines[0].split(" ")
+    if lines[-1] or len(head) != 2 or head[0] != INDEX_VERSION or not _is_count(head[1]):
+        raise bad
+    lines = lines[1:-1]
+    if int(head[1]) != len(lines):
+        raise bad
+    keys, rows = [], []
+    for line in lines:
+        tok = line.split(" ")
+        key = tok[3].split(".", 1)[0] if len(tok) == 4 * len(WDS_MEMBER_ORDER) else ""
+        quads = [tok[i : i + 4] for i in range(0, len(tok), 4)]
+        if not key or [(q[0], q[3]) for q in quads] != [(e, f"{key}.{e}") for e in WDS_MEMBER_ORDER]:
+            raise bad
+        if not all(_is_count(q[1]) and _is_count(q[2]) for q in quads):
+            raise bad
+        keys.append(key)
+        rows.append([(int(q[1]), int(q[2])) for q in quads])
+    members = np.array(rows, dtype=np.int64).reshape(-1, len(WDS_MEMBER_ORDER), 2)
+    heads = members[:, :, 0].reshape(-1) - BLOCK  # every member's header, in file order
+    ends = _padded(members[:, :, 0].reshape(-1) + members[:, :, 1].reshape(-1))
+    if len(heads) and (heads[0] != 0 or np.any(heads[1:] != ends[:-1])):
+        raise bad
+    if len(ends) and shard_size is not None and ends[-1] > shard_size:
+        raise bad
+    return lines, keys, members
+
+
+def _sample_ranges(members: np.ndarray) -> np.ndarray:
+    """int64 (n, 2): offset of each sample's first header and its size up to the next sample."""
+    start = members[:, 0, 0] - BLOCK
+    return np.stack([start, _padded(members[:, -1, 0] + members[:, -1, 1]) - start], axis=1)
+
+
+def read_index(src: Path | str | bytes, shard_size: int | None = None, member: str | None = None) -> np.ndarray:
+    """int64 (n, 2) from a shard's index file (its path, or its bytes): offset and size of each
+    sample's tar bytes (headers and padding included; sample i+1 starts where i ends), or with
+    `member` (one of `format.WDS_MEMBER_ORDER`) of that member's data in each sample.
+
+    Checked against the shard: members back to back from offset 0, ending within `shard_size`
+    (by default the size of the shard the index file names: its path without ``.idx``).
+    FormatError if not.
+    """
+    if member is not None and member not in WDS_MEMBER_ORDER:
+        raise ValueError(f"unknown member {member!r}: one of {', '.join(WDS_MEMBER_ORDER)}")
+    data, where = index_bytes(src)
+    _, _, members = _parse_index(data, where, indexed_shard_size(src, shard_size))
+    return _sample_ranges(members) if member is None else members[:, WDS_MEMBER_ORDER.index(member)].copy()
+
+
+def trim_index(src: Path | str | bytes, start: int, stop: int) -> bytes:
+    """The index of samples ``[start, stop)`` only, offsets unchanged: DALI's reader given it reads
+    just those samples of the whole tar."""
+    lines, _, _ = _parse_index(*index_bytes(src), None)
+    if not 0 <= start <= stop <= len(lines):
+        raise ValueError(f"samples [{start}, {stop}) are not within the index's {len(lines)}")
+    body = lines[start:stop]
+    return (f"{INDEX_VERSION} {len(body)}\n" + "".join(b + "\n" for b in body)).encode()
 
 
 def _split_name(name: str) -> tuple[str, str]:
