@@ -67,7 +67,8 @@ def fake_pack(yolo_root: Path, out: Path) -> Path:
         la.save(out / split / "labels.npz")
         counts = np.bincount(la.cls, minlength=len(NAMES)).tolist()
         splits[split] = SplitInfo(len(la), int(len(la.cls)), counts, f"{split}/labels.npz",
-                                  [ShardInfo(f"{split}/{split}-00000.tfrecord", len(la), 0, "", None)])
+                                  [ShardInfo(f"{split}/{split}-00000.tfrecord", len(la), 0, "0" * 64,
+                                             f"{split}/{split}-00000.tfrecord.idx")])  # no files: never read
     m = Manifest("tfrecord", 10_000, NAMES, {"path": str(yolo_root), "layout": "yolo-yaml"}, {}, "test", splits)
     write_manifest(out, m)
     return out

@@ -113,31 +113,48 @@ class TrainConfig:
     cache_max_bytes: int | None = None
 
     def validate(self) -> None:
-        """Raise TrainError for values that cannot work, before anything heavy starts."""
-        if self.epochs < 1:
-            raise TrainError(f"--epochs must be >= 1, got {self.epochs}")
-        if self.batch == 0 or self.batch < -1:
-            raise TrainError(f"--batch must be a positive number or -1 (AutoBatch), got {self.batch}")
-        if self.nbs < 1:
-            raise TrainError(f"--nbs must be >= 1, got {self.nbs}")
-        if self.imgsz is not None and (self.imgsz < 32 or self.imgsz % 32):
+        """Raise TrainError (one line naming the option) for values that cannot work, before anything heavy starts."""
+        for name, ok, rule in _NUMBER_RULES:
+            v = getattr(self, name)
+            if v is None and name in _OPTIONAL:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+                raise TrainError(f"--{name.replace('_', '-')} must be {rule}, got {v!r}")
+        if self.imgsz is not None and self.imgsz % 32:
             raise TrainError(f"--imgsz must be a multiple of 32 (the model's largest stride), got {self.imgsz}")
-        if self.amp not in ("auto", "bf16", "fp16", "off"):
-            raise TrainError(f"--amp must be auto, bf16, fp16 or off, got {self.amp!r}")
-        if self.loader not in ("auto", "dali", "torch"):
-            raise TrainError(f"--loader must be auto, dali or torch, got {self.loader!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise TrainError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.workers is not None and self.workers < 0:
-            raise TrainError(f"--workers must be >= 0, got {self.workers}")
-        if self.lr0 <= 0:
-            raise TrainError(f"--lr0 must be > 0, got {self.lr0}")
-        if self.close_mosaic < 0:
-            raise TrainError(f"--close-mosaic must be >= 0, got {self.close_mosaic}")
-        if self.cache_max_bytes is not None and self.cache_max_bytes <= 0:
-            raise TrainError(f"--cache-max-bytes must be > 0, got {self.cache_max_bytes}")
+        for name, allowed in (("amp", AMP_MODES), ("loader", LOADERS), ("optimizer", OPTIMIZERS)):
+            if getattr(self, name) not in allowed:
+                raise TrainError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.storage_options is not None and not isinstance(self.storage_options, dict):
             raise TrainError("--storage-options must be a JSON object")
+
+
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+LOADERS = ("auto", "dali", "torch")
+_OPTIONAL = ("imgsz", "workers", "cache_max_bytes")  # None means "choose for me"
+# (option, test, the rule as the error states it): every number must also be finite (no nan/inf)
+_NUMBER_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("epochs", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    ("batch", lambda v: isinstance(v, int) and (v >= 1 or v == -1), "a positive integer or -1 (AutoBatch)"),
+    ("nbs", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    ("imgsz", lambda v: isinstance(v, int) and v >= 32, "a positive multiple of 32"),
+    ("workers", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    ("lr0", lambda v: v > 0, "a number > 0"),
+    ("lrf", lambda v: 0 < v <= 1, "a number in (0, 1] (final lr = lr0 * lrf)"),
+    ("momentum", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("weight_decay", lambda v: v >= 0, "a number >= 0"),
+    ("warmup_epochs", lambda v: v >= 0, "a number >= 0"),
+    ("warmup_momentum", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("warmup_bias_lr", lambda v: v >= 0, "a number >= 0"),
+    ("close_mosaic", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    ("patience", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0 = never stop early)"),
+    ("seed", lambda v: isinstance(v, int) and 0 <= v < 2**31, "an integer in [0, 2**31)"),
+    ("box", lambda v: v >= 0, "a number >= 0"),
+    ("cls", lambda v: v >= 0, "a number >= 0"),
+    ("dfl", lambda v: v >= 0, "a number >= 0"),
+    ("max_det", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    ("cache_max_bytes", lambda v: isinstance(v, int) and v > 0, "a size > 0"),
+)
 
 
 @dataclass

@@ -1,0 +1,69 @@
+"""Trainer options that are not finite or not sensible: exit 2 with one line naming the option.
+
+Run through the real CLI (`trainer.run.main` in process, and once as `python -m trainer.run`) on a real
+packed dataset, so the only thing wrong is the option; no run folder may be created.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from packer.build import build_dataset
+from trainer.engine import TrainConfig, TrainError
+from trainer.run import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BAD = [
+    ("--lr0", "nan"), ("--lr0", "inf"), ("--lr0", "-inf"), ("--lr0", "0"), ("--lr0", "-0.01"),
+    ("--lrf", "0"), ("--lrf", "-1"), ("--lrf", "nan"), ("--lrf", "2"),
+    ("--momentum", "-0.1"), ("--momentum", "1"), ("--momentum", "1.5"), ("--momentum", "nan"),
+    ("--weight-decay", "-0.0005"), ("--weight-decay", "inf"),
+    ("--warmup-epochs", "-1"), ("--warmup-epochs", "nan"),
+    ("--epochs", "0"), ("--epochs", "-3"),
+    ("--batch", "0"), ("--batch", "-2"),
+    ("--nbs", "0"),
+    ("--imgsz", "0"), ("--imgsz", "-64"), ("--imgsz", "100"), ("--imgsz", "16"),
+    ("--patience", "-1"),
+    ("--seed", "-1"), ("--seed", str(2**40)),
+]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("args") / "ds"
+    build_dataset(ROOT / "samples" / "yolo", out, fmt="wds", size=64, workers=1, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("option, value", BAD, ids=[f"{o}={v}" for o, v in BAD])
+def test_bad_option_exits_2_with_one_line(shards, tmp_path, capsys, option, value):
+    with pytest.raises(SystemExit) as e:
+        main([str(shards), option, value, "--out", str(tmp_path / "runs"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("Error: ") and option in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_library_config_checks_the_same_rules():
+    TrainConfig(shards="x").validate()  # the defaults pass
+    TrainConfig(shards="x", batch=-1, imgsz=320, patience=0, warmup_epochs=0, momentum=0.0).validate()
+    for field, value in [("lr0", float("nan")), ("momentum", -0.5), ("weight_decay", float("-inf")),
+                         ("epochs", 1.5), ("batch", True), ("box", float("nan")), ("max_det", 0),
+                         ("workers", -1), ("cache_max_bytes", 0), ("lr0", "0.01"), ("amp", "fp8")]:
+        with pytest.raises(TrainError, match=f"--{field.replace('_', '-')} must be"):
+            TrainConfig(shards="x", **{field: value}).validate()
+
+
+def test_python_m_trainer_run_refuses_nan_lr(shards, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "trainer.run", str(shards), "--lr0", "nan", "--out", str(tmp_path / "r")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "--lr0 must be a number > 0, got nan" in lines[0], r.stderr
+    assert not (tmp_path / "r").exists()
