@@ -98,11 +98,13 @@ def cli() -> None:
 @click.option("--staging", type=click.Path(file_okay=False), default=None,
               help="With -o URL: local folder to build in before the upload (default: a temp folder, removed).")
 @STORAGE_OPTIONS
+@click.option("--retries", type=click.IntRange(min=0), default=4, show_default=True,
+              help="With -o URL: retries per file on transient network errors (exponential backoff).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 def build(src, out, fmt, size, upscale, quality, shard_size, shard_bytes, min_shards, workers, shuffle, seed,
           splits, keep_crowd, max_pixels, follow_symlinks, overwrite, resume, strict, num_parts, part, staging,
-          storage_options, as_json, progress) -> None:
+          storage_options, retries, as_json, progress) -> None:
     """Pack SRC (a COCO or YOLO folder, detected automatically) into shards.
 
     -o may be a URL (s3://bucket/prefix, gs://..., file://...): the dataset is built in a
@@ -121,7 +123,7 @@ def build(src, out, fmt, size, upscale, quality, shard_size, shard_bytes, min_sh
         def build_dataset(src, out, **kw):  # noqa: ANN001, ANN202 - same call, remote destination
             kw.pop("num_parts", None)
             kw.pop("part", None)
-            return build_to_url(src, out, staging=staging, storage_options=so, **kw)[0]
+            return build_to_url(src, out, staging=staging, storage_options=so, attempts=retries + 1, **kw)[0]
 
     try:
         res = build_dataset(

@@ -41,7 +41,7 @@ from packer.format import (
     shard_name,
     write_manifest,
 )
-from packer.output import BuildError, OutputError, OutputFolder, output_folder
+from packer.output import BuildError, OutputError, OutputFolder, is_write_error, output_folder
 from packer.writers import ShardWriter, get_writer, open_reader
 
 CONVERTED_FROM = "converted_from"  # manifest options key: {"format", "path", "shard_size"}
@@ -181,6 +181,8 @@ def _convert_split(src: Path, m: Manifest, split: str, folder: OutputFolder, fmt
                         if target and in_shard >= target:
                             close()
             except (FormatError, OSError) as e:
+                if isinstance(e, OSError) and is_write_error(e, out):
+                    raise  # disk full / read-only output: output_folder makes it one line
                 raise ConvertError(f"{sh.path}: cannot read the source shard ({e}); run packer verify on it") from None
             if count != sh.num_samples:
                 raise ConvertError(f"{sh.path}: {count} records, the source manifest says {sh.num_samples}")

@@ -415,9 +415,9 @@ def write_errors(root: Path, hint: str = "rerun") -> Iterator[None]:
 
 
 def is_write_error(e: OSError, root: Path) -> bool:
-    """Disk full, file too large, read-only or I/O error, or no permission under `root`."""
-    return e.errno in _SPACE or e.errno in (errno.EROFS, errno.EIO) or (
-        e.errno in (errno.EACCES, errno.EPERM) and _under(e.filename, root))
+    """Disk full, file too large or read-only anywhere; I/O error or no permission under `root`."""
+    return e.errno in _SPACE or e.errno == errno.EROFS or (
+        e.errno in (errno.EACCES, errno.EPERM, errno.EIO) and _under(e.filename, root))
 
 
 def _under(name: object, root: Path) -> bool:
@@ -434,5 +434,6 @@ def _errno_of(e: Exception) -> int | None:
 
 def _io_message(root: Path, code: int | None, text: str, hint: str) -> str:
     name = errno.errorcode.get(code or 0, "EIO")
-    what = "the disk is full" if code in _SPACE else "the output cannot be written"
+    what = ("the disk is full" if code in _SPACE else "the output folder is read-only" if code == errno.EROFS
+            else "an I/O error (disk full or failing?)" if code == errno.EIO else "the output cannot be written")
     return f"writing to {root} failed: {what} ({name}: {text}); no manifest was written; {hint}"

@@ -150,6 +150,34 @@ def require_writable(fs, url: str) -> None:  # noqa: ANN001
         raise RemoteError(f"{display_url(url)}: http(s) URLs are read-only; push/build to s3://, gs:// or file:// instead")
 
 
+def endpoint_of(url: str, storage_options: dict[str, Any] | None = None) -> str:
+    """The storage endpoint a URL talks to, for messages (credentials and query stripped)."""
+    so = storage_options or {}
+    ck = so.get("client_kwargs")
+    ep = (ck.get("endpoint_url") if isinstance(ck, dict) else None) or so.get("endpoint_url")
+    if not ep and str(url).startswith("s3://"):
+        ep = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if ep:
+        return display_url(str(ep))
+    scheme = str(url).split("://", 1)[0] if is_url(url) else "file"
+    if scheme in _READ_ONLY:
+        return display_url(str(url)).split("/", 3)[2] if str(url).count("/") >= 2 else scheme
+    return f"the default {scheme}:// endpoint"
+
+
+def unreachable(e: BaseException, url: str, storage_options: dict[str, Any] | None, attempts: int) -> RemoteError | None:
+    """A one-line RemoteError naming the endpoint when `e` is a network failure left after the
+    retries (None otherwise). Only the exception's type is shown: its text may carry signed URLs."""
+    if isinstance(e, TypeError) and "unexpected keyword argument" in str(e):
+        return RemoteError(f"--storage-options not accepted for {display_url(url)}: {redact(str(e), storage_options)}")
+    if isinstance(e, RemoteError) or not is_transient(e):
+        return None
+    return RemoteError(
+        f"{display_url(url)}: storage endpoint {endpoint_of(url, storage_options)} is unreachable after "
+        f"{attempts} attempt(s) ({type(e).__name__}); check the endpoint address and the network, then rerun"
+    )
+
+
 def join(root: str, rel: str) -> str:
     return f"{root.rstrip('/')}/{rel}" if root else rel
 

@@ -49,6 +49,7 @@ from packer.remote import (
     remote_sizes,
     require_writable,
     retry,
+    unreachable,
     upload,
     write_bytes,
 )
@@ -189,10 +190,14 @@ def push(
         _push(fs, root, local, m, data, files, res, progress, attempts)
     except (RemoteError, FormatError):
         raise
-    except FileNotFoundError as e:
-        raise RemoteError(f"push to {display_url(url)}: {redact(str(e), storage_options)}") from None
-    except OSError as e:
-        raise RemoteError(f"push to {display_url(url)} failed: {redact(str(e), storage_options)}") from None
+    except Exception as e:
+        if (err := unreachable(e, url, storage_options, attempts)) is not None:
+            raise err from None
+        if isinstance(e, FileNotFoundError):
+            raise RemoteError(f"push to {display_url(url)}: {redact(str(e), storage_options)}") from None
+        if isinstance(e, OSError):
+            raise RemoteError(f"push to {display_url(url)} failed: {redact(str(e), storage_options)}") from None
+        raise
     res.elapsed_s = time.monotonic() - t0
     return res
 
@@ -417,9 +422,14 @@ def build_to_url(
 
     fs, root = get_fs(url, storage_options)
     require_writable(fs, url)
-    with contextlib.suppress(FileNotFoundError):
-        if not overwrite and retry(lambda: fs.info(join(root, MANIFEST_NAME))):
-            raise RemoteError(f"{display_url(url)} already holds a packed dataset; pass --overwrite to replace it")
+    try:  # before the build: an unreachable or occupied destination fails at once
+        with contextlib.suppress(FileNotFoundError):
+            if retry(lambda: fs.info(join(root, MANIFEST_NAME)), attempts=attempts) and not overwrite:
+                raise RemoteError(f"{display_url(url)} already holds a packed dataset; pass --overwrite to replace it")
+    except Exception as e:
+        if (err := unreachable(e, url, storage_options, attempts)) is not None:
+            raise err from None
+        raise
     tmp = None
     if staging is None:
         tmp = tempfile.mkdtemp(prefix="packer-staging-")
