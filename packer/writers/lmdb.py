@@ -28,14 +28,52 @@ from packer.format import (
 from packer.writers.base import ShardReader, ShardWriter, WrittenShard, fsync_dir, make_hidden_tmp
 
 _INITIAL_MAP = 64 << 20
-# LMDB page layout (lmdb.h/mdb.c, 0.9.x): header = pgno u64, pad u16, flags u16, lower u16, upper u16
-# (overflow pages: u32 page count instead of lower/upper); nodes = lo u16, hi u16, flags u16, ksize u16.
+_COMMIT_BYTES = 64 << 20  # bounds the dirty pages (memory) held by one write transaction
+
+# --- LMDB's on-disk page layout, as `normalize` relies on it --------------------------------------
+# Not an API: read from lmdb.h/mdb.c of the LMDB bundled with py-lmdb and verified against it
+# (tests/test_formats_lib.py pins that version and fails if it changes). At run time the meta
+# page's magic and data-format version are checked, so a file of another layout is refused
+# rather than rewritten. Page header = pgno u64, pad u16, flags u16, lower u16, upper u16
+# (overflow pages: u32 page count instead of lower/upper); node = lo u16, hi u16, flags u16, ksize u16.
+VERIFIED_LMDB_VERSION = (0, 9, 36)  # lmdb.version() the layout below was checked against
+_MAGIC, _DATA_VERSION = 0xBEEFC0DE, 1  # MDB_MAGIC, MDB_DATA_VERSION
 _PAGE_HDR = struct.Struct("<QHHHH")
 _NODE = struct.Struct("<HHHH")
 _P_BRANCH, _P_LEAF, _P_OVERFLOW, _P_META = 0x01, 0x02, 0x04, 0x08
 _F_BIGDATA = 0x01
-_META_MAPSIZE = 32  # offset of mm_mapsize in a meta page (after magic u32, version u32, address u64)
-_COMMIT_BYTES = 64 << 20  # bounds the dirty pages (memory) held by one write transaction
+_META = struct.Struct("<IIQQI")  # at byte 16 of a meta page: magic, version, address, mapsize, dbs[0].md_pad
+_META_MAPSIZE = 16 + 16  # byte offset of mm_mapsize in a meta page
+
+
+def _page_size(head: bytes, path: Path, size: int) -> int:
+    """The page size from the first meta page (FREE_DBI's md_pad holds it); refuse other layouts."""
+    magic, version, _, _, psize = _META.unpack_from(head, 16)
+    if magic != _MAGIC or version != _DATA_VERSION:
+        raise FormatError(f"{path}: LMDB data format {magic:#x}/{version} is not the one normalize was verified "
+                          f"for ({_MAGIC:#x}/{_DATA_VERSION}, lmdb {'.'.join(map(str, VERIFIED_LMDB_VERSION))})")
+    if psize < 512 or psize & (psize - 1) or size % psize:
+        raise FormatError(f"{path}: unexpected LMDB page size {psize}")
+    return psize
+
+
+def _clean_node_page(page: bytes, leaf: bool, tails: list[tuple[int, int]]) -> bytearray:
+    """A branch/leaf page with only its header, node pointers and nodes kept (the rest zero);
+    appends (first overflow page, value size) of each big value to `tails`."""
+    lower = _PAGE_HDR.unpack_from(page)[3]
+    new = bytearray(len(page))
+    new[:lower] = page[:lower]  # header + node pointers
+    for i in range(16, lower, 2):
+        ptr = int.from_bytes(page[i : i + 2], "little")
+        lo, hi, nflags, ksize = _NODE.unpack_from(page, ptr)
+        n = 8 + ksize
+        if leaf and nflags & _F_BIGDATA:
+            tails.append((int.from_bytes(page[ptr + n : ptr + n + 8], "little"), lo | hi << 16))
+            n += 8
+        elif leaf:
+            n += lo | hi << 16
+        new[ptr : ptr + n] = page[ptr : ptr + n]
+    return new
 
 
 def normalize(path: Path) -> tuple[int, str]:
@@ -47,52 +85,35 @@ def normalize(path: Path) -> tuple[int, str]:
     branch/leaf pages, and the tail after a value in its last overflow page. These depend
     on transaction boundaries and allocator history, not on the data, so they are set to
     fixed values here (zeros; the file size). LMDB never reads those bytes, and it raises a
-    smaller stored map size to the data size on open.
+    smaller stored map size to the data size on open. LMDB has no documented way to this.
     """
     size = path.stat().st_size
     fd = os.open(path, os.O_RDWR)
     try:
-        psize = struct.unpack_from("<I", os.pread(fd, 64, 0), 16 + 24)[0]  # mm_dbs[FREE_DBI].md_pad
-        if psize < 512 or psize & (psize - 1) or size % psize:
-            raise FormatError(f"{path}: unexpected LMDB page size {psize}")
-        tails: list[tuple[int, int]] = []  # (first overflow page, value size)
-        pgno, npages = 0, size // psize
-        while pgno < npages:
-            off = pgno * psize
-            page = bytearray(os.pread(fd, psize, off))
-            _, _, flags, lower, _ = _PAGE_HDR.unpack_from(page)
-            pgno += 1
+        psize = _page_size(os.pread(fd, 64, 0), path, size)
+        tails: list[tuple[int, int]] = []
+        pgno = 0
+        while pgno < size // psize:
+            page = os.pread(fd, psize, pgno * psize)
+            flags = _PAGE_HDR.unpack_from(page)[2]
             if flags & _P_OVERFLOW:
-                pgno += struct.unpack_from("<I", page, 12)[0] - 1  # skip the run, unread
+                pgno += struct.unpack_from("<I", page, 12)[0]  # skip the run, unread
                 continue
             if flags & _P_META:
                 new = bytearray(page)
                 new[_META_MAPSIZE : _META_MAPSIZE + 8] = size.to_bytes(8, "little")
             elif flags & (_P_BRANCH | _P_LEAF):
-                new = bytearray(psize)
-                new[:lower] = page[:lower]  # header + node pointers
-                for i in range(16, lower, 2):
-                    ptr = int.from_bytes(page[i : i + 2], "little")
-                    lo, hi, nflags, ksize = _NODE.unpack_from(page, ptr)
-                    n = 8 + ksize
-                    if flags & _P_LEAF:
-                        dsize = lo | hi << 16
-                        if nflags & _F_BIGDATA:
-                            tails.append((int.from_bytes(page[ptr + n : ptr + n + 8], "little"), dsize))
-                            n += 8
-                        else:
-                            n += dsize
-                    new[ptr : ptr + n] = page[ptr : ptr + n]
+                new = _clean_node_page(page, bool(flags & _P_LEAF), tails)
             else:
-                raise FormatError(f"{path}: unexpected LMDB page flags {flags:#x} on page {pgno - 1}")
+                raise FormatError(f"{path}: unexpected LMDB page flags {flags:#x} on page {pgno}")
             if new != page:
-                os.pwrite(fd, new, off)
-        for first, dsize in tails:
+                os.pwrite(fd, new, pgno * psize)
+            pgno += 1
+        for first, dsize in tails:  # a value's last overflow page: zero what follows the value
             start = first * psize + 16 + dsize
             end = (first + (15 + dsize) // psize + 1) * psize  # LMDB's OVPAGES
-            tail = os.pread(fd, end - start, start)
-            if tail.count(0) != len(tail):
-                os.pwrite(fd, bytes(len(tail)), start)
+            if os.pread(fd, end - start, start).count(0) != end - start:
+                os.pwrite(fd, bytes(end - start), start)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -227,7 +248,12 @@ class Writer(ShardWriter):
 
 
 class Reader(ShardReader):
-    """Reads an LMDB shard read-only without a lock file; reopens itself after fork."""
+    """Reads an LMDB shard read-only and without a lock file (``readonly=True, lock=False``).
+
+    The record count is checked when the Reader is made; the environment is then opened lazily,
+    once per process, on first use: a Reader made before fork (torch DataLoader workers) is safe,
+    each process opens its own. Map-style access (``len(r)``, ``r[i]``) as a torch Dataset.
+    """
 
     def __init__(self, path: Path):
         super().__init__(path)
@@ -236,33 +262,48 @@ class Reader(ShardReader):
         self._pid = -1
         self._env: lmdb.Environment | None = None
         self._txn: lmdb.Transaction | None = None
-        self._open()
-        assert self._txn is not None
-        raw = self._txn.get(LMDB_COUNT_KEY)
+        self._closed = False
+        try:
+            self._n = self._count(self._t())
+        finally:
+            self._release()  # opened again where it is used
+
+    def _count(self, txn: lmdb.Transaction) -> int:
+        raw = txn.get(LMDB_COUNT_KEY)
         if raw is None or not bytes(raw).isdigit():
             raise FormatError(f"{self.path}: missing or malformed {LMDB_COUNT_KEY.decode()} key")
-        self._n = int(bytes(raw))
-        entries = self._txn.stat()["entries"]
-        if entries != self._n + 1:
-            raise FormatError(f"{self.path}: {entries - 1} records but the count key says {self._n}")
-
-    def _open(self) -> None:
-        try:
-            self._env = lmdb.open(
-                str(self.path), subdir=False, readonly=True, lock=False, readahead=False, max_dbs=0
-            )
-        except lmdb.Error as e:
-            raise FormatError(f"{self.path}: not a readable LMDB file ({e})") from None
-        self._txn = self._env.begin(buffers=True)
-        self._pid = os.getpid()
+        n = int(bytes(raw))
+        entries = txn.stat()["entries"]
+        if entries != n + 1:
+            raise FormatError(f"{self.path}: {entries - 1} records but the count key says {n}")
+        return n
 
     def _t(self) -> lmdb.Transaction:
-        if self._pid != os.getpid():  # an LMDB environment must not cross fork
-            self._env = self._txn = None
-            self._open()
-        if self._txn is None:
+        """This process's read transaction, opening the environment here first if needed."""
+        if self._closed:
             raise ValueError(f"{self.path}: reader is closed")
+        if self._pid != os.getpid():  # an LMDB environment must not be used across fork
+            self._env = self._txn = None
+            try:
+                self._env = lmdb.open(
+                    str(self.path), subdir=False, readonly=True, lock=False, readahead=False, max_dbs=0
+                )
+            except lmdb.Error as e:
+                raise FormatError(f"{self.path}: not a readable LMDB file ({e})") from None
+            self._txn = self._env.begin(buffers=True)
+            self._pid = os.getpid()
+        assert self._txn is not None
         return self._txn
+
+    def _release(self) -> None:
+        """Close this process's environment (one inherited across fork is only dropped)."""
+        if self._pid == os.getpid():
+            if self._txn is not None:
+                self._txn.abort()
+            if self._env is not None:
+                self._env.close()
+        self._txn = self._env = None
+        self._pid = -1
 
     def __len__(self) -> int:
         return self._n
@@ -295,8 +336,5 @@ class Reader(ShardReader):
             raise FormatError(f"{self.path}: {pos} records but the count key says {self._n}")
 
     def close(self) -> None:
-        if self._txn is not None and self._pid == os.getpid():
-            self._txn.abort()
-        if self._env is not None and self._pid == os.getpid():
-            self._env.close()
-        self._txn = self._env = None
+        self._release()
+        self._closed = True
