@@ -215,3 +215,28 @@ def test_yolo_split_folder_names_are_checked(tmp_path):
     _img(ds / "images" / "va l" / "b.jpg", BOX)
     with pytest.raises(SourceError, match="split name"):
         detect_source(ds)
+
+
+def test_odd_entries_never_kill_a_build(tmp_path):
+    ds = tmp_path / "ds"
+    _img(ds / "images" / "train" / "a.jpg", BOX)
+    os.mkfifo(ds / "images" / "train" / "fifo.jpg")  # would block a reader forever
+    (ds / "images" / "train" / "dir.jpg").mkdir()  # a folder with an image's name: walked, empty
+    (ds / "list.txt").write_text("images/train/a.jpg\nimages/nul\x00.jpg\n" + "x" * 300 + ".jpg\n")
+    (ds / "data.yaml").write_text("train: images/train\nval: list.txt\nnames: [a]\n")
+    report = _build(ds, tmp_path / "out")
+    assert report["splits"]["train"]["images"] == {"found": 2, "packed": 1, "skipped": {"missing_image": 1}}
+    assert report["splits"]["val"]["images"] == {"found": 3, "packed": 1, "skipped": {"missing_image": 2}}
+
+    root = tmp_path / "coco"
+    ims = [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "nul\x00.jpg"}, {"id": 3, "file_name": 5},
+           {"id": 4, "file_name": "y" * 300 + ".jpg"}, {"id": 5}, {"id": [1], "file_name": "b.jpg"}]
+    _img(root / "train" / "a.jpg")
+    _img(root / "train" / "b.jpg", seed=1)
+    (root / "annotations").mkdir()
+    (root / "annotations" / "instances_train.json").write_text(
+        json.dumps({"images": ims, "annotations": [{"image_id": [1], "bbox": [1, 1, 2, 2], "category_id": 1}],
+                    "categories": [{"id": 1, "name": "a"}]}))
+    report = _build(root, tmp_path / "out2")
+    assert report["totals"]["images"] == {"found": 6, "packed": 2, "skipped": {"missing_image": 4}}
+    assert report["totals"]["boxes"] == {"found": 1, "packed": 0, "dropped": {"orphan_annotation": 1}}

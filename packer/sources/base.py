@@ -72,6 +72,9 @@ class Candidate:
 class SourceError(ValueError):
     """The source folder cannot be read as a dataset; the message is one readable line."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(safe_text(" ".join(str(message).splitlines())))  # printable whatever the file names
+
 
 @dataclass
 class Source:

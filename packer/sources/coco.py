@@ -158,7 +158,7 @@ def _unique_ids(images: list[Any], name: str) -> set[Any]:
 def _locate(root: Path, scope: Scope, bases: list[str], cand: Candidate, fname: str, name: str) -> None:
     """Set the candidate's source and path (or its reject reason) from its json file_name."""
     if not fname:
-        cand.reject, cand.detail = "missing_image", f"entry in {name} has no file_name"
+        cand.reject, cand.detail = "missing_image", "the entry has no file_name"
         return
     # a file_name that climbs above the root (absolute, or leading "..") is rejected
     # whatever folder it would be looked up in; the lookups below then stay inside
@@ -189,7 +189,7 @@ def load_split(
     image_ids = _unique_ids(data["images"], name)
     bases = [str(b) for b in (root / split, root / "images" / split, root / "images") if b.is_dir()] + [str(root)]
     cands: list[Candidate] = []
-    for im in data["images"]:
+    for i, im in enumerate(data["images"]):
         fname = im.get("file_name")
         fname = fname.replace("\\", "/") if isinstance(fname, str) else ""
         k = _id(im.get("id"))
@@ -197,6 +197,8 @@ def load_split(
         cand = Candidate(split=split, source=safe_text(fname), path=None, coco_boxes=boxes, coco_size=_size(im),
                          problems=problems)
         _locate(root, scope, bases, cand, fname, name)
+        if not fname:  # a source of its own, so it is not mistaken for a duplicate
+            cand.source = f"{name}#images[{i}]"
         for p in cand.problems:
             p.source = cand.source
         cands.append(cand)

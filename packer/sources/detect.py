@@ -79,7 +79,7 @@ def _detect(src: Path, follow: bool) -> tuple[Source, DatasetYaml | None]:
     cfg = check_dataset_yaml(d, y.name) if y is not None else None
     if y is not None and cfg.has_splits:
         source, cfg = _yaml_source(y, follow, d)
-        source.notes[:0] = [f"dataset yaml: {y.name}", *notes]
+        source.notes[:0] = [f"dataset yaml: {safe_text(y.name)}", *notes]
         return source, cfg
 
     jsons = find_coco_jsons(src)

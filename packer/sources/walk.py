@@ -42,10 +42,13 @@ class Scope:
         if self.follow_symlinks:
             return False
         d, name = os.path.split(path)
-        real_dir = self._real_dirs.get(d)
-        if real_dir is None:
-            real_dir = self._real_dirs[d] = os.path.realpath(d)
-        real = os.path.realpath(path) if os.path.islink(path) else os.path.join(real_dir, name)
+        try:
+            real_dir = self._real_dirs.get(d)
+            if real_dir is None:
+                real_dir = self._real_dirs[d] = os.path.realpath(d)
+            real = os.path.realpath(path) if os.path.islink(path) else os.path.join(real_dir, name)
+        except (OSError, ValueError):  # a name the OS cannot take (NUL byte, lone surrogate)
+            return True
         r = self._real_root.rstrip(os.sep) + os.sep
         return not (real == self._real_root or real.startswith(r))
 

@@ -30,12 +30,15 @@ def candidate(scope: Scope, split: str, path: str) -> Candidate:
         return Candidate(split, src, None, reject="symlink_outside_root",
                          detail="its label file is a symlink resolving outside the dataset root "
                                 "(--follow-symlinks reads it)")
-    if scope.escapes(path):  # its label file (if any) still counts the boxes lost with it
+    # a rejected image's label file (if any) still counts the boxes lost with it
+    if not os.path.lexists(path):
+        return Candidate(split, src, None, label_file=label, reject="missing_image", detail="listed but not found")
+    if scope.escapes(path):
         return Candidate(split, src, None, label_file=label, reject="symlink_outside_root",
                          detail="the image is a symlink resolving outside the dataset root (--follow-symlinks packs it)")
     if not os.path.isfile(path):
-        why = "a broken symlink or not a file" if os.path.lexists(path) else "listed but not found"
-        return Candidate(split, src, None, label_file=label, reject="missing_image", detail=why)
+        return Candidate(split, src, None, label_file=label, reject="missing_image",
+                         detail="a broken symlink or not a regular file")
     return Candidate(split, src, path, label_file=label)
 
 
@@ -104,7 +107,7 @@ def split_candidates(scope: Scope, split: str, entries: Iterable[str], notes: li
                 more, ignored = read_list(scope, split, full)
                 cands += more
                 if ignored:
-                    notes.append(f"{split}: {ignored} non-image lines in {os.path.basename(full)} ignored")
+                    notes.append(f"{split}: {ignored} non-image lines in {safe_text(os.path.basename(full))} ignored")
         else:
             notes.append(f"{split}: {safe_text(e)} does not exist")
     return cands if exists else None
@@ -125,7 +128,7 @@ def find_yaml(root: Path, notes: list[str]) -> tuple[Path | None, dict[str, Any]
         except SourceError:
             if is_data:
                 raise
-            notes.append(f"{p.name} is not valid YAML; ignored")
+            notes.append(f"{safe_text(p.name)} is not valid YAML; ignored")
             continue
         if is_data and not isinstance(d, dict):
             raise SourceError(f"{p.name} is not a dataset yaml (expected a mapping)")
