@@ -177,9 +177,20 @@ def paste_regions(params: np.ndarray, imgsz: int) -> np.ndarray:
 
 def norm_to_tile(boxes: np.ndarray, h: int, w: int, imgsz: int) -> np.ndarray:
     """Normalized cx,cy,w,h of an h x w stored image -> pixel xyxy in its letterboxed tile."""
-    gx, gy, px, py, _, _ = letterbox_geometry(h, w, imgsz)
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    sx, sy = w * gx, h * gy
+    return norm_to_tile_many(b, np.full(len(b), h), np.full(len(b), w), imgsz)
+
+
+def norm_to_tile_many(boxes: np.ndarray, h: np.ndarray, w: np.ndarray, imgsz: int) -> np.ndarray:
+    """`norm_to_tile` of many boxes at once, box i belonging to an h[i] x w[i] stored image
+    (the same float64 arithmetic as `letterbox_geometry`, vectorized)."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    h, w = np.asarray(h, dtype=np.float64), np.asarray(w, dtype=np.float64)
+    r = imgsz / np.maximum(h, w)
+    nw = np.clip(np.ceil(w * r - 1e-3), 1, imgsz)
+    nh = np.clip(np.ceil(h * r - 1e-3), 1, imgsz)
+    px, py = (imgsz - nw) // 2, (imgsz - nh) // 2
+    sx, sy = w * (nw / w), h * (nh / h)
     out = np.empty_like(b)
     out[:, 0] = (b[:, 0] - b[:, 2] / 2) * sx + px
     out[:, 1] = (b[:, 1] - b[:, 3] / 2) * sy + py
