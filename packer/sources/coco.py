@@ -108,9 +108,12 @@ def _class_of(a: dict[str, Any], cat_index: dict[int, int]) -> int | None:
         return None
 
 
-def _image_boxes(im: dict[str, Any], anns: list[dict[str, Any]], cat_index: dict[int, int]):
-    """(class, x, y, w, h, iscrowd) boxes of one image and the problems of its other annotations."""
-    boxes: list[tuple[int, float, float, float, float, int]] = []
+CocoBox = tuple[int, float, float, float, float, int]  # class, x, y, w, h (json pixels), iscrowd
+
+
+def _image_boxes(anns: list[dict[str, Any]], cat_index: dict[int, int]) -> tuple[list[CocoBox], list[Problem]]:
+    """The boxes of one image's annotations and the problems of the others."""
+    boxes: list[CocoBox] = []
     problems: list[Problem] = []
     for j, a in enumerate(anns):
         b = _bbox(a)
@@ -193,7 +196,7 @@ def load_split(
         fname = im.get("file_name")
         fname = fname.replace("\\", "/") if isinstance(fname, str) else ""
         k = _id(im.get("id"))
-        boxes, problems = _image_boxes(im, anns.get(k, []) if k is not None else [], cat_index)
+        boxes, problems = _image_boxes(anns.get(k, []) if k is not None else [], cat_index)
         cand = Candidate(split=split, source=safe_text(fname), path=None, coco_boxes=boxes, coco_size=_size(im),
                          problems=problems)
         _locate(root, scope, bases, cand, fname, name)
