@@ -137,7 +137,7 @@ def check_dataset_yaml(d: Any, where: str) -> DatasetYaml:
                 and not isinstance(kpt[1], bool)):
             raise SourceError(f"{where}: 'kpt_shape' must be [number of keypoints, 2 or 3]")
         kpt = (kpt[0], kpt[1])
-    if d.get("path") is not None and not isinstance(d["path"], str):
+    if d.get("path") is not None and (not isinstance(d["path"], str) or "\x00" in d["path"]):
         raise SourceError(f"{where}: 'path' must be a folder path")
     for k in YAML_SPLITS:
         v = d.get(k)
