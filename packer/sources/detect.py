@@ -154,8 +154,8 @@ def _finish_notes(source: Source, src: str | Path, cfg: DatasetYaml | None) -> N
         raise SourceError(f"every image under {safe_text(str(src))} is behind a symlink resolving outside it: "
                           "pass --follow-symlinks to pack them")
     if linked:
-        source.notes.append(f"{linked} images, label files or folders are symlinks resolving outside the dataset "
-                            f"root and were skipped (symlink_outside_root): {FOLLOW_HINT}")
+        source.notes.append(f"{linked} skipped as symlink_outside_root (the image, its label file or its folder "
+                            f"is a symlink resolving outside the dataset root): {FOLLOW_HINT}")
 
 
 def _by_source(c: Candidate) -> str:
