@@ -60,7 +60,7 @@ def process_candidate(c: Candidate, opts: ProcessOptions) -> SampleResult:
     yolo: LabelResult | None = None
     if c.label_file is not None:
         try:
-            yolo = parse_yolo(_read_label_text(c.label_file), c.source, opts.nc)
+            yolo = parse_yolo(_read_label_text(c.label_file), c.source, opts.nc, c.kpt_shape)
         except OSError as e:
             problems.append(Problem("box", "bad_line", c.source, f"label file unreadable: {e.strerror or e}"))
             found += 1

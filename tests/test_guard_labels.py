@@ -122,7 +122,6 @@ def test_pose_dataset_detection_carries_kpt_shape(tmp_path):
     assert any("kpt_shape [17, 3]" in n for n in s.notes)
 
 
-@pytest.mark.xfail(strict=True, reason="needs packer/sample.py to pass c.kpt_shape to parse_yolo (see report)")
 def test_pose_dataset_builds_every_box(tmp_path):
     n = _pose_dataset(tmp_path / "ds", (17, 3))
     t = _build(tmp_path / "ds", tmp_path / "out")["totals"]

@@ -15,7 +15,7 @@ from pathlib import Path
 # dropped for BOX_REASONS; FIXES and WARNINGS change nothing that is counted as lost.
 IMAGE_REASONS = (
     "empty_file",  # zero bytes
-    "unreadable",  # decoder returned nothing
+    "unreadable",  # no supported image format recognised, or the decoder returned nothing
     "truncated",  # JPEG without EOI / PNG without IEND
     "missing_image",  # listed (json / txt list) but not on disk
     "path_outside_root",  # annotation path resolves outside the dataset root
@@ -38,7 +38,8 @@ BOX_REASONS = (
 FIXES = ("clipped",)  # box partly outside [0,1], clipped and kept
 # size_mismatch: COCO json width/height differ from the decoded image;
 # multi_frame: a multi-page TIFF / animated image, its first frame packed
-WARNINGS = ("size_mismatch", "multi_frame")
+# corrupt_data: libjpeg warned while decoding a JPEG; packed as OpenCV decodes it, re-encoded
+WARNINGS = ("size_mismatch", "multi_frame", "corrupt_data")
 
 
 @dataclass
