@@ -19,6 +19,7 @@ from ultralytics import YOLO  # offline: conftest sets YOLO_OFFLINE and a throw-
 
 from packer.build import build_dataset
 from packer.format import read_manifest
+from tests._servers import http_files
 from trainer.ultralytics import ShardsTrainer, ShardsValidator
 
 
@@ -105,6 +106,23 @@ def test_ultralytics_ddp_script_rebuilds_the_trainer(shards: Path, tmp_path: Pat
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got == {"cls": "trainer.ultralytics.ShardsTrainer", "loader": "torch", "train": "train2017",
                    "val": "train2017", "nc": 80}
+
+
+def test_data_at_a_url(shards: Path, tmp_path: Path) -> None:
+    """data=http://...: classes, splits and labels come from the remote manifest and labels.npz, batches stream."""
+    with http_files(shards.parent) as base:
+        cls = ShardsTrainer.options(cache_dir=str(tmp_path / "cache"))  # DALI/tfrecord fetches shards there
+        trainer = cls(overrides={"model": "yolov8n.yaml", "data": f"{base}/{shards.name}", "device": "cpu",
+                                 "imgsz": 160, "project": str(tmp_path), "name": "url"})
+        assert (trainer.data["train"], trainer.data["nc"]) == ("train2017", 80)
+        loader = trainer.get_dataloader(trainer.data["train"], batch_size=8, mode="train")
+        try:
+            batch = next(iter(loader))
+        finally:
+            loader.close()
+        assert tuple(batch["img"].shape) == (8, 3, 160, 160) and len(loader) == 16
+        assert any((tmp_path / "cache").rglob("*.tfrecord")), "shards were not cached where asked"
+        assert trainer.get_class_counts().sum() == read_manifest(shards).splits["train2017"].num_boxes
 
 
 def test_bad_data_is_a_clear_error(tmp_path: Path) -> None:

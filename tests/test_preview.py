@@ -19,6 +19,7 @@ import pytest
 from packer.build import build_dataset
 from packer.format import LabelArrays, read_manifest
 from packer.preview import GAP, PALETTE, PreviewError, tile_layout, write_preview
+from tests._servers import http_files
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["yellow", "magenta", "green"]
@@ -85,11 +86,14 @@ def test_boxes_drawn_where_labels_are(synthetic: Path, tmp_path: Path, fmt: str)
     _check_outlines(cv2.imread(str(out)), shards, 320)
 
 
-def test_url_reads_only_what_it_needs_and_draws_the_same(synthetic: Path, tmp_path: Path) -> None:
-    shards = _pack(synthetic, tmp_path / "shards", "wds")
+@pytest.mark.parametrize("fmt", ["wds", "lmdb"])
+def test_url_draws_the_same_as_the_folder(synthetic: Path, tmp_path: Path, fmt: str) -> None:
+    shards = _pack(synthetic, tmp_path / "shards", fmt)
     local = write_preview(str(shards), str(tmp_path / "a.jpg"), n=16, imgsz=320)
-    remote = write_preview(shards.resolve().as_uri(), str(tmp_path / "b.jpg"), n=16, imgsz=320)
-    assert local.read_bytes() == remote.read_bytes()
+    with http_files(tmp_path) as base:
+        remote = write_preview(f"{base}/shards", str(tmp_path / "b.jpg"), n=16, imgsz=320)
+    file_url = write_preview(shards.resolve().as_uri(), str(tmp_path / "c.jpg"), n=16, imgsz=320)
+    assert local.read_bytes() == remote.read_bytes() == file_url.read_bytes()
     _check_outlines(cv2.imread(str(remote)), shards, 320)
 
 

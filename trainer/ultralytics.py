@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from copy import copy
 from dataclasses import fields
 from typing import Any
@@ -31,6 +32,7 @@ from trainer.offline import setup_offline
 
 setup_offline()
 
+from ultralytics.engine import trainer as _ul_trainer  # noqa: E402
 from ultralytics.engine import validator as _ul_validator  # noqa: E402
 from ultralytics.engine.trainer import BaseTrainer  # noqa: E402
 from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator  # noqa: E402
@@ -196,6 +198,29 @@ def _augment(args: Any) -> AugmentConfig:
     return AugmentConfig(**{f.name: float(getattr(args, f.name)) for f in fields(AugmentConfig) if hasattr(args, f.name)})
 
 
+@contextmanager
+def _replaced(module: Any, name: str, value: Any) -> Iterator[None]:
+    """`module.name` is `value` inside the block (ultralytics calls these module-level functions directly)."""
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+def _check_amp_offline(model: Any) -> bool:
+    """ultralytics' check_amp when its yolo26n.pt is already on disk; otherwise AMP on, as check_amp
+    decides when it cannot download (it would try to fetch the weights: nothing is downloaded here)."""
+    from ultralytics.utils import WEIGHTS_DIR
+    from ultralytics.utils.checks import check_amp
+
+    if next(model.parameters()).device.type in {"cpu", "mps"} or (WEIGHTS_DIR / "yolo26n.pt").is_file():
+        return check_amp(model)
+    LOGGER.info("AMP: checks skipped (offline, no yolo26n.pt to compare against); amp=True as asked")
+    return True
+
+
 # ----------------------------------------------------------------------------- validator
 
 
@@ -226,12 +251,8 @@ class ShardsValidator(DetectionValidator):
             return super().__call__(trainer, model, **kwargs)
         # standalone (final_eval of best.pt, model.val): ultralytics resolves `data` through this
         # module-level function, which only knows data.yaml files; a packed folder needs ours
-        original = _ul_validator.check_det_dataset
-        _ul_validator.check_det_dataset = lambda data, split="", **_: shards_data(str(data), split or "val")
-        try:
+        with _replaced(_ul_validator, "check_det_dataset", lambda data, split="", **_: shards_data(str(data), split or "val")):
             return super().__call__(trainer, model, **kwargs)
-        finally:
-            _ul_validator.check_det_dataset = original
 
     # options of make_loader that ultralytics' args have no key for; set by ShardsTrainer
     loader, cache_dir, cache_max_bytes, verify = "auto", None, None, False
@@ -282,6 +303,10 @@ class ShardsTrainer(DetectionTrainer):
         _refuse_url_credentials((overrides or {}).get("data"))
         super().__init__(cfg, overrides, _callbacks)
 
+    def _setup_train(self) -> None:
+        with _replaced(_ul_trainer, "check_amp", _check_amp_offline):
+            super()._setup_train()
+
     def get_dataset(self) -> dict[str, Any]:
         from packer.remote import display_url
 
@@ -291,13 +316,17 @@ class ShardsTrainer(DetectionTrainer):
             raise RuntimeError(f"Dataset '{display_url(str(self.args.data))}' error: {e}") from None
         if self.args.single_cls:
             data.update(names={0: "item"}, nc=1)
-        if self.args.rect:
-            LOGGER.warning("ShardsTrainer: rect=True is ignored (the loaders letterbox to imgsz x imgsz)")
+        ignored = [k for k, v in (("rect", self.args.rect), ("fraction", self.args.fraction != 1.0),
+                                  ("cache", self.args.cache)) if v]
+        if ignored:
+            LOGGER.warning(f"ShardsTrainer: {', '.join(ignored)} ignored (every sample of the split is read from "
+                           "the shards, letterboxed to imgsz x imgsz)")
         return data
 
     def get_dataloader(self, dataset_path: str, batch_size: int = 16, rank: int = 0, mode: str = "train") -> ShardsLoader:
         train = mode == "train"
-        return _open_loader(self, dataset_path, batch_size, train=train, epoch_of=(lambda: self.epoch) if train else None)
+        epoch_of = (lambda: getattr(self, "epoch", 0)) if train else None  # self.epoch exists once training runs
+        return _open_loader(self, dataset_path, batch_size, train=train, epoch_of=epoch_of)
 
     def preprocess_batch(self, batch: dict) -> dict:
         if self.args.single_cls:
