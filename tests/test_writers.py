@@ -158,7 +158,7 @@ def test_tensorflow_reads_and_parses(shards: dict[str, list[WrittenShard]], reco
     rows = tf_read([ws.path for ws in shards["tfrecord"]], tmp_path)
     assert len(rows) == len(records)
     for row, rec in zip(rows, records, strict=True):
-        # our hand-encoded Example is exactly TF's deterministic serialization of itself
+        # the Example we serialize is exactly TF's deterministic serialization of itself
         assert row["canonical"]
         assert row["jpeg_sha1"] == hashlib.sha1(rec.jpeg).hexdigest()
         assert row["key"] == rec.key and row["source"] == rec.source

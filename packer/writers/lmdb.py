@@ -31,12 +31,15 @@ _INITIAL_MAP = 64 << 20
 _COMMIT_BYTES = 64 << 20  # bounds the dirty pages (memory) held by one write transaction
 
 # --- LMDB's on-disk page layout, as `normalize` relies on it --------------------------------------
-# Not an API: read from lmdb.h/mdb.c of the LMDB bundled with py-lmdb and verified against it
-# (tests/test_formats_lib.py pins that version and fails if it changes). At run time the meta
-# page's magic and data-format version are checked, so a file of another layout is refused
-# rather than rewritten. Page header = pgno u64, pad u16, flags u16, lower u16, upper u16
-# (overflow pages: u32 page count instead of lower/upper); node = lo u16, hi u16, flags u16, ksize u16.
-VERIFIED_LMDB_VERSION = (0, 9, 36)  # lmdb.version() the layout below was checked against
+# Not an API: read from lmdb.h/mdb.c of LMDB 0.9 and verified against the engine py-lmdb bundles
+# for it. The writer asks py-lmdb for that engine by name (``lib_version=0``; py-lmdb also bundles
+# LMDB 1.0, whose format differs), tests/test_formats_lib.py pins its version and fails when it
+# changes, and at run time the meta page's magic and data-format version are checked, so a file of
+# another layout is refused rather than rewritten. Page header = pgno u64, pad u16, flags u16,
+# lower u16, upper u16 (overflow pages: u32 page count instead of lower/upper); node = lo u16,
+# hi u16, flags u16, ksize u16.
+LMDB_ENGINE = 0  # py-lmdb's `lib_version` for its LMDB 0.9.x engine
+VERIFIED_LMDB_VERSION = (0, 9, 36)  # lmdb.version(lib_version=LMDB_ENGINE) the layout was checked against
 _MAGIC, _DATA_VERSION = 0xBEEFC0DE, 1  # MDB_MAGIC, MDB_DATA_VERSION
 _PAGE_HDR = struct.Struct("<QHHHH")
 _NODE = struct.Struct("<HHHH")
@@ -138,7 +141,7 @@ class Writer(ShardWriter):
         try:
             self._env = lmdb.open(
                 str(self._build), subdir=False, map_size=self._map, lock=False, sync=False, metasync=False,
-                readahead=False, max_dbs=0,
+                readahead=False, max_dbs=0, lib_version=LMDB_ENGINE,
             )
         except BaseException:
             self._build.unlink(missing_ok=True)
@@ -283,7 +286,7 @@ class Reader(ShardReader):
         if self._closed:
             raise ValueError(f"{self.path}: reader is closed")
         if self._pid != os.getpid():  # an LMDB environment must not be used across fork
-            self._env = self._txn = None
+            self._release()
             try:
                 self._env = lmdb.open(
                     str(self.path), subdir=False, readonly=True, lock=False, readahead=False, max_dbs=0
@@ -296,12 +299,12 @@ class Reader(ShardReader):
         return self._txn
 
     def _release(self) -> None:
-        """Close this process's environment (one inherited across fork is only dropped)."""
-        if self._pid == os.getpid():
-            if self._txn is not None:
-                self._txn.abort()
-            if self._env is not None:
-                self._env.close()
+        """Close the environment. One inherited across fork is closed too, which is safe without
+        a lock file (it unmaps only this process's copy) and lets this process open the file."""
+        if self._txn is not None:
+            self._txn.abort()
+        if self._env is not None:
+            self._env.close()
         self._txn = self._env = None
         self._pid = -1
 
