@@ -1,76 +1,192 @@
-"""Loader-only throughput: ours vs ultralytics' YOLODataset vs raw JPEG decoding.
+"""Loader-only throughput, interleaved: ours vs ultralytics' YOLODataset vs raw JPEG decoding.
 
     python -m trainer.bench SHARDS [--split train] [--loader auto|dali|torch|all] [--imgsz 640]
-        [--batch 16] [--workers N] [--augment] [--source RAW_FOLDER] [--json]
+        [--batch 16] [--workers N] [--augment] [--cache ram|disk] [--source RAW_FOLDER]
+        [--rounds 5] [--json]
 
-Prints images per second and data time per batch of each loader (nothing else runs: the
-consumer only counts), and, in the same run, the same figures for ultralytics'
-`YOLODataset` + `build_dataloader` on the raw source folder (YOLO layout, or COCO converted
-to a temporary YOLO copy) and for plain OpenCV decoding of the packed JPEGs with the same
-number of processes (the ceiling for any loader that decodes on the CPU).
+Every contender is built once (workers persist, as in training), runs one untimed warm-up epoch,
+then whole epochs round by round in a rotated order, all in one process, so that a loaded shared
+machine slows them alike; each round's figures become ratios to the decode ceiling of the same
+round, and the medians over rounds are reported. Work a contender's processes keep doing after
+its last batch (ultralytics' InfiniteDataLoader prepares its next epoch) is waited for and
+counted as its own time. Contenders: our loader(s); ultralytics' `YOLODataset` +
+`build_dataloader` on the raw source folder (YOLO layout, or COCO converted to a temporary YOLO
+copy) when `--source` is given; plain `cv2.imdecode` of the packed JPEGs in as many processes as
+workers (the ceiling for any loader that decodes on the CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import multiprocessing as mp
-import os
+import statistics
 import sys
-import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
-
 from trainer.data import AugmentConfig, make_loader
-from trainer.data.common import open_split
+from trainer.data.common import SplitData, default_workers, open_split
 
-MIN_IMAGES = 512  # timed images per measurement (whole epochs)
+IDLE_CPU_S = 0.01  # a contender is done when its processes use less CPU than this per poll
 
 
 class BenchError(ValueError):
     """Bad benchmark input."""
 
 
-def _time_epochs(iterate, epoch_len: int, batch: int) -> dict[str, float]:  # noqa: ANN001
-    """Run one untimed warm-up epoch, then whole epochs until MIN_IMAGES; img/s and ms/batch."""
-    t0 = time.perf_counter()
-    n_warm = iterate(0)
-    warm = time.perf_counter() - t0
-    epochs = max(1, math.ceil(MIN_IMAGES / max(epoch_len * batch, 1)))
-    images = batches = 0
-    t0 = time.perf_counter()
-    for e in range(1, epochs + 1):
-        got = iterate(e)
-        images += got
-        batches += math.ceil(got / batch)
-    dt = time.perf_counter() - t0
-    return {"img_per_s": images / dt, "ms_per_batch": 1000 * dt / max(batches, 1), "images": images,
-            "first_epoch_s": warm, "first_epoch_images": n_warm}
+@dataclass
+class Contender:
+    """A named loader: `epoch(e)` runs one whole epoch and returns the number of images."""
+
+    name: str
+    epoch: Callable[[int], int]
+    close: Callable[[], None] = lambda: None
+    times: list[float] = field(default_factory=list)
+    images: list[int] = field(default_factory=list)
 
 
-def bench_ours(shards: str, split: str, loader: str, imgsz: int, batch: int, workers: int | None,
-               augment: bool) -> dict[str, Any]:
+def _child_cpu() -> float:
+    import psutil
+
+    total = 0.0
+    for c in psutil.Process().children(recursive=True):
+        try:
+            t = c.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            continue
+    return total
+
+
+def _run_one(c: Contender, e: int) -> tuple[float, int]:
+    """Wall time of one epoch plus the tail of work its processes do after the last batch."""
+    t0 = time.perf_counter()
+    n = c.epoch(e)
+    last = _child_cpu()
+    while True:  # background work (next epoch's prefetch) is this contender's time
+        time.sleep(0.05)
+        now = _child_cpu()
+        if now - last < IDLE_CPU_S:
+            break
+        last = now
+    return time.perf_counter() - t0 - 0.05, n
+
+
+def interleave(contenders: list[Contender], rounds: int, ref: str) -> dict[str, dict[str, float]]:
+    """Warm-up epoch each, then `rounds` rounds in rotated order; medians of img/s and of
+    same-round ratios to contender `ref`."""
+    for c in contenders:
+        _run_one(c, 0)
+    for r in range(rounds):
+        k = r % len(contenders)
+        for c in contenders[k:] + contenders[:k]:
+            dt, n = _run_one(c, r + 1)
+            c.times.append(dt)
+            c.images.append(n)
+    base = next(c for c in contenders if c.name == ref)
+    out: dict[str, dict[str, float]] = {}
+    for c in contenders:
+        rates = [n / t for n, t in zip(c.images, c.times, strict=True)]
+        refs = [n / t for n, t in zip(base.images, base.times, strict=True)]
+        out[c.name] = {"img_per_s": statistics.median(rates),
+                       "ratio": statistics.median(a / b for a, b in zip(rates, refs, strict=True)),
+                       "rounds": rounds}
+    return out
+
+
+def ours(shards: str, split: str, loader: str, imgsz: int, batch: int, workers: int, augment: bool,
+         cache: str | None = None, name: str | None = None, **kw: Any) -> Contender:
+    """Our loader as a contender."""
     ld = make_loader(shards, split, loader=loader, imgsz=imgsz, batch=batch, train=True, workers=workers,
-                     device="auto", augment=AugmentConfig() if augment else AugmentConfig.off())
+                     device="auto", augment=AugmentConfig() if augment else AugmentConfig.off(), cache=cache, **kw)
 
-    def iterate(epoch: int) -> int:
-        ld.set_epoch(epoch)
+    def epoch(e: int) -> int:
+        ld.set_epoch(e)
         return sum(int(b["img"].shape[0]) for b in ld)
 
-    try:
-        res = _time_epochs(iterate, len(ld), batch)
-    finally:
-        ld.close()
-    res["kind"] = ld.kind
-    return res
+    label = name or f"ours-{ld.kind}" + (f"-cache-{cache}" if cache else "")
+    return Contender(label, epoch, ld.close)
 
 
-# ----------------------------------------------------------------------------- ultralytics
+# ----------------------------------------------------------------------------- baselines
+
+
+_JPEGS: list[bytes] = []
+
+
+def _decode_range(args: tuple[int, int]) -> int:
+    import cv2
+    import numpy as np
+
+    a, b = args
+    for j in _JPEGS[a:b]:
+        cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR)
+    return b - a
+
+
+def decode_ceiling(data: SplitData, workers: int) -> Contender:
+    """cv2.imdecode of the split's packed JPEGs (held in memory) on `workers` forked processes."""
+    import multiprocessing as mp
+
+    from trainer.data.records import RecordSource
+
+    src = RecordSource(data)
+    global _JPEGS
+    _JPEGS = [src.jpeg_at(int(s), int(p)) for s, p in zip(data.labels.shard, data.labels.pos, strict=True)]
+    procs = max(workers, 1)
+    n = len(_JPEGS)
+    chunks = [(i * n // procs, (i + 1) * n // procs) for i in range(procs)]
+    pool = mp.get_context("fork").Pool(procs)
+
+    def epoch(_e: int) -> int:
+        return sum(pool.map(_decode_range, chunks))
+
+    def close() -> None:
+        pool.terminate()
+        pool.join()
+
+    return Contender("decode-ceiling", epoch, close)
+
+
+def ultralytics_loader(source: Path, data: SplitData, imgsz: int, batch: int, workers: int, augment: bool,
+                       cache: str | bool = False) -> Contender:
+    """ultralytics' YOLODataset + build_dataloader on the raw folder (its default augmentation)."""
+    import shutil
+    import tempfile
+
+    from trainer.offline import setup_offline
+
+    setup_offline()
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data.build import build_dataloader
+    from ultralytics.data.dataset import YOLODataset
+    from ultralytics.utils import DEFAULT_CFG
+
+    tmp = tempfile.mkdtemp(prefix="bench-yolo-")
+    split = "train" if data.name.startswith("train") else data.name
+    img_dir, names = _yolo_images_dir(source, split, Path(tmp))
+    names = names or list(data.manifest.names)
+    hyp = get_cfg(DEFAULT_CFG, {"imgsz": imgsz})
+    ds = YOLODataset(img_path=str(img_dir), imgsz=imgsz, batch_size=batch, augment=augment, hyp=hyp, rect=False,
+                     cache=cache, single_cls=False, stride=32, pad=0.0, prefix="", task="detect", classes=None,
+                     data={"names": dict(enumerate(names)), "nc": len(names), "channels": 3}, fraction=1.0)
+    dl = build_dataloader(ds, batch, workers, shuffle=True, rank=-1, pin_memory=False, device="cpu")
+
+    def epoch(e: int) -> int:
+        if hasattr(dl, "sampler") and hasattr(dl.sampler, "set_epoch"):
+            dl.sampler.set_epoch(e)
+        return sum(int(b["img"].shape[0]) for b in dl)
+
+    def close() -> None:
+        it = getattr(dl, "iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    return Contender("ultralytics" + (f"-cache-{cache}" if cache else ""), epoch, close)
 
 
 def _yolo_images_dir(source: Path, split: str, tmp: Path) -> tuple[Path, list[str]]:
@@ -122,124 +238,50 @@ def _yolo_images_dir(source: Path, split: str, tmp: Path) -> tuple[Path, list[st
     raise BenchError(f"{source}: no COCO annotations and no YOLO images folder found")
 
 
-def bench_ultralytics(source: Path, split: str, imgsz: int, batch: int, workers: int, augment: bool,
-                      names_hint: list[str]) -> dict[str, Any]:
-    from trainer.offline import setup_offline
-
-    setup_offline()
-    from ultralytics.cfg import get_cfg
-    from ultralytics.data.build import build_dataloader
-    from ultralytics.data.dataset import YOLODataset
-    from ultralytics.utils import DEFAULT_CFG
-
-    with tempfile.TemporaryDirectory(prefix="bench-yolo-") as tmp:
-        img_dir, names = _yolo_images_dir(source, split, Path(tmp))
-        names = names or names_hint
-        hyp = get_cfg(DEFAULT_CFG, {"imgsz": imgsz})  # ultralytics' default augmentation (mosaic 1.0, ...)
-        ds = YOLODataset(img_path=str(img_dir), imgsz=imgsz, batch_size=batch, augment=augment, hyp=hyp, rect=False,
-                         cache=False, single_cls=False, stride=32, pad=0.0, prefix="", task="detect", classes=None,
-                         data={"names": dict(enumerate(names)), "nc": len(names), "channels": 3}, fraction=1.0)
-        dl = build_dataloader(ds, batch, workers, shuffle=True, rank=-1, pin_memory=False, device="cpu")
-
-        def iterate(epoch: int) -> int:
-            if hasattr(dl, "sampler") and hasattr(dl.sampler, "set_epoch"):
-                dl.sampler.set_epoch(epoch)
-            return sum(int(b["img"].shape[0]) for b in dl)
-
-        res = _time_epochs(iterate, len(dl), batch)
-        res["images_in_source"] = len(ds)
-    return res
-
-
-# ----------------------------------------------------------------------------- decode ceiling
-
-
-_JPEGS: list[bytes] = []
-
-
-def _decode_range(args: tuple[int, int, int]) -> int:
-    a, b, rounds = args
-    for _ in range(rounds):
-        for j in _JPEGS[a:b]:
-            cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR)
-    return (b - a) * rounds
-
-
-def bench_decode(shards: str, split: str, workers: int) -> dict[str, Any]:
-    """cv2.imdecode of the split's packed JPEGs (in memory) on `workers` processes (0 = this one)."""
-    from trainer.data.torch_loader import RecordSource
-
-    data = open_split(shards, split)
-    src = RecordSource(data)
-    jpegs = [src.read(int(s), int(p)).jpeg for s, p in zip(data.labels.shard, data.labels.pos, strict=True)]
-    global _JPEGS
-    _JPEGS = jpegs
-    rounds = max(1, math.ceil(MIN_IMAGES / len(jpegs)))
-    procs = max(workers, 1)
-    chunks = [(i * len(jpegs) // procs, (i + 1) * len(jpegs) // procs, rounds) for i in range(procs)]
-    if workers == 0:
-        _decode_range((0, min(len(jpegs), 16), 1))  # warm-up
-        t0 = time.perf_counter()
-        n = _decode_range(chunks[0])
-        dt = time.perf_counter() - t0
-    else:
-        with mp.get_context("fork").Pool(procs) as pool:
-            pool.map(_decode_range, [(a, min(b, a + 4), 1) for a, b, _ in chunks])  # warm-up
-            t0 = time.perf_counter()
-            n = sum(pool.map(_decode_range, chunks))
-            dt = time.perf_counter() - t0
-    return {"img_per_s": n / dt, "images": n, "processes": procs,
-            "mean_jpeg_kb": float(np.mean([len(j) for j in jpegs]) / 1024)}
-
-
-# ----------------------------------------------------------------------------- entry point
-
-
 def run_bench(shards: str, *, split: str = "train", loader: str = "all", imgsz: int = 640, batch: int = 16,
-              workers: int | None = None, augment: bool = False, source: str | None = None) -> dict[str, Any]:
-    """Run every measurement; returns the JSON-able result (``img_per_s`` = our fastest loader)."""
+              workers: int | None = None, augment: bool = False, source: str | None = None,
+              cache: str | None = None, rounds: int = 3) -> dict[str, Any]:
+    """Run every contender interleaved; returns the JSON-able result (ratios to the decode ceiling)."""
     data = open_split(shards, split)
-    workers = (os.cpu_count() or 1) if workers is None else workers
+    workers = default_workers() if workers is None else workers
     kinds = ["dali", "torch"] if loader == "all" else [loader]
     if data.fmt == "lmdb" and loader == "all":
         kinds = ["torch"]
-    out: dict[str, Any] = {
-        "shards": str(shards), "split": data.name, "format": data.fmt, "num_samples": data.info.num_samples,
-        "imgsz": imgsz, "batch": batch, "workers": workers, "augment": augment, "cpus": os.cpu_count(),
-        "loaders": {},
-    }
+    cs = [decode_ceiling(data, workers)]
     for k in kinds:
-        r = bench_ours(shards, data.name, k, imgsz, batch, workers, augment)
-        out["loaders"][r["kind"]] = r
-    best_kind = max(out["loaders"], key=lambda k: out["loaders"][k]["img_per_s"])
-    out["best"] = best_kind
-    out["img_per_s"] = out["loaders"][best_kind]["img_per_s"]
-    out["decode"] = bench_decode(shards, data.name, workers)
-    out["ratio_to_decode"] = out["img_per_s"] / out["decode"]["img_per_s"]
+        cs.append(ours(shards, data.name, k, imgsz, batch, workers, augment, cache=cache))
     if source:
-        src_split = split if split in ("train", "val") else data.name
-        out["ultralytics"] = bench_ultralytics(Path(source), src_split, imgsz, batch, workers, augment,
-                                               list(data.manifest.names))
-        out["ratio_to_ultralytics"] = out["img_per_s"] / out["ultralytics"]["img_per_s"]
-    return out
+        cs.append(ultralytics_loader(Path(source), data, imgsz, batch, workers, augment))
+        if cache:
+            cs.append(ultralytics_loader(Path(source), data, imgsz, batch, workers, augment, cache="ram"))
+    try:
+        res = interleave(cs, rounds, ref="decode-ceiling")
+    finally:
+        for c in cs:
+            c.close()
+    return {"shards": str(shards), "split": data.name, "format": data.fmt, "num_samples": data.info.num_samples,
+            "imgsz": imgsz, "batch": batch, "workers": workers, "augment": augment, "cache": cache,
+            "cpus": _cpus(), "rounds": rounds, "contenders": res}
+
+
+def _cpus() -> int:
+    import os
+
+    return os.cpu_count() or 1
 
 
 def format_report(r: dict[str, Any]) -> str:
     aug = "training augmentation (mosaic, affine, HSV, flip)" if r["augment"] else "no augmentation (letterbox)"
     lines = [f"{r['shards']} [{r['format']}, split {r['split']}, {r['num_samples']} images] imgsz {r['imgsz']}, "
-             f"batch {r['batch']}, {r['workers']} workers, {aug}, {r['cpus']} CPUs"]
-    for k, v in r["loaders"].items():
-        lines.append(f"  ours {k:<10} {v['img_per_s']:8.1f} img/s  {v['ms_per_batch']:7.1f} ms/batch  "
-                     f"(first epoch {v['first_epoch_s']:.1f} s)")
-    if "ultralytics" in r:
-        u = r["ultralytics"]
-        lines.append(f"  ultralytics     {u['img_per_s']:8.1f} img/s  {u['ms_per_batch']:7.1f} ms/batch  "
-                     f"(YOLODataset + build_dataloader on the raw folder)")
-    d = r["decode"]
-    lines.append(f"  decode ceiling  {d['img_per_s']:8.1f} img/s  (cv2.imdecode only, {d['processes']} process(es), "
-                 f"{d['mean_jpeg_kb']:.0f} KB/JPEG)")
-    lines.append(f"  best ({r['best']}): {r['ratio_to_decode']:.0%} of the decode ceiling"
-                 + (f", {r['ratio_to_ultralytics']:.2f}x ultralytics" if "ratio_to_ultralytics" in r else ""))
+             f"batch {r['batch']}, {r['workers']} workers, {aug}, {r['cpus']} CPUs, medians of {r['rounds']} "
+             "interleaved rounds"]
+    res = r["contenders"]
+    ultra = res.get("ultralytics")
+    for name, v in res.items():
+        extra = ""
+        if ultra and name != "ultralytics":
+            extra = f"  {v['ratio'] / ultra['ratio']:5.2f}x ultralytics"
+        lines.append(f"  {name:<24} {v['img_per_s']:8.1f} img/s  {v['ratio']:5.2f} of the decode ceiling{extra}")
     return "\n".join(lines)
 
 
@@ -252,13 +294,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers / DALI threads (default: CPUs)")
     ap.add_argument("--augment", action="store_true", help="training augmentation on both sides (mosaic included)")
+    ap.add_argument("--cache", choices=["ram", "disk"], default=None, help="our loader reads a decoded cache")
     ap.add_argument("--source", default=None, help="raw COCO or YOLO folder for the ultralytics comparison")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     a = ap.parse_args(argv)
     try:
         r = run_bench(a.shards, split=a.split, loader=a.loader, imgsz=a.imgsz, batch=a.batch, workers=a.workers,
-                      augment=a.augment, source=a.source)
-    except ValueError as e:  # user errors: bad folder, split, sizes
+                      augment=a.augment, source=a.source, cache=a.cache, rounds=a.rounds)
+    except ValueError as e:  # user errors: bad folder, split, sizes, a cache that does not fit
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(r, indent=None, default=float) if a.json else format_report(r))
