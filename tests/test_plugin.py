@@ -136,3 +136,12 @@ def test_bad_data_is_a_clear_error(tmp_path: Path) -> None:
     assert not (tmp_path / "bad2").exists(), "ultralytics wrote args.yaml with the URL before the check"
     with pytest.raises(TypeError, match="unknown"):
         ShardsTrainer.options(lodaer="torch")
+
+
+def test_torchrun_on_cpu_is_refused(shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ultralytics does not form a DDP group on CPU: two torchrun processes would each train on everything."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="trainer.run"):
+        ShardsTrainer(overrides={"model": "yolov8n.yaml", "data": str(shards), "device": "cpu",
+                                 "project": str(tmp_path), "name": "tr"})

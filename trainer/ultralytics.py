@@ -275,6 +275,23 @@ class ShardsValidator(DetectionValidator):
         return super().update_metrics([preds[i] for i in keep], _select(batch, keep))
 
 
+def _check_torchrun(device_type: str, devices: int, device_arg: Any) -> None:
+    """Under torchrun, ultralytics' trainer joins one DDP group only on one node with one GPU per
+    process named in `device`; anything else would train every process alone on all the data."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if device_type in {"cpu", "mps"}:
+        raise ValueError("ultralytics runs DDP on GPUs only: on CPU use `torchrun -m trainer.run SHARDS` (gloo)")
+    if local != world:
+        raise ValueError(f"ultralytics' DDP is single-node ({world} processes on several nodes): "
+                         "use `torchrun -m trainer.run SHARDS` for several nodes")
+    if devices != local:
+        raise ValueError(f"torchrun started {local} processes but device={device_arg!r} names {max(devices, 1)} "
+                         f"GPU(s): pass device={','.join(map(str, range(local)))}")
+
+
 # ----------------------------------------------------------------------------- trainer
 
 
@@ -302,6 +319,7 @@ class ShardsTrainer(DetectionTrainer):
         # before ultralytics writes args.yaml and prints the args: a URL must not carry credentials
         _refuse_url_credentials((overrides or {}).get("data"))
         super().__init__(cfg, overrides, _callbacks)
+        _check_torchrun(self.device.type, self.world_size, self.args.device)
 
     def _setup_train(self) -> None:
         with _replaced(_ul_trainer, "check_amp", _check_amp_offline):
