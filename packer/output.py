@@ -434,6 +434,6 @@ def _errno_of(e: Exception) -> int | None:
 
 def _io_message(root: Path, code: int | None, text: str, hint: str) -> str:
     name = errno.errorcode.get(code or 0, "EIO")
-    what = ("the disk is full" if code in _SPACE else "the output folder is read-only" if code == errno.EROFS
+    what = ("a file grew past the file size limit" if code == errno.EFBIG else "the disk is full" if code in _SPACE else "the output folder is read-only" if code == errno.EROFS
             else "an I/O error (disk full or failing?)" if code == errno.EIO else "the output cannot be written")
     return f"writing to {root} failed: {what} ({name}: {text}); no manifest was written; {hint}"

@@ -367,11 +367,11 @@ def write_bytes(fs, path: str, data: bytes) -> None:  # noqa: ANN001
         upload(fs, Path(f.name), path)
 
 
-def remote_sizes(fs, root: str, rels: list[str]) -> dict[str, int]:  # noqa: ANN001
+def remote_sizes(fs, root: str, rels: list[str], attempts: int = DEFAULT_ATTEMPTS) -> dict[str, int]:  # noqa: ANN001
     """Sizes of the files `rels` under `root` that exist (one listing where the store can list)."""
     if protocol_of(fs) not in _READ_ONLY:
         with contextlib.suppress(FileNotFoundError, NotImplementedError):
-            listing = retry(lambda: fs.find(root, detail=True))
+            listing = retry(lambda: fs.find(root, detail=True), attempts=attempts)
             prefix = root.rstrip("/") + "/"
             found = {k[len(prefix):] if k.startswith(prefix) else k: v.get("size") for k, v in listing.items()}
             return {r: int(found[r]) for r in rels if found.get(r) is not None}
@@ -379,7 +379,7 @@ def remote_sizes(fs, root: str, rels: list[str]) -> dict[str, int]:  # noqa: ANN
     out = {}
     for r in rels:
         with contextlib.suppress(FileNotFoundError):
-            size = retry(lambda r=r: fs.info(join(root, r)).get("size"))
+            size = retry(lambda r=r: fs.info(join(root, r)).get("size"), attempts=attempts)
             if size is not None:
                 out[r] = int(size)
     return out

@@ -209,7 +209,7 @@ def _push(fs, root: str, local: Path, m: Manifest, data: bytes, files: list[File
     if missing:
         raise FormatError(f"{local}: files named by the manifest are missing: {', '.join(missing[:5])}")
     res.bytes_total = sum(sizes.values()) + len(data)
-    remote = remote_sizes(fs, root, [f.rel for f in files] + [MANIFEST_NAME])
+    remote = remote_sizes(fs, root, [f.rel for f in files] + [MANIFEST_NAME], attempts)
     with _bar(res.bytes_total, progress, "push") as bar:
         # plan: cheap size check first, then sha256 where the sizes agree
         todo: list[FileEntry] = []
@@ -350,7 +350,7 @@ def _same_pull(root: Path, data: bytes, marker: dict[str, str]) -> bool:
 
 def _pull_files(fs, root: str, local: Path, m: Manifest, files: list[FileEntry],  # noqa: ANN001
                 res: TransferResult, progress: bool, attempts: int, manifest_bytes: int) -> None:
-    remote = remote_sizes(fs, root, [f.rel for f in files])
+    remote = remote_sizes(fs, root, [f.rel for f in files], attempts)
     if REPORT_NAME not in remote:
         files = [f for f in files if f.kind != "report"]
         res.files -= 1

@@ -1,0 +1,215 @@
+"""One line, never a traceback: a full disk, a file size limit and a read-only output during
+build/convert/pull in every format, and an unreachable storage endpoint for push and
+`build -o s3://`. Real failures: a tiny tmpfs (root only), RLIMIT_FSIZE, a read-only bind
+mount or mode, a closed port on 127.0.0.1; nothing is mocked."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from packer.build import build_dataset
+from packer.convert import convert_dataset
+from packer.format import FORMATS, MANIFEST_NAME
+from packer.output import WriteFailed
+from packer.transfer import pull
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "samples" / "coco"
+BIN = Path(sys.executable).parent
+BIG = {"size": 256, "workers": 1, "shard_size": 16}  # ~0.5 MB, one shard per split
+MARKER = "MARKER-s3cret-9d1e"
+
+
+def _packer(*args: object, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "packer"), *map(str, args)], capture_output=True, text=True, **kw)
+
+
+def _one_line(r: subprocess.CompletedProcess, code: int) -> str:
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == code and len(lines) == 1 and "Traceback" not in r.stderr, (r.returncode, r.stderr)
+    return lines[0]
+
+
+def _nothing_published(out: Path) -> None:
+    assert not list(out.rglob(MANIFEST_NAME)), "a manifest was written"
+    assert not [p for p in out.rglob(".*.tmp")], "temp files were left"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("errors") / "ds"
+    build_dataset(SRC, out, fmt="wds", **BIG)
+    return out
+
+
+@pytest.fixture(scope="module")
+def url(dataset, tmp_path_factory) -> str:
+    u = (tmp_path_factory.mktemp("store") / "ds").as_uri()
+    assert _packer("push", dataset, u).returncode == 0
+    return u
+
+
+def _mount(args: list[str]) -> bool:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    return subprocess.run(["mount", *args], capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 160 KB file system: writes past it fail with ENOSPC."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if not _mount(["-t", "tmpfs", "-o", "size=160k", "tmpfs", str(disk)]):
+        pytest.skip("mounting a tiny tmpfs needs root (test_file_size_limit covers the same path)")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """An existing, empty, read-only folder (a read-only bind mount as root, mode 0555 otherwise)."""
+    d = tmp_path / "ro"
+    d.mkdir()
+    mounted = os.geteuid() == 0 and _mount(["--bind", "-o", "ro", str(d), str(d)])
+    if os.geteuid() != 0:
+        d.chmod(0o555)
+    try:
+        (d / "probe").write_bytes(b"")
+        (d / "probe").unlink()
+        pytest.skip("cannot make a read-only folder here")
+    except OSError:
+        pass
+    yield d
+    if mounted:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+    d.chmod(0o755)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_disk_full_during_build_and_convert(small_disk, dataset, fmt):
+    out = small_disk / f"build-{fmt}"
+    with pytest.raises(WriteFailed, match=r"disk is full|I/O error") as e:
+        build_dataset(SRC, out, fmt=fmt, **BIG)
+    assert e.value.exit_code == 1 and "\n" not in str(e.value)
+    _nothing_published(small_disk)
+    shutil.rmtree(out)
+    conv = small_disk / f"convert-{fmt}"
+    with pytest.raises(WriteFailed, match=r"disk is full|I/O error"):
+        convert_dataset(dataset, conv, fmt)
+    _nothing_published(small_disk)
+
+
+def test_disk_full_during_pull_and_on_the_command_line(small_disk, url):
+    with pytest.raises(WriteFailed, match="disk is full"):
+        pull(url, small_disk / "pulled")
+    _nothing_published(small_disk)
+    shutil.rmtree(small_disk / "pulled")
+    line = _one_line(_packer("build", SRC, "-o", small_disk / "cli", "--size", "256", "--shard-size", "16",
+                             "--workers", "1"), 1)
+    assert "disk is full" in line and "--resume" in line
+    _nothing_published(small_disk)
+    shutil.rmtree(small_disk / "cli")
+    assert "disk is full" in _one_line(_packer("pull", url, small_disk / "cli-pull"), 1)
+    _nothing_published(small_disk)
+
+
+def _limited() -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+
+_EVERY_FORMAT = """
+import json, sys
+from pathlib import Path
+from packer.build import build_dataset
+from packer.convert import convert_dataset
+from packer.output import WriteFailed
+from packer.transfer import pull
+src, dataset, url, tmp = sys.argv[1:]
+got = []
+for fmt in ("tfrecord", "wds", "lmdb"):
+    for run in (lambda: build_dataset(src, Path(tmp) / ("b-" + fmt), fmt=fmt, size=256, shard_size=16, workers=1),
+                lambda: convert_dataset(dataset, Path(tmp) / ("c-" + fmt), fmt)):
+        try:
+            run()
+            got.append("no error")
+        except WriteFailed as e:
+            got.append(str(e))
+try:
+    pull(url, Path(tmp) / "p")
+    got.append("no error")
+except WriteFailed as e:
+    got.append(str(e))
+print(json.dumps(got))
+"""
+
+
+def test_file_size_limit(tmp_path, dataset, url):
+    """RLIMIT_FSIZE (works without root): every file write past 100 KB fails with EFBIG."""
+    r = subprocess.run([sys.executable, "-c", _EVERY_FORMAT, str(SRC), str(dataset), url, str(tmp_path)],
+                       capture_output=True, text=True, preexec_fn=_limited)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert len(got) == 7 and all("EFBIG" in m or "I/O error" in m for m in got), got
+    _nothing_published(tmp_path)
+    r = subprocess.run([str(BIN / "packer"), "build", str(SRC), "-o", str(tmp_path / "cli"), "--size", "256",
+                        "--shard-size", "16", "--workers", "1"], capture_output=True, text=True, preexec_fn=_limited)
+    assert "EFBIG" in _one_line(r, 1)
+    _nothing_published(tmp_path)
+
+
+def test_read_only_output(read_only, dataset, url):
+    from packer.output import OutputError
+
+    for run in (lambda: build_dataset(SRC, read_only, size=64, workers=1),
+                lambda: build_dataset(SRC, read_only / "new", size=64, workers=1),
+                lambda: convert_dataset(dataset, read_only, "lmdb"),
+                lambda: pull(url, read_only / "pulled")):
+        with pytest.raises((OutputError, ValueError), match=r"cannot write to output folder .*(Read-only|Permission)"):
+            run()
+    line = _one_line(_packer("build", SRC, "-o", read_only, "--size", "64"), 2)
+    assert "cannot write to output folder" in line
+    assert list(read_only.iterdir()) == []
+
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there any more: connections are refused at once
+    return port
+
+
+def test_unreachable_endpoint_is_one_line_without_secrets(dataset, tmp_path, monkeypatch):
+    pytest.importorskip("s3fs")
+    from packer.remote import RemoteError
+    from packer.transfer import push
+
+    port = _closed_port()
+    so = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "AKIATESTKEY123", "secret": MARKER,
+          "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}
+    for k in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(k)
+    with pytest.raises(RemoteError) as e:
+        push(dataset, "s3://bucket/ds", storage_options=so, attempts=2)
+    msg = str(e.value)
+    assert f"127.0.0.1:{port}" in msg and "unreachable after 2 attempt(s)" in msg and MARKER not in msg, msg
+    opts = tmp_path / "so.json"
+    opts.write_text(json.dumps(so))
+    r = _packer("build", SRC, "-o", "s3://bucket/built", "--size", "64", "--retries", "0", "--staging",
+                tmp_path / "stage", "--storage-options", f"@{opts}", env=dict(os.environ), timeout=120)
+    line = _one_line(r, 2)
+    assert f"127.0.0.1:{port}" in line and "unreachable" in line, line
+    assert MARKER not in r.stdout + r.stderr and "AKIATESTKEY123" not in r.stderr
+    assert not (tmp_path / "stage").exists()  # it failed before building anything
