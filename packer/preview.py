@@ -28,7 +28,8 @@ import numpy as np
 from packer.format import FormatError, Manifest, Record, ShardInfo, atomic_write_bytes, read_manifest
 from packer.writers import open_reader
 
-__all__ = ["GAP", "MAX_SIZE", "PALETTE", "PreviewError", "write_preview", "pick_samples", "tile_layout"]
+__all__ = ["GAP", "MAX_SIZE", "PALETTE", "PreviewDataError", "PreviewError", "pick_samples", "tile_layout",
+           "write_preview"]
 
 GAP = 2  # white pixels between tiles
 MAX_SIZE = 1920  # widest grid, as ultralytics' plot_images
@@ -41,7 +42,11 @@ _TRAIN_EXTRA = "--augment needs the training stack: pip install 'packer-trainer[
 
 
 class PreviewError(ValueError):
-    """The preview cannot be made as asked (bad option, missing split, unreadable shard)."""
+    """The preview cannot be made as asked (bad option, not a packed dataset, missing split): a usage error."""
+
+
+class PreviewDataError(PreviewError):
+    """A shard or stored image could not be read (corrupt, checksum mismatch, unreachable): a data error."""
 
 
 def write_preview(shards: str, out: str = "preview.jpg", *, split: str | None = None, n: int = 16, seed: int = 0,
@@ -132,7 +137,7 @@ def _read_records(shards: str, m: Manifest, split: str, n: int, seed: int,
                     for p in positions:
                         yield reader.read(p)
             except (FormatError, OSError) as e:
-                raise PreviewError(f"{info.shards[s].path}: cannot read ({e})") from None
+                raise PreviewDataError(f"{info.shards[s].path}: cannot read ({e})") from None
 
 
 @contextmanager
@@ -151,7 +156,7 @@ def _local_shard(shards: str, sh: ShardInfo, storage_options: dict | None) -> It
             if sh.index:
                 retry(lambda: download(fs, join(root, sh.index), Path(f"{local}.idx")))
         except (OSError, ValueError) as e:
-            raise PreviewError(f"{display_url(shards)}/{sh.path}: {redact(str(e), storage_options)}") from None
+            raise PreviewDataError(f"{display_url(shards)}/{sh.path}: {redact(str(e), storage_options)}") from None
         yield local
 
 
@@ -177,7 +182,7 @@ def _tile(rec: Record, t: int, names: list[str]) -> np.ndarray:
     """One sample letterboxed into a t x t BGR tile with its boxes, class names and source file name."""
     img = cv2.imdecode(np.frombuffer(rec.jpeg, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
-        raise PreviewError(f"{rec.key}: the stored JPEG does not decode")
+        raise PreviewDataError(f"{rec.key}: the stored JPEG does not decode")
     h, w = img.shape[:2]
     r = t / max(h, w)
     nw, nh = max(1, round(w * r)), max(1, round(h * r))

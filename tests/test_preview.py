@@ -18,7 +18,7 @@ import pytest
 
 from packer.build import build_dataset
 from packer.format import LabelArrays, read_manifest
-from packer.preview import GAP, PALETTE, PreviewError, tile_layout, write_preview
+from packer.preview import GAP, PALETTE, PreviewDataError, PreviewError, tile_layout, write_preview
 from tests._servers import http_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +115,17 @@ def test_bad_requests_are_one_line_errors(synthetic: Path, tmp_path: Path) -> No
         write_preview(str(shards), str(tmp_path / "p.png"))
     with pytest.raises(PreviewError, match="manifest"):
         write_preview(str(tmp_path), str(tmp_path / "p.jpg"))
+    assert not (tmp_path / "p.jpg").exists()
+
+
+def test_corrupt_shard_is_a_data_error(synthetic: Path, tmp_path: Path) -> None:
+    shards = _pack(synthetic, tmp_path / "shards", "tfrecord")
+    shard = shards / read_manifest(shards).splits["train"].shards[0].path
+    data = bytearray(shard.read_bytes())
+    data[40] ^= 0xFF  # inside the first record: its CRC no longer matches
+    shard.write_bytes(bytes(data))
+    with pytest.raises(PreviewDataError, match="CRC"):
+        write_preview(str(shards), str(tmp_path / "p.jpg"), n=16)
     assert not (tmp_path / "p.jpg").exists()
 
 

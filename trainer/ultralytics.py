@@ -375,6 +375,8 @@ class ShardsTrainer(DetectionTrainer):
 
     def get_class_counts(self) -> np.ndarray:
         cls = self._labels(self.data["train"]).cls
+        if self.args.single_cls:
+            cls = np.zeros_like(cls)
         return np.bincount(cls.astype(int), minlength=self.data["nc"]).astype(np.float32)
 
     def plot_training_labels(self) -> None:
