@@ -55,14 +55,16 @@ GEOMETRY = {
 
 
 @pytest.mark.parametrize("aug", list(GEOMETRY))
-@pytest.mark.parametrize(("loader", "fmt"), [("dali", "tfrecord"), ("torch", "wds"), ("torch", "lmdb")])
-def test_boxes_sit_on_their_rectangles(packed, loader, fmt, aug):
+@pytest.mark.parametrize(("loader", "fmt"), [("dali", "tfrecord"), ("torch", "wds"), ("torch", "lmdb"),
+                                             ("torch+cache", "wds")])
+def test_boxes_sit_on_their_rectangles(packed, loader, fmt, aug, tmp_path):
     """Every returned box lies on its rectangle's pixels in the returned image: IoU >= 0.9 with the
     colour patch, or -- for slivers a mosaic cut left a few px wide, where one px of JPEG/resampling
     blur (or blending with the border fill at the canvas edge) costs more than 10 % IoU --
     every edge within 2 px of the patch's edge."""
-    ld = make_loader(packed[fmt], "train", loader=loader, imgsz=IMGSZ, batch=4, train=True, workers=1,
-                     device="cpu", augment=GEOMETRY[aug], seed=3)
+    cache = {"cache": "disk", "cache_dir": tmp_path} if loader.endswith("+cache") else {}
+    ld = make_loader(packed[fmt], "train", loader=loader.removesuffix("+cache"), imgsz=IMGSZ, batch=4, train=True,
+                     workers=1, device="cpu", augment=GEOMETRY[aug], seed=3, **cache)
     checked, bad = 0, []
     for epoch in (0, 1):
         ld.set_epoch(epoch)
@@ -224,4 +226,4 @@ def test_auto_choice_without_cuda(packed):
     if torch.cuda.is_available():
         pytest.skip("CPU-only choice")
     kinds = {fmt: make_loader(packed[fmt], "val", train=False, imgsz=IMGSZ, batch=4).kind for fmt in packed}
-    assert kinds == {"tfrecord": "dali-cpu", "wds": "torch", "lmdb": "torch"}
+    assert kinds == {"tfrecord": "torch", "wds": "torch", "lmdb": "torch"}  # DALI CPU measured 0.26x with aug
