@@ -1,23 +1,18 @@
-"""Data for benchmarks/peers.py: the sets, made once under a work folder (reused when complete),
-and the peers' shared per-sample path (`decode_letterbox`, `collate`).
+"""Data and loaders for benchmarks/peers.py.
 
-- `coco_labels`: coco128's COCO json converted to YOLO txt labels by ultralytics' `convert_coco`.
-- `upscaled_images`: every coco128 image upscaled to a 3000-px long side (JPEG q92; the
-  normalized YOLO labels stay valid unchanged).
-- `yolo_set`: a YOLO folder (images/train + labels/train + data.yaml) of `n` images, symlinked
-  round-robin copies of a list of images and their label files: what ultralytics reads.
-- `packed_set`: that folder packed by our packer (`build_dataset`, wds, at imgsz).
-- `packed_members`, `write_mds`, `write_litdata`: the packed samples (JPEG, class and box bytes,
-  read from our tars) written again as MosaicML Streaming MDS shards and LitData chunks, so
-  every streaming peer reads the very same stored JPEGs.
+Data, made once under a work folder and reused (each folder is built under a temporary name
+and renamed when complete, so an interrupted run leaves nothing a later run takes for done):
+`coco_labels` (coco128's json -> YOLO txt by ultralytics' `convert_coco`), `upscaled_images`
+(coco128 upscaled to a 3000-px long side, JPEG q92; normalized labels stay valid),
+`yolo_set` (a YOLO folder of n symlinked copies: what ultralytics reads), `packed_set` (that
+folder packed by our packer, wds at imgsz), `write_mds` / `write_litdata` (the packed samples,
+read from our tars, written again for MosaicML Streaming and LitData: every streaming peer
+reads the same stored JPEGs as ours).
 
-The streaming peers all decode with `decode_letterbox` (cv2.imdecode, resize of the long side
-to imgsz with INTER_LINEAR as ultralytics' load_image, centred 114 padding as its LetterBox,
-BGR->RGB CHW uint8, boxes moved into the padded frame) and batch with `collate` (ultralytics'
-batch dict: img, cls, bboxes, batch_idx).
-
-Every folder is built under a temporary name and renamed when complete, so an interrupted
-run leaves no half-built folder that a later run would take for finished.
+Loaders: `RUNNERS[name](name, data, cfg)` builds one loader under test as a `Loop`. The
+streaming peers share `decode_letterbox` (cv2.imdecode, long side resized to imgsz with
+INTER_LINEAR as ultralytics' load_image, centred 114 padding as its LetterBox, RGB CHW uint8,
+boxes moved into the padded frame) and `collate` (ultralytics' batch dict).
 """
 
 from __future__ import annotations
@@ -191,16 +186,12 @@ def write_mds(members: list[Member], work: Path, name: str) -> Path:
     return _build(work / name, make) / "mds"
 
 
-def _litdata_item(m: Member) -> dict[str, bytes]:
-    return read_member(m)
-
-
 def write_litdata(members: list[Member], work: Path, name: str) -> Path:
     """The samples as a local LitData optimized dataset (`litdata.optimize`)."""
     from litdata import optimize
 
     def make(tmp: Path) -> None:
-        optimize(fn=_litdata_item, inputs=members, output_dir=str(tmp / "litdata"), chunk_bytes="64MB",
+        optimize(fn=read_member, inputs=members, output_dir=str(tmp / "litdata"), chunk_bytes="64MB",
                  num_workers=1, mode="overwrite", verbose=False, start_method="fork")
 
     return _build(work / name, make) / "litdata"

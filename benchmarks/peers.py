@@ -1,34 +1,33 @@
 """Our loader against its peers, epoch by epoch in one process, as same-round ratios.
 
     .venv/bin/python benchmarks/peers.py [--work DIR] [--rounds 5] [--images 1024] [--hires-images 512]
-        [--sets x8 hires] [--cases noaug aug] [--peers ...] [--imgsz 640] [--batch 16] [--workers 2] [--json]
+        [--sets x8 hires x1] [--cases noaug aug] [--peers ...] [--imgsz 640] [--batch 16] [--workers 2] [--json]
 
-Loaders (all fed coco128 images through cv2 decode + letterbox to imgsz, batch 16, 2 workers):
+Loaders (coco128 images, cv2 decode + letterbox to imgsz, batch 16, 2 workers each):
   ours / ours-ram        trainer.data.make_loader (torch loader) over our wds shards; -ram: cache="ram"
   ultralytics / -ram     YOLODataset + build_dataloader on the raw YOLO folder; -ram: cache="ram"
   streaming              MosaicML Streaming: MDSWriter + StreamingDataset (local) + DataLoader
   litdata                LitData: optimize + StreamingDataset + StreamingDataLoader (local)
   webdataset             plain webdataset over our tars (shuffle 256, batched in the workers)
   decode                 the ceiling: cv2.imdecode of the same packed JPEGs on `--workers` processes
-The three streaming libraries get our packed JPEGs (same bytes as ours) and one shared
-decode + letterbox + collate; they have no mosaic, so they run in the no-aug case only, and
-only on the x8 set (on hires they would read the same 640-px packed JPEGs again).
+The streaming libraries read our packed JPEGs (the same bytes as ours) through one shared
+decode + letterbox + collate; having no mosaic, they run without augmentation, on x8 and x1.
 
-Sets (made under --work, reused when present): x8 = coco128 x8 (1,024 symlinked images);
-hires = coco128 upscaled to a 3000-px long side (JPEG q92, labels unchanged), ultralytics
-reading the raw 3000-px files, ours the same images packed at imgsz; x1 = coco128 itself.
-Cases: noaug (letterbox only) and aug (ultralytics' default training augmentation, mosaic
-included, on both sides).
+Sets (made under --work, reused): x8 = coco128 x8 (--images, symlinks); hires = coco128
+upscaled to a 3000-px long side (JPEG q92, labels unchanged; ultralytics reads these files,
+ours the same packed at imgsz); x1 = coco128 (epochs of 128). Cases: noaug (letterbox only),
+aug (ultralytics' default training augmentation, mosaic included, on both sides).
 
-Method: all loaders of a set and case are built in one process, each runs one untimed
-warm-up epoch, then `--rounds` rounds of one epoch each, the order rotated every round. An
-epoch's time runs from its first request to its last batch or, if later, to the moment the
-loader's own worker processes go idle (ultralytics' InfiniteDataLoader keeps preparing the
-next epoch's batches after the last one: that work is counted where it is done). img/s is
-the median over rounds; ratios are medians of same-round ratios. Peak RSS of a loader's
-process tree = main-process RSS before any loader was built + what the main process grew
-while building and running this loader + the RSS of its worker processes (sampled every
-50 ms; RSS counts pages shared with the parent in every worker, as `top` does).
+Method: a set and case's loaders are all built in this process; each runs one untimed warm-up
+epoch, then --rounds rounds of one epoch each, the order rotated every round. An epoch lasts
+from its first request to its last batch or, if later, until the loader's own worker
+processes go idle (ultralytics' InfiniteDataLoader goes on preparing the next epoch after the
+last batch: that work counts where it is done). img/s: median over rounds; ratios: medians
+of same-round ratios. Build time and the warm-up epoch (cache building) are in --json only.
+Peak RSS = main-process RSS before the group's loaders were built + the main process's growth
+while this loader was built or ran + its workers' RSS (sampled every 50 ms; every forked
+worker's RSS counts the pages it shares with the parent). PSS (largest at an epoch's end, out
+of the timed region) counts shared pages once: the physical memory of the tree.
 """
 
 from __future__ import annotations
@@ -59,14 +58,6 @@ SETS = ("x8", "hires", "x1")
 CASES = ("noaug", "aug")
 STREAM_PEERS = ("streaming", "litdata", "webdataset")
 PEERS = ("ours", "ours-ram", "ultralytics", "ultralytics-ram", *STREAM_PEERS, "decode")
-HIRES_LONG_SIDE = 3000
-
-
-class UsageError(Exception):
-    """Bad command line (exit 2)."""
-
-
-# ----------------------------------------------------------------------------- data
 
 
 def prepare(a: argparse.Namespace, work: Path, set_name: str, need_stream: bool) -> dict[str, Any]:
@@ -80,7 +71,7 @@ def prepare(a: argparse.Namespace, work: Path, set_name: str, need_stream: bool)
     names = pl.class_names(ann)
     if set_name == "hires":
         n = a.hires_images
-        images = pl.upscaled_images(originals[:n], work, HIRES_LONG_SIDE)
+        images = pl.upscaled_images(originals[:n], work, long_side=3000)
     else:
         images, n = originals, (a.images if set_name == "x8" else len(originals))
     yolo = pl.yolo_set(f"{set_name}-{n}", images, labels, n, names, work)
@@ -160,11 +151,8 @@ class Monitor:
         out = {}
         with self._lock:
             for k in self._kids(name):
-                try:
-                    t = k.cpu_times()
-                    out[k] = t.user + t.system
-                except psutil.Error:
-                    pass
+                with contextlib.suppress(psutil.Error):
+                    out[k] = sum(k.cpu_times()[:2])  # user + system
         return out
 
     def wait_idle(self, name: str, t_last: float) -> float:
@@ -206,7 +194,10 @@ def timed_epoch(name: str, runner: pl.Loop, mon: Monitor, epoch: int) -> tuple[i
     mon.activate(name)
     try:
         t0 = time.perf_counter()
-        n = runner.epoch(epoch)
+        try:
+            n = runner.epoch(epoch)
+        except Exception as e:  # a peer library failing on our data: one line, exit 1
+            raise pl.PeerError(f"{name} failed in epoch {epoch}: {type(e).__name__}: {str(e)[:160]}") from e
         t_last = time.perf_counter()
         t_end = mon.wait_idle(name, t_last)
         mon.sample_pss(name)
@@ -215,55 +206,64 @@ def timed_epoch(name: str, runner: pl.Loop, mon: Monitor, epoch: int) -> tuple[i
     return n, t_end - t0
 
 
-def measure(runners: dict[str, pl.Loop], mon: Monitor, rounds: int) -> tuple[dict, dict]:
-    """img/s and images per loader per round: one warm-up epoch each, then rounds in rotated order."""
+def measure(runners: dict[str, pl.Loop], mon: Monitor, rounds: int) -> dict[str, dict[str, list]]:
+    """Per loader: its warm-up epoch's seconds, then img/s and images of each round (rotated order)."""
     names = list(runners)
+    out: dict[str, dict[str, list]] = {name: {"warmup_s": [], "ips": [], "images": []} for name in names}
     for name in names:
-        timed_epoch(name, runners[name], mon, 0)
-    ips: dict[str, list[float]] = {name: [] for name in names}
-    counts: dict[str, list[int]] = {name: [] for name in names}
+        out[name]["warmup_s"].append(timed_epoch(name, runners[name], mon, 0)[1])
     for k in range(rounds):
         for name in names[k % len(names):] + names[:k % len(names)]:
             n, dt = timed_epoch(name, runners[name], mon, k + 1)
-            ips[name].append(n / dt)
-            counts[name].append(n)
-    return ips, counts
+            out[name]["ips"].append(n / dt)
+            out[name]["images"].append(n)
+    return out
 
 
-def summarize(ips: dict[str, list[float]], counts: dict[str, list[int]],
+def summarize(m: dict[str, dict[str, list]], build_s: dict[str, float],
               mem: dict[str, tuple[int, int]]) -> dict[str, dict[str, Any]]:
     """Median img/s and medians of same-round ratios to ultralytics and to the decode ceiling."""
 
     def ratio(name: str, ref: str) -> float | None:
-        if ref not in ips:
+        if ref not in m:
             return None
-        return statistics.median(x / y for x, y in zip(ips[name], ips[ref], strict=True))
+        return statistics.median(x / y for x, y in zip(m[name]["ips"], m[ref]["ips"], strict=True))
 
-    return {name: {"img_per_s": statistics.median(v), "rounds": v, "images_per_epoch": counts[name],
+    return {name: {"img_per_s": statistics.median(v["ips"]), "rounds": v["ips"], "images_per_epoch": v["images"],
                    "x_ultralytics": ratio(name, "ultralytics"), "x_decode": ratio(name, "decode"),
-                   "peak_rss_mb": mem.get(name, (0, 0))[0] / 2**20, "pss_mb": mem.get(name, (0, 0))[1] / 2**20}
-            for name, v in ips.items()}
+                   "peak_rss_mb": mem.get(name, (0, 0))[0] / 2**20, "pss_mb": mem.get(name, (0, 0))[1] / 2**20,
+                   "build_s": build_s[name], "warmup_epoch_s": v["warmup_s"][0]}
+            for name, v in m.items()}
 
 
-def run_group(a: argparse.Namespace, data: dict[str, Any], case: str, peers: list[str],
-              mon: Monitor) -> dict[str, Any]:
-    """Build the loaders of one (set, case), measure them interleaved, close them."""
+def run_group(a: argparse.Namespace, data: dict[str, Any], case: str, peers: list[str], mon: Monitor,
+              notes: list[str]) -> dict[str, Any]:
+    """Build the loaders of one (set, case), measure them interleaved, close them. A loader
+    that cannot be built is left out with a note; one that fails mid-run stops the run."""
     cfg = pl.Config(imgsz=a.imgsz, batch=a.batch, workers=a.workers, augment=case == "aug", seed=0)
+    where = f"{data['set']}/{case}"
     mon.reset_base()
     runners: dict[str, pl.Loop] = {}
+    build_s: dict[str, float] = {}
     try:
         for name in peers:
             mon.activate(name)
+            t0 = time.perf_counter()
             try:
                 runners[name] = pl.RUNNERS[name](name, data, cfg)
+                build_s[name] = time.perf_counter() - t0
+            except Exception as e:  # noqa: BLE001 - a peer library's own failure: report it, go on
+                notes.append(f"{name} could not be built on {where}: {type(e).__name__}: {str(e)[:120]}")
             finally:
                 mon.deactivate(built=True)
-        ips, counts = measure(runners, mon, a.rounds)
+        m = measure(runners, mon, a.rounds)
     finally:
         for r in runners.values():
             r.close()
-    return {"set": data["set"], "images": data["images"], "case": case,
-            "loaders": summarize(ips, counts, mon.peaks())}
+    loaders = summarize(m, build_s, mon.peaks())
+    notes += [f"{name} on {where} gave {v['images_per_epoch']} images per epoch, not {data['images']}"
+              for name, v in loaders.items() if any(c != data["images"] for c in v["images_per_epoch"])]
+    return {"set": data["set"], "images": data["images"], "case": case, "loaders": loaders}
 
 
 # ----------------------------------------------------------------------------- report
@@ -278,29 +278,30 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "versions": pl.versions()}
 
 
-def fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
+COLUMNS = (("set", 11), ("case", 5), ("loader", 15), ("img/s", 7), ("x ultralytics", 13), ("x decode", 8),
+           ("peak RSS MB", 11), ("PSS MB", 6))
 
 
 def table(res: dict[str, Any]) -> str:
+    """The machine, the settings, one markdown row per (set, case, loader), then the notes."""
     m = res["machine"]
+
+    def row(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) if k < 3 else c.rjust(w) for k, (c, (_, w)) in
+                                 enumerate(zip(cells, COLUMNS, strict=True))) + " |"
+
     lines = [f"{m['cpu']}, {m['cpus']} CPUs, {m['ram_gb']} GiB, Python {m['python']}; "
              + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
              f"imgsz {res['imgsz']}, batch {res['batch']}, {res['workers']} workers, {res['rounds']} rounds "
              "(medians; ratios are medians of same-round ratios)", "",
-             f"| {'set':<11} | {'case':<5} | {'loader':<15} | {'img/s':>7} | {'x ultralytics':>13} | "
-             f"{'x decode':>8} | {'peak RSS MB':>11} | {'PSS MB':>6} |",
-             f"|{'-' * 13}|{'-' * 7}|{'-' * 17}|{'-' * 9}|{'-' * 15}|{'-' * 10}|{'-' * 13}|{'-' * 8}|"]
+             row([c for c, _ in COLUMNS]), "|" + "|".join("-" * (w + 2) for _, w in COLUMNS) + "|"]
     for g in res["groups"]:
         for name, v in g["loaders"].items():
-            lines.append(f"| {g['set'] + ' ' + str(g['images']):<11} | {g['case']:<5} | {name:<15} | "
-                         f"{v['img_per_s']:>7.1f} | {fmt(v['x_ultralytics'], '>12.2f') + 'x':>13} | "
-                         f"{fmt(v['x_decode'], '>8.2f'):>8} | {v['peak_rss_mb']:>11.0f} | {v['pss_mb']:>6.0f} |")
-            if any(c != g["images"] for c in v["images_per_epoch"]):
-                res["notes"].append(f"{name} on {g['set']}/{g['case']} gave {v['images_per_epoch']} images "
-                                    f"per epoch, not {g['images']}")
-    lines += [f"note: {n}" for n in res["notes"]]
-    return "\n".join(lines)
+            xu, xd = v["x_ultralytics"], v["x_decode"]
+            lines.append(row([f"{g['set']} {g['images']}", g["case"], name, f"{v['img_per_s']:.1f}",
+                              "" if xu is None else f"{xu:.2f}x", "" if xd is None else f"{xd:.2f}",
+                              f"{v['peak_rss_mb']:.0f}", f"{v['pss_mb']:.0f}"]))
+    return "\n".join(lines + [f"note: {n}" for n in res["notes"]])
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -314,9 +315,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--images", type=int, default=1024, help="images in the x8 set (symlinked coco128 copies)")
     ap.add_argument("--hires-images", type=int, default=512, help="images in the hires set")
-    ap.add_argument("--sets", nargs="+", default=["x8", "hires"], choices=SETS)
-    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
-    ap.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
+    ap.add_argument("--sets", nargs="+", default=["x8", "hires"], choices=SETS, metavar="SET",
+                    help=f"of {', '.join(SETS)} (default: x8 hires)")
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES, metavar="CASE",
+                    help=f"of {', '.join(CASES)} (default: both)")
+    ap.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS, metavar="LOADER",
+                    help=f"of {', '.join(PEERS)} (default: all)")
     ap.add_argument("--imgsz", type=int, default=640)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--workers", type=int, default=2)
@@ -324,13 +328,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     for k in ("rounds", "images", "hires_images", "batch", "workers"):
         if getattr(a, k) < 1:
-            raise UsageError(f"--{k.replace('_', '-')} must be at least 1")
+            ap.error(f"--{k.replace('_', '-')} must be at least 1")  # exits 2
     if a.imgsz < 32 or a.imgsz % 32:
-        raise UsageError("--imgsz must be a positive multiple of 32")
-    if a.work is not None:
-        w = Path(a.work).resolve()
-        if w == ROOT or ROOT in w.parents:
-            raise UsageError(f"--work {a.work} is inside the repository: pick a folder outside it")
+        ap.error("--imgsz must be a positive multiple of 32")
+    if a.work is not None and (Path(a.work).resolve() == ROOT or ROOT in Path(a.work).resolve().parents):
+        ap.error(f"--work {a.work} is inside the repository: pick a folder outside it")
     return a
 
 
@@ -361,9 +363,10 @@ def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
             data = prepare(a, work, s, need_stream)
             for ss, c, peers in plan:
                 if ss == s and peers:
-                    print(f"[peers] {s} ({data['images']} images) {c}: {', '.join(peers)}", file=sys.stderr,
-                          flush=True)
-                    groups.append(run_group(a, data, c, peers, mon))
+                    t0 = time.perf_counter()
+                    groups.append(run_group(a, data, c, peers, mon, notes))
+                    print(f"[peers] {s} ({data['images']} images) {c}: {', '.join(peers)}: "
+                          f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     finally:
         mon.stop()
     return {"machine": machine(), "imgsz": a.imgsz, "batch": a.batch, "workers": a.workers, "rounds": a.rounds,
@@ -371,11 +374,7 @@ def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        a = parse(argv)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    a = parse(argv)
     own_tmp = a.work is None
     work = Path(tempfile.mkdtemp(prefix="peers-bench-")) if own_tmp else Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
