@@ -116,6 +116,8 @@ class Reader(ShardReader):
         if not self.path.is_file():
             raise FormatError(f"{self.path}: shard not found")
         _, self.keys, self.members = _parse_index(*index_bytes(index_path(self.path)), self.path.stat().st_size)
+        self._ranges = _sample_ranges(self.members).tolist()  # plain ints: read() is per sample
+        self._rows = self.members.tolist()
         self._fd = os.open(self.path, os.O_RDONLY)
 
     def __len__(self) -> int:
@@ -124,11 +126,11 @@ class Reader(ShardReader):
     def read(self, pos: int) -> Record:
         pos = self._check_pos(pos)
         key, where = self.keys[pos], f"{self.path}: sample {pos} ({self.keys[pos]})"
-        start, size = (int(x) for x in _sample_ranges(self.members[pos : pos + 1])[0])
+        start, size = self._ranges[pos]
         buf = os.pread(self._fd, size, start)
         if len(buf) != size:
             raise FormatError(f"{where}: truncated")
-        expect = iter(zip(WDS_MEMBER_ORDER, self.members[pos].tolist(), strict=True))
+        expect = iter(zip(WDS_MEMBER_ORDER, self._rows[pos], strict=True))
         data: dict[str, bytes] = {}
         try:
             with tarfile.open(fileobj=io.BytesIO(buf), mode="r:", encoding="utf-8", errors="strict") as tar:
