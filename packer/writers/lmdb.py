@@ -3,8 +3,10 @@
 Keys are `format.lmdb_key(i)` in add order, values `format.encode_lmdb_record`, plus
 `format.LMDB_COUNT_KEY`. The writer fills a hidden build environment with ordered
 appends, growing the map as needed (never a map-full crash), then writes a compacted copy
-(`mdb_env_copy` with MDB_CP_COMPACT) to a hidden temp file, fsyncs and renames it into
-place. No lock files are created: writer and readers use ``lock=False``.
+(`mdb_env_copy` with MDB_CP_COMPACT) to a hidden temp file, zeroes the bytes LMDB leaves
+unspecified (`normalize`: the file then depends on the records only), fsyncs and renames it
+into place. No lock files are created: writer and readers use ``lock=False``. The Reader is
+what the trainer uses too (lazily opened per process, so safe across DataLoader forks).
 """
 
 from __future__ import annotations

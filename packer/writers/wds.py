@@ -63,13 +63,13 @@ class Writer(IndexedFileWriter):
         self._idx: TempFile | None = None
         try:
             self._lines = TempFile(self.index, hashed=False)
+            self._tar = tarfile.TarFile(
+                fileobj=self._data, mode="w", format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict",
+                copybufsize=1 << 20,
+            )
         except BaseException:
             self.abort()
             raise
-        self._tar = tarfile.TarFile(
-            fileobj=self._data, mode="w", format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict",
-            copybufsize=1 << 20,
-        )
 
     def add(self, rec: Record) -> None:
         self._check_open()
