@@ -184,6 +184,19 @@ def test_read_index_rejects_garbage(fmt: str, garbage, shards: dict[str, Path], 
             open_reader(fmt, _copy(path, d, bad))
 
 
+def test_wds_decode_sample_takes_webdatasets_samples(shards: dict[str, Path], records: list[Record]) -> None:
+    webdataset = pytest.importorskip("webdataset")
+    samples = list(webdataset.WebDataset([str(shards["wds"])], shardshuffle=False))
+    got = [wds.decode_sample(s, s["__key__"]) for s in samples]
+    assert [(g.key, g.source, g.jpeg, g.cls.tolist(), g.boxes.tolist()) for g in got] == [
+        (r.key, r.source, r.jpeg, r.cls.tolist(), r.boxes.tolist()) for r in records
+    ]
+    with pytest.raises(FormatError, match=r"member k0\.box missing"):
+        wds.decode_sample({k: v for k, v in samples[0].items() if k != "box"}, "k0")
+    with pytest.raises(FormatError, match="names key 'k0'"):
+        wds.decode_sample(samples[0], "k1")
+
+
 # ------------------------------------------------------------------------------ trim_index
 
 

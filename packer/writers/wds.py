@@ -14,7 +14,7 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +107,32 @@ class Writer(IndexedFileWriter):
         return [self._data, self._lines, self._idx]
 
 
+def decode_sample(members: Mapping[str, bytes], key: str, where: str = "sample") -> Record:
+    """The Record of one sample from its member bytes by extension (`format.WDS_MEMBER_ORDER`;
+    other entries, such as webdataset's ``__key__``, are ignored); FormatError if they do not
+    hold this contract's sample `key`. `where` starts the error messages."""
+    missing = [f"{key}.{ext}" for ext in WDS_MEMBER_ORDER if ext not in members]
+    if missing:
+        raise FormatError(f"{where}: member {missing[0]} missing")
+    cls, box = members[WDS_CLASS], members[WDS_BOX]
+    if len(cls) % 4 or len(box) != 4 * len(cls):
+        raise FormatError(f"{where}: .cls has {len(cls)} bytes but .box has {len(box)} (want 4x)")
+    try:
+        meta = json.loads(members[WDS_META])
+        fields = {k: meta[k] for k in _META_FIELDS}
+    except (ValueError, KeyError, TypeError) as e:
+        raise FormatError(f"{where}: bad .json metadata ({e})") from None
+    if fields["key"] != key:
+        raise FormatError(f"{where}: .json names key {fields['key']!r}")
+    try:
+        return Record(
+            jpeg=members[WDS_IMAGE], cls=np.frombuffer(cls, dtype="<i4"), boxes=np.frombuffer(box, dtype="<f4"),
+            **fields,
+        )
+    except FormatError as e:
+        raise FormatError(f"{where}: {e}") from None
+
+
 class Reader(ShardReader):
     """Reads a wds tar through its index (`tarfile` parses each sample's members); checks every
     member's name, offset and size against the index."""
@@ -141,32 +167,7 @@ class Reader(ShardReader):
                     data[ext] = tar.extractfile(ti).read()  # type: ignore[union-attr]
         except tarfile.TarError as e:
             raise FormatError(f"{where}: bad tar member ({e})") from None
-        missing = [f"{key}.{ext}" for ext in WDS_MEMBER_ORDER if ext not in data]
-        if missing:
-            raise FormatError(f"{where}: member {missing[0]} missing")
-        return self._decode(data, key, where)
-    @staticmethod
-    def _decode(data: dict[str, bytes], key: str, where: str) -> Record:
-        cls, box = data[WDS_CLASS], data[WDS_BOX]
-        if len(cls) % 4 or len(box) != 4 * len(cls):
-            raise FormatError(f"{where}: .cls has {len(cls)} bytes but .box has {len(box)} (want 4x)")
-        try:
-            meta = json.loads(data[WDS_META])
-            fields = {k: meta[k] for k in _META_FIELDS}
-        except (ValueError, KeyError, TypeError) as e:
-            raise FormatError(f"{where}: bad .json metadata ({e})") from None
-        if fields["key"] != key:
-            raise FormatError(f"{where}: .json names key {fields['key']!r}")
-        try:
-            return Record(
-                jpeg=data[WDS_IMAGE],
-                cls=np.frombuffer(cls, dtype="<i4"),
-                boxes=np.frombuffer(box, dtype="<f4"),
-                **fields,
-            )
-        except FormatError as e:
-            raise FormatError(f"{where}: {e}") from None
-
+        return decode_sample(data, key, where)
     def __iter__(self) -> Iterator[Record]:
         for pos in range(len(self)):
             yield self.read(pos)
