@@ -227,3 +227,17 @@ def test_auto_choice_without_cuda(packed):
         pytest.skip("CPU-only choice")
     kinds = {fmt: make_loader(packed[fmt], "val", train=False, imgsz=IMGSZ, batch=4).kind for fmt in packed}
     assert kinds == {"tfrecord": "torch", "wds": "torch", "lmdb": "torch"}  # DALI CPU measured 0.26x with aug
+
+
+def test_dali_pipeline_is_built_once_per_run(packed):
+    ld = make_loader(packed["wds"], "train", loader="dali", imgsz=IMGSZ, batch=4, workers=1, device="cpu", seed=2)
+    epochs, pipes = [], []
+    for epoch in range(3):
+        ld.set_epoch(epoch)
+        epochs.append([k for b in _epoch(ld) for k, v in zip(b["keys"], b["valid"].tolist(), strict=True) if v])
+        pipes.append(id(ld._pipe))
+    assert len(set(pipes)) == 1  # no rebuild (teardown, shuffle-buffer refill) between epochs
+    for keys in epochs:
+        assert len(keys) == len(set(keys)) == N_TRAIN  # each epoch still one whole reader epoch
+    assert epochs[0] != epochs[1]  # and reshuffled
+    ld.close()

@@ -11,6 +11,10 @@ definition the torch loader uses) and travel with the batch, so the boxes -- rea
 padded with a count (``fn.pad`` + ``shape()``) -- get exactly the same arithmetic
 (`transforms.augment_boxes`) as in the torch loader before they become the YOLO targets.
 
+Built once per run (`_ensure_pipeline`): each epoch runs the same pipeline for one more reader
+epoch, so there is no rebuild and no refill of the reader's shuffle buffer between epochs; the
+order of an epoch therefore depends on the epochs before it (reproducible for the same seed).
+
 Sharding: every rank gets every shard file with ``shard_id=rank, num_shards=world_size,
 pad_last_batch=True, stick_to_shard=True``. The loader runs the pipeline itself for exactly
 `split.dali_reader_batches` iterations per epoch (so reader epochs never drift) and yields
@@ -223,7 +227,6 @@ class DaliLoader:
         if data.remote:
             self._use_rank_files(rank_segments(data.shard_sizes, rank, world_size))
         self._epoch = 0
-        self._built_epoch: int | None = None
         self._pipe = None
         self._params: _ParamSource | None = None
         self._mosaic = True
@@ -256,14 +259,13 @@ class DaliLoader:
             self._params.mosaic = self._mosaic
 
     def _ensure_pipeline(self) -> None:
-        # training reseeds per epoch (reader shuffle + augmentation) from seed + epoch: rebuild
-        want = self._epoch if self.train else 0
-        if self._pipe is not None and self._built_epoch == want:
+        """Build the pipeline once per run: later epochs continue it (no teardown, no refill of
+        the reader's shuffle buffer); the random streams are seeded once from `seed` and rank."""
+        if self._pipe is not None:
             return
-        self.close()
-        ss = np.random.SeedSequence([self.seed, want, self.rank])
+        ss = np.random.SeedSequence([self.seed, self.rank])
         aug = self.train and not self.augment.is_off
-        self._params = _ParamSource(self.augment, self.imgsz, self.batch, [self.seed, want, self.rank]) if aug else None
+        self._params = _ParamSource(self.augment, self.imgsz, self.batch, [self.seed, self.rank]) if aug else None
         if self._params is not None:
             self._params.mosaic = self._mosaic
         self._pipe = _build_pipeline(
@@ -271,7 +273,6 @@ class DaliLoader:
             world_size=self._num_shards, seed=int(ss.generate_state(1)[0] & 0x7FFFFFFF), threads=self.threads,
             device_id=self.device_id, params=self._params, files=self._files,
         )
-        self._built_epoch = want
 
     def __iter__(self) -> Iterator[dict]:
         self._ensure_pipeline()
@@ -360,7 +361,6 @@ class DaliLoader:
 
     def close(self) -> None:
         self._pipe = None
-        self._built_epoch = None
 
     def __del__(self) -> None:
         tmp = getattr(self, "_tmp", None)  # the trimmed index files of a rank-local reader
