@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import random
+from collections.abc import Callable
 from copy import deepcopy
 from datetime import datetime
 from pathlib import Path
@@ -26,7 +27,7 @@ from trainer.offline import setup_offline
 setup_offline()
 
 from ultralytics import __version__ as ULTRALYTICS_VERSION  # noqa: E402
-from ultralytics.cfg import DEFAULT_CFG, get_cfg  # noqa: E402
+from ultralytics.cfg import DEFAULT_CFG, DEFAULT_CFG_DICT, get_cfg  # noqa: E402
 from ultralytics.nn.tasks import DetectionModel, load_checkpoint  # noqa: E402
 from ultralytics.utils import IterableSimpleNamespace  # noqa: E402
 from ultralytics.utils.torch_utils import (  # noqa: E402
@@ -46,6 +47,7 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "packaged_model_yaml",
+    "prepare_model",
 ]
 
 
@@ -87,6 +89,38 @@ def build_model(cfg: str, names: list[str], *, verbose: bool = False) -> Detecti
     model = DetectionModel(cfg, nc=len(names), verbose=verbose)
     model.names = dict(enumerate(names))
     model.nc = len(names)
+    return model
+
+
+def prepare_model(cfg: Any, names: list[str], device: torch.device, resumed: nn.Module | None,
+                  log: Callable[[str], None]) -> DetectionModel:
+    """The model a run trains, on `device`: `resumed` (a checkpoint's EMA model) or `cfg.model` built
+    fresh (plus `cfg.weights`), with the data's class names, ultralytics' frozen DFL conv and the loss
+    hyperparameters of `cfg` (a TrainConfig) attached."""
+    if resumed is not None:
+        model = resumed.float()  # resume from the EMA weights, as ultralytics does
+        if len(model.names) != len(names):
+            raise ModelError(f"--resume: checkpoint has {len(model.names)} classes, the data {len(names)}")
+    else:
+        model = build_model(cfg.model, names)
+        if cfg.weights:
+            n, total = load_weights(model, cfg.weights)
+            log(f"weights: transferred {n}/{total} tensors from {cfg.weights}")
+    model.names = dict(enumerate(names))
+    model.nc = len(names)
+    for k, p in model.named_parameters():
+        p.requires_grad = ".dfl" not in k  # ultralytics always freezes the DFL integral conv
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    attach_hyp(model, {**DEFAULT_CFG_DICT, "box": cfg.box, "cls": cfg.cls, "dfl": cfg.dfl, "max_det": cfg.max_det,
+                       "imgsz": cfg.imgsz, "epochs": cfg.epochs, "batch": cfg.batch, "nbs": cfg.nbs})
+    stride = int(max(model.stride))
+    if cfg.imgsz % stride:
+        raise ModelError(f"--imgsz {cfg.imgsz} is not a multiple of the model stride {stride}")
+    nparams = sum(p.numel() for p in model.parameters())
+    log(f"model: {cfg.model if resumed is None else 'resumed from ' + str(cfg.resume)} "
+        f"({nparams / 1e6:.2f}M parameters, nc={model.nc}), imgsz {cfg.imgsz}")
     return model
 
 

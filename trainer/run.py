@@ -14,7 +14,8 @@ from click.core import ParameterSource
 
 from packer.cli import ByteSize
 from packer.remote import parse_storage_options, redact
-from trainer.engine import OPTIMIZERS, TrainConfig, train
+from trainer.config import OPTIMIZERS, TrainConfig
+from trainer.loop import train
 
 _DEFAULT = TrainConfig()
 

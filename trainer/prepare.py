@@ -1,0 +1,237 @@
+"""Everything before the first step: options, data, device, model, batch, loaders, optimizer, resume.
+
+`PreparedRun.setup` reads the manifest (local or URL), resolves the device, AMP and seeds
+(`trainer.runtime`), makes the run folder (`trainer.records`), builds the model (`trainer.model`),
+the loaders (`trainer.data.make_loader`) and ultralytics' optimizer (`trainer.optim`), and restores a
+checkpoint's state on resume. `trainer.loop.Run` adds the epochs on top.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.offline import setup_offline
+
+setup_offline()
+
+from ultralytics.utils.torch_utils import EarlyStopping, ModelEMA  # noqa: E402
+
+from packer.format import FormatError, read_manifest  # noqa: E402
+from packer.remote import RemoteError, display_url, is_url, open_manifest, redact  # noqa: E402
+from trainer.config import (  # noqa: E402
+    RESUME_OVERRIDABLE,
+    TrainConfig,
+    TrainError,
+    pick_split,
+    redacted_options,
+    resume_config,
+)
+from trainer.model import load_resume_state, prepare_model, set_rng_state  # noqa: E402
+from trainer.optim import build_optim  # noqa: E402
+from trainer.records import RunRecords, run_dir  # noqa: E402
+from trainer.runtime import Dist, auto_batch, choose_amp, resolve_device, seed_all  # noqa: E402
+
+
+class PreparedRun:
+    """A training run up to its first step; `trainer.loop.Run` trains it."""
+
+    def __init__(self, cfg: TrainConfig, loader_factory: Callable[..., Any] | None, log: Callable[[str], None]):
+        self.cfg = cfg
+        self.d = Dist()
+        self._log = log
+        self.make_loader = loader_factory
+        self.train_loader: Any = None
+        self.val_loader: Any = None
+        self.ema: Any = None
+        self.start_epoch = 0
+        self.done_epoch: int | None = None  # last completed epoch, once fit() runs
+
+    def log(self, msg: str) -> None:
+        if self.d.main:
+            self._log(msg)
+
+    # -- set-up ------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Options, data, device, model, batch, loaders, optimizer, and the resume state if any."""
+        self.ckpt = load_resume_state(self.cfg.resume) if self.cfg.resume else None
+        if self.ckpt is not None:
+            self.cfg, ignored = resume_config(self.cfg, self.ckpt["train_args"])
+            if ignored:
+                self.log(f"warning: resume keeps the checkpoint's {', '.join(ignored)} "
+                         f"(only {', '.join(RESUME_OVERRIDABLE)} may change); start a new run to change them")
+        self.cfg.validate()
+        self._setup_data()
+        self.device = resolve_device(self.cfg.device, self.d)
+        self.d.init(self.device)
+        seed_all(self.cfg.seed + 1 + self.d.rank)
+        self.amp_dtype, use_scaler, amp_msg = choose_amp(self.cfg.amp, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        self._setup_records()
+        self._log_setup(amp_msg)
+        self.model = prepare_model(self.cfg, self.names, self.device, self.ckpt["ema"] if self.ckpt else None,
+                                   self.log)
+        self._setup_batch()
+        self._setup_loaders()
+        self._setup_optim()
+        if self.ckpt is not None:
+            self._restore()
+
+    def _setup_data(self) -> None:
+        """The manifest (local or URL) and the train/val splits it offers."""
+        cfg = self.cfg
+        if not cfg.shards:
+            raise TrainError("no SHARDS folder given")
+        self.where = display_url(cfg.shards) if is_url(cfg.shards) else cfg.shards
+        try:
+            m = open_manifest(cfg.shards, cfg.storage_options) if is_url(cfg.shards) else read_manifest(cfg.shards)
+        except (FormatError, RemoteError) as e:
+            raise TrainError(redact(str(e), cfg.storage_options)) from None
+        self.manifest = m
+        self.train_name = pick_split(m.splits, cfg.train_split, "train")
+        if self.train_name is None:
+            raise TrainError(f"{self.where}: no train split found (splits: {', '.join(sorted(m.splits)) or 'none'}); "
+                             "name one with --train-split")
+        self.val_name = pick_split(m.splits, cfg.val_split, "val")
+        if cfg.imgsz is None:
+            cfg.imgsz = 640 if m.size >= 640 else max(32, m.size // 32 * 32)
+        self.names = list(m.names)
+
+    def _setup_records(self) -> None:
+        if self.cfg.resume:
+            out = Path(self.cfg.resume).resolve().parent.parent  # runs/train/weights/last.pt -> runs/train
+        else:
+            out = run_dir(self.cfg.out, self.cfg.exist_ok) if self.d.main else None
+            out = Path(self.d.broadcast(str(out) if out else None))
+        self.rec = RunRecords(out, main=self.d.main, resume=bool(self.cfg.resume))
+        self.out = out
+
+    def _log_setup(self, amp_msg: str) -> None:
+        m, cfg = self.manifest, self.cfg
+        self.log(f"data: {self.where} ({m.format}, packed at {m.size}px), {len(self.names)} classes, "
+                 f"train split {self.train_name!r} {m.splits[self.train_name].num_samples} images, "
+                 + (f"val split {self.val_name!r} {m.splits[self.val_name].num_samples} images"
+                    if self.val_name else "no val split: validation off (best.pt follows the train loss)"))
+        if cfg.imgsz > m.size:
+            self.log(f"warning: --imgsz {cfg.imgsz} is larger than the packed size {m.size}: images get upscaled")
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        self.log(f"device: {self.device}" + (f", DDP world size {self.d.world} ({backend})" if self.d.ddp else ""))
+        self.log(amp_msg)
+
+    def _setup_batch(self) -> None:
+        cfg = self.cfg
+        if cfg.batch == -1:
+            per_rank = auto_batch(self.model, cfg.imgsz, self.device, self.amp_dtype, self.log)
+            cfg.batch = min(self.d.gather(per_rank)) * self.d.world  # every rank must use the same batch
+        if cfg.batch < self.d.world:
+            raise TrainError(f"--batch {cfg.batch} is smaller than the number of processes ({self.d.world})")
+        n_train = self.manifest.splits[self.train_name].num_samples
+        if cfg.batch > n_train >= self.d.world:  # a tiny dataset: one full batch per epoch rather than none
+            self.log(f"--batch {cfg.batch} is larger than the {n_train} training images: using batch "
+                     f"{n_train // self.d.world * self.d.world}")
+            cfg.batch = n_train // self.d.world * self.d.world
+        self.rank_batch = cfg.batch // self.d.world
+        self.global_batch = self.rank_batch * self.d.world
+
+    def _setup_loaders(self) -> None:
+        cfg = self.cfg
+        if self.make_loader is None:
+            from trainer.data import make_loader  # the real data path
+
+            self.make_loader = make_loader
+        augment = None
+        if not cfg.mosaic:
+            from trainer.data.transforms import AugmentConfig
+
+            augment = AugmentConfig(mosaic=0.0)
+        common = dict(loader=cfg.loader, imgsz=cfg.imgsz, rank=self.d.rank, world_size=self.d.world,
+                      seed=cfg.seed, workers=cfg.workers, device=self.device, verify=cfg.verify)
+        if is_url(cfg.shards):  # network storage: only then (a custom loader_factory need not know these)
+            common.update(storage_options=cfg.storage_options, cache_dir=cfg.cache_dir,
+                          cache_max_bytes=cfg.cache_max_bytes)
+        try:
+            self.train_loader = self.make_loader(cfg.shards, self.train_name, batch=self.rank_batch, train=True,
+                                                 augment=augment, **common)
+            if self.val_name:
+                self.val_loader = self.make_loader(cfg.shards, self.val_name, batch=self.rank_batch * 2,
+                                                   train=False, **common)
+        except FormatError as e:
+            raise TrainError(redact(str(e), cfg.storage_options)) from e
+        self.nb = len(self.train_loader)
+        if self.nb == 0:
+            raise TrainError(f"the train split has fewer images than one batch ({self.rank_batch})")
+        self.log(f"loader: {self.train_loader.kind}, batch {self.global_batch}"
+                 + (f" ({self.rank_batch} per rank)" if self.d.ddp else "")
+                 + f", {self.nb} steps per epoch" + (f", workers {cfg.workers}" if cfg.workers is not None else ""))
+
+    def _setup_optim(self) -> None:
+        cfg = self.cfg
+        self.opt = build_optim(cfg, self.model, global_batch=self.global_batch, steps_per_epoch=self.nb,
+                               num_samples=self.train_loader.num_samples, num_classes=len(self.names),
+                               resumed_args=self.ckpt["train_args"] if self.ckpt is not None else None)
+        self.optimizer, self.scheduler, self.accumulate = self.opt.optimizer, self.opt.scheduler, self.opt.accumulate
+        if self.d.ddp:
+            kw = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
+            self.train_model: nn.Module = nn.parallel.DistributedDataParallel(
+                self.model, find_unused_parameters=False, **kw)
+        else:
+            self.train_model = self.model
+        self.ema = ModelEMA(self.model)
+        self.stopper = EarlyStopping(patience=cfg.patience)
+        self.best_fitness: float | None = None
+        self.log(f"optimizer: {self.opt.name}(lr={self.opt.lr0:.6g}, momentum={cfg.momentum}) "
+                 f"weight_decay {self.opt.weight_decay:.3g}, accumulate {self.accumulate} (nominal batch {cfg.nbs}), "
+                 f"{'cosine' if cfg.cos_lr else 'linear'} schedule, EMA on")
+
+    def _restore(self) -> None:
+        ck = self.ckpt
+        self.start_epoch = int(ck["epoch"]) + 1
+        if self.start_epoch >= self.cfg.epochs:
+            raise TrainError(f"--resume {self.cfg.resume}: training to {self.cfg.epochs} epochs is already finished")
+        self.optimizer.load_state_dict(ck["optimizer"])
+        if ck.get("scaler"):
+            self.scaler.load_state_dict(ck["scaler"])
+        self.ema.ema.load_state_dict(ck["ema"].float().state_dict())
+        self.ema.updates = int(ck.get("updates", 0))
+        self.best_fitness = ck.get("best_fitness")
+        self.stopper.__dict__.update(ck.get("stopper") or {})
+        set_rng_state(ck.get("rng"))
+        if self.d.rank:  # each rank continues its own stream, as in a fresh run
+            seed_all(self.cfg.seed + 1 + self.d.rank + self.start_epoch)
+        self.log(f"resuming from {self.cfg.resume}: epoch {self.start_epoch + 1} of {self.cfg.epochs}")
+        self.ckpt = None  # free the memory
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def train_args(self) -> dict[str, Any]:
+        """args.yaml and the checkpoints' train_args: the options as given and as resolved."""
+        a = asdict(self.cfg)
+        # no credentials in args.yaml / checkpoints: URL user:password and query stripped, secret options masked
+        a.update(shards=self.where, storage_options=redacted_options(self.cfg.storage_options))
+        a.update(task="detect", mode="train", data=str(self.where), imgsz=self.cfg.imgsz,
+                 batch=self.global_batch, optimizer_resolved=self.opt.name, lr0_resolved=self.opt.lr0,
+                 warmup_bias_lr_resolved=self.opt.warmup_bias_lr,
+                 device_resolved=str(self.device), world_size=self.d.world,
+                 amp_resolved=str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
+                 loader_resolved=getattr(self.train_loader, "kind", self.cfg.loader), accumulate=self.accumulate,
+                 names=self.names, val_split_resolved=self.val_name, save_dir=str(self.out))
+        return a
+
+    def save(self, epoch_done: int, metrics: dict[str, float], paths: list[Path]) -> None:
+        self.rec.save(
+            paths, self.ema.ema, epoch=epoch_done, train_args=self.train_args(), best_fitness=self.best_fitness,
+            metrics=metrics, ema_updates=self.ema.updates, optimizer=self.optimizer, scaler=self.scaler,
+            scheduler=self.scheduler,
+            extra={"stopper": {"best_fitness": self.stopper.best_fitness, "best_epoch": self.stopper.best_epoch}},
+        )
+
+    def close(self) -> None:
+        for ld in (self.train_loader, self.val_loader):
+            if ld is not None:
+                with contextlib.suppress(Exception):
+                    ld.close()
