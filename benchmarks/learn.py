@@ -1,99 +1,52 @@
-"""It learns: our trainer vs ultralytics' own trainer on the same small synthetic detection set.
+"""It learns: our trainer vs ultralytics' own trainer on synthetic detection sets, median over seeds.
 
-1. Generate coloured shapes (circle / square / triangle = 3 classes) on textured backgrounds, YOLO layout.
-2. Pack it with ``packer.build.build_dataset``.
-3. Train a nano model on CPU with ``trainer.engine.train`` (the ``python -m trainer.run`` job).
-4. Train ``YOLO("yolov8n.yaml").train(...)`` on the same raw images, same model/epochs/imgsz/batch.
-5. Validate both best.pt files the same way, ``YOLO(best).val(data=..., rect=False)`` on the raw val images,
-   and print both mAP50-95 and the ratio (target >= 0.9).
+For each set of `_synthetic.SETS` (``shapes``: the issue-11 set, 4 classes, 320 train / 64 val;
+``dense``: other shapes, smaller and more objects, larger images):
 
-Usage: ``.venv/bin/python benchmarks/learn.py [--epochs 30 --imgsz 160 --batch 16 --train 240 --val 60]``.
-Writes ``out/learn/learn.json`` with every figure.
+1. generate it (YOLO layout, data seed 0) and pack it with ``packer.build.build_dataset`` (tfrecord);
+2. per training seed, train ``trainer.engine.train`` (the ``python -m trainer.run`` job) and
+   ``YOLO(model).train(...)`` on the raw images with the same model / epochs / imgsz / batch;
+3. validate both best.pt files the same way, ``YOLO(best).val(rect=False)`` on the raw val images;
+4. print the median mAP50-95 of each trainer over the seeds and the ratio ours / ultralytics per set
+   (target >= 1.0 on every set).
+
+``--aug-stats`` trains nothing: it runs one epoch of each trainer's training augmentation and prints
+objects per image, box size and the share of fill-grey pixels (mosaic on and off), the cheap check
+that both loaders show the model the same thing.
+
+Full benchmark (slow on CPU: 2 sets x 3 seeds x 2 trainers):
+``.venv/bin/python benchmarks/learn.py --seeds 0,1,2``.
+Ablations: ``--mosaic off`` (both trainers, no mosaic at all), ``--close-mosaic N``,
+``--trainers ours`` / ``ultralytics``, ``--epochs``, ``--train``/``--val`` (smaller sets).
+Writes ``out/learn/learn.json`` with every figure and the per-epoch loss/mAP curves of every run.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
-import math
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from trainer.offline import setup_offline  # noqa: E402
 
 setup_offline()
 
-NAMES = ["circle", "square", "triangle"]
+from _synthetic import SETS, SetSpec, make_set  # noqa: E402
 
-
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Texture: low-frequency colour noise + stripes or a checkerboard + pixel noise."""
-    small = rng.uniform(40, 200, (max(2, h // 32), max(2, w // 32), 3)).astype(np.float32)
-    img = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    period = rng.uniform(6, 24)
-    if rng.random() < 0.5:
-        ang = rng.uniform(0, math.pi)
-        pattern = np.sin((xx * math.cos(ang) + yy * math.sin(ang)) * 2 * math.pi / period)
-    else:
-        pattern = np.sign(np.sin(xx * 2 * math.pi / period) * np.sin(yy * 2 * math.pi / period))
-    img += pattern[..., None] * rng.uniform(8, 30)
-    img += rng.normal(0, 6, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def _draw(img: np.ndarray, cls: int, x0: int, y0: int, s: int, color: tuple[int, ...]) -> tuple[float, ...]:
-    """Draw one shape in the s x s box at (x0, y0); return its tight box (x1, y1, x2, y2)."""
-    if cls == 0:
-        cv2.circle(img, (x0 + s // 2, y0 + s // 2), s // 2, color, -1, lineType=cv2.LINE_AA)
-        return x0, y0, x0 + 2 * (s // 2), y0 + 2 * (s // 2)
-    if cls == 1:
-        cv2.rectangle(img, (x0, y0), (x0 + s - 1, y0 + s - 1), color, -1)
-        return x0, y0, x0 + s, y0 + s
-    pts = np.array([[x0 + s // 2, y0], [x0, y0 + s - 1], [x0 + s - 1, y0 + s - 1]], np.int32)
-    cv2.fillPoly(img, [pts], color, lineType=cv2.LINE_AA)
-    return x0, y0, x0 + s, y0 + s
-
-
-def make_shapes(root: Path, n_train: int, n_val: int, seed: int = 0) -> Path:
-    """The synthetic set in YOLO layout with data.yaml; deterministic for a seed."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", n_train), ("val", n_val)):
-        (root / "images" / split).mkdir(parents=True, exist_ok=True)
-        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            h, w = int(rng.integers(200, 321)), int(rng.integers(200, 321))
-            img = _background(rng, h, w)
-            boxes: list[tuple[float, ...]] = []
-            lines = []
-            for _ in range(int(rng.integers(1, 5))):
-                s = int(rng.integers(min(h, w) // 8, min(h, w) // 3))
-                for _try in range(20):  # avoid heavy overlap so labels stay honest
-                    x0, y0 = int(rng.integers(0, w - s)), int(rng.integers(0, h - s))
-                    if all(x0 + s < b[0] or b[2] < x0 or y0 + s < b[1] or b[3] < y0 for b in boxes):
-                        break
-                else:
-                    continue
-                c = int(rng.integers(0, 3))
-                color = tuple(int(v) for v in rng.integers(0, 256, 3))
-                x1, y1, x2, y2 = _draw(img, c, x0, y0, s, color)
-                boxes.append((x1, y1, x2, y2))
-                lines.append(f"{c} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}")
-            cv2.imwrite(str(root / "images" / split / f"{split}{i:04d}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
-            (root / "labels" / split / f"{split}{i:04d}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
-    (root / "data.yaml").write_text(
-        f"path: {root.resolve()}\ntrain: images/train\nval: images/val\nnames:\n"
-        + "".join(f"  {i}: {n}\n" for i, n in enumerate(NAMES)))
-    return root
+MAP = "metrics/mAP50-95(B)"
+CURVE_COLS = ("train/box_loss", "train/cls_loss", "train/dfl_loss", "metrics/mAP50(B)", MAP)
 
 
 def val_on_raw(weights: Path, data: Path, imgsz: int, batch: int) -> dict[str, float]:
@@ -106,69 +59,193 @@ def val_on_raw(weights: Path, data: Path, imgsz: int, batch: int) -> dict[str, f
     return {k: round(float(v), 5) for k, v in r.results_dict.items()}
 
 
-def main() -> None:
+def read_curves(results_csv: Path) -> dict[str, list[float]]:
+    """Per-epoch columns of a results.csv (ours or ultralytics': same column names)."""
+    if not results_csv.exists():
+        return {}
+    with open(results_csv, newline="") as f:
+        rows = [{k.strip(): v for k, v in r.items()} for r in csv.DictReader(f)]
+    return {c: [round(float(r[c]), 5) for r in rows] for c in CURVE_COLS if rows and c in rows[0]}
+
+
+def train_ours(a: argparse.Namespace, shards: Path, out: Path, seed: int) -> Path:
+    from trainer.engine import TrainConfig, train
+
+    r = train(TrainConfig(shards=str(shards), model=a.model, epochs=a.epochs, imgsz=a.imgsz, batch=a.batch,
+                          device="cpu", loader=a.loader, seed=seed, out=str(out), exist_ok=True,
+                          mosaic=a.mosaic == "on", close_mosaic=a.close_mosaic))
+    return r.best or r.last
+
+
+def train_ultralytics(a: argparse.Namespace, data: Path, out: Path, seed: int) -> Path:
+    from ultralytics import YOLO
+
+    YOLO(a.model).train(data=str(data / "data.yaml"), epochs=a.epochs, imgsz=a.imgsz, batch=a.batch, device="cpu",
+                        workers=0, project=str(out.parent), name=out.name, exist_ok=True, plots=False, amp=False,
+                        seed=seed, verbose=False, mosaic=1.0 if a.mosaic == "on" else 0.0,
+                        close_mosaic=a.close_mosaic)
+    return out / "weights" / "best.pt"
+
+
+def run_set(a: argparse.Namespace, spec: SetSpec, out: Path) -> dict:
+    """Every seed of both trainers on one set; medians and the ratio."""
+    from packer.build import build_dataset
+
+    data = make_set(out / "data", spec, 0, a.train, a.val)
+    build_dataset(data, out / "shards", fmt="tfrecord", size=a.imgsz, overwrite=True)
+    res: dict = {"set": spec.name, "classes": list(spec.classes), "runs": {}}
+    for seed in a.seeds:
+        for who in a.trainers:
+            run_dir = out / f"{who}_s{seed}"
+            t0 = time.time()
+            if who == "ours":
+                best = train_ours(a, out / "shards", run_dir, seed)
+            else:
+                best = train_ultralytics(a, data, run_dir, seed)
+            t_train = time.time() - t0
+            m = val_on_raw(best, data / "data.yaml", a.imgsz, a.batch)
+            res["runs"][f"{who}/{seed}"] = {"train_s": round(t_train, 1), "val": m,
+                                           "curves": read_curves(run_dir / "results.csv")}
+            print(f"[{spec.name}] {who:<11} seed {seed}: mAP50-95 {m[MAP]:.4f}  mAP50 {m['metrics/mAP50(B)']:.4f}"
+                  f"  ({t_train:.0f} s)", flush=True)
+    for who in a.trainers:
+        vals = [res["runs"][f"{who}/{s}"]["val"][MAP] for s in a.seeds]
+        res[f"{who}_median"] = round(statistics.median(vals), 5)
+    if {"ours", "ultralytics"} <= set(a.trainers) and res["ultralytics_median"] > 0:
+        res["ratio"] = round(res["ours_median"] / res["ultralytics_median"], 3)
+    return res
+
+
+# ----------------------------------------------------------------------------- --aug-stats
+
+
+def _stats(imgs: list[np.ndarray], nboxes: list[int], areas: list[np.ndarray]) -> dict[str, float]:
+    """Objects per image, median box area (fraction of the input) and share of fill-grey pixels.
+
+    Fill pixels are found as R == G == B (the textured backgrounds and random shape colours are
+    almost never exactly grey; HSV value jitter moves 114 but keeps it grey)."""
+    grey = [float(np.mean((im[..., 0] == im[..., 1]) & (im[..., 1] == im[..., 2]))) for im in imgs]
+    a = np.concatenate(areas) if areas else np.zeros(0)
+    return {"images": len(imgs), "objects_per_image": round(float(np.mean(nboxes)), 3),
+            "median_box_area": round(float(np.median(a)) if len(a) else 0.0, 5),
+            "grey_share": round(float(np.mean(grey)), 4)}
+
+
+def _ultra_epoch(data: Path, imgsz: int, batch: int, mosaic: bool, n: int) -> dict[str, float]:
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data import build_yolo_dataset
+    from ultralytics.data.utils import check_det_dataset
+    from ultralytics.utils import DEFAULT_CFG
+
+    cfg = get_cfg(DEFAULT_CFG, {"imgsz": imgsz, "mosaic": 1.0})
+    d = check_det_dataset(str(data / "data.yaml"))
+    ds = build_yolo_dataset(cfg, d["train"], batch, d, mode="train", stride=32)
+    if not mosaic:
+        ds.close_mosaic(cfg)
+    imgs, nb, areas = [], [], []
+    for i in np.random.default_rng(0).permutation(len(ds))[:n]:
+        s = ds[int(i)]
+        imgs.append(s["img"].permute(1, 2, 0).numpy())
+        nb.append(len(s["cls"]))
+        areas.append((s["bboxes"][:, 2] * s["bboxes"][:, 3]).numpy())
+    return _stats(imgs, nb, areas)
+
+
+def _our_epoch(shards: Path, imgsz: int, batch: int, mosaic: bool, loader: str, n: int) -> dict[str, float]:
+    from trainer.data import make_loader
+
+    ld = make_loader(shards, "train", loader=loader, imgsz=imgsz, batch=batch, train=True, workers=0 if
+                     loader == "torch" else 1, device="cpu")
+    ld.set_epoch(0)
+    ld.set_mosaic(mosaic)
+    imgs, nb, areas = [], [], []
+    for b in ld:
+        img = b["img"].permute(0, 2, 3, 1).numpy()
+        for j in range(img.shape[0]):
+            sel = (b["batch_idx"] == j).numpy()
+            imgs.append(img[j])
+            nb.append(int(sel.sum()))
+            areas.append((b["bboxes"][sel, 2] * b["bboxes"][sel, 3]).numpy())
+        if len(imgs) >= n:
+            break
+    ld.close()
+    return _stats(imgs[:n], nb[:n], areas[:n])
+
+
+def aug_stats(a: argparse.Namespace, spec: SetSpec, out: Path) -> dict:
+    from packer.build import build_dataset
+    from trainer.data import dali_available
+
+    data = make_set(out / "data", spec, 0, a.train, a.val)
+    build_dataset(data, out / "shards", fmt="tfrecord", size=a.imgsz, overwrite=True)
+    n = a.train or spec.n_train
+    res: dict = {}
+    loaders = ["torch"] + (["dali"] if dali_available() else [])
+    for mosaic in (True, False):
+        tag = "mosaic" if mosaic else "no-mosaic"
+        res[f"ultralytics/{tag}"] = _ultra_epoch(data, a.imgsz, a.batch, mosaic, n)
+        for ld in loaders:
+            res[f"ours-{ld}/{tag}"] = _our_epoch(out / "shards", a.imgsz, a.batch, mosaic, ld, n)
+    print(f"\n[{spec.name}] one epoch of training augmentation, {n} images at {a.imgsz} px")
+    print(f"{'who/mode':<28}{'objects/img':>12}{'median box area':>17}{'grey share':>12}")
+    for k, v in res.items():
+        print(f"{k:<28}{v['objects_per_image']:>12.2f}{v['median_box_area']:>17.4f}{v['grey_share']:>12.3f}")
+    return res
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "out" / "learn"))
-    ap.add_argument("--train", type=int, default=240, help="training images")
-    ap.add_argument("--val", type=int, default=60, help="validation images")
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--imgsz", type=int, default=160)
+    ap.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, of: {', '.join(SETS)}")
+    ap.add_argument("--seeds", default="0", help="training seeds, comma-separated (0,1,2: median over 3)")
+    ap.add_argument("--trainers", default="ours,ultralytics")
+    ap.add_argument("--train", type=int, default=None, help="training images (default: the set's, 320)")
+    ap.add_argument("--val", type=int, default=None, help="validation images (default: the set's, 64)")
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--imgsz", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--model", default="yolov8n.yaml")
-    ap.add_argument("--loader", default="auto")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--skip-ultralytics", action="store_true")
+    ap.add_argument("--loader", default="auto", help="our loader: auto, torch, dali")
+    ap.add_argument("--mosaic", choices=("on", "off"), default="on", help="mosaic in both trainers")
+    ap.add_argument("--close-mosaic", type=int, default=10, help="both trainers: last N epochs without mosaic")
+    ap.add_argument("--aug-stats", action="store_true", help="compare one epoch of augmentation; no training")
     a = ap.parse_args()
+    a.sets = [s for s in a.sets.split(",") if s]
+    a.seeds = [int(s) for s in a.seeds.split(",") if s]
+    a.trainers = [t for t in a.trainers.split(",") if t]
+    bad = [s for s in a.sets if s not in SETS] + [t for t in a.trainers if t not in ("ours", "ultralytics")]
+    if bad or not a.seeds or not a.sets or not a.trainers:
+        ap.error(f"unknown or empty: {', '.join(bad) or 'sets/seeds/trainers'}")
+    return a
 
+
+def main() -> None:
+    a = _parse()
     import torch
-
-    from packer.build import build_dataset
-    from trainer.engine import TrainConfig, train
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = make_shapes(out / "shapes", a.train, a.val, a.seed)
-    t0 = time.time()
-    build_dataset(data, out / "shards", fmt="tfrecord", size=max(a.imgsz, 160), overwrite=True)
-    t_pack = time.time() - t0
     res: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, CPU only",
-                 "args": vars(a), "pack_s": round(t_pack, 1)}
-    print(f"data: {a.train} train / {a.val} val images, 3 classes; packed in {t_pack:.1f} s")
-
-    t0 = time.time()
-    ours = train(TrainConfig(shards=str(out / "shards"), model=a.model, epochs=a.epochs, imgsz=a.imgsz,
-                             batch=a.batch, device="cpu", loader=a.loader, seed=a.seed, out=str(out / "ours"),
-                             exist_ok=True))
-    res["ours_train_s"] = round(time.time() - t0, 1)
-    res["ours_in_training"] = {k: round(v, 5) for k, v in ours.metrics.items()}
-    res["ours_best_val"] = val_on_raw(ours.best or ours.last, data / "data.yaml", a.imgsz, a.batch)
-
-    if not a.skip_ultralytics:
-        from ultralytics import YOLO
-
-        t0 = time.time()
-        YOLO(a.model).train(data=str(data / "data.yaml"), epochs=a.epochs, imgsz=a.imgsz, batch=a.batch, device="cpu",
-                            workers=0, project=str(out), name="ultralytics", exist_ok=True, plots=False, amp=False,
-                            seed=a.seed, verbose=False)
-        res["ultra_train_s"] = round(time.time() - t0, 1)
-        best = out / "ultralytics" / "weights" / "best.pt"
-        res["ultra_best_val"] = val_on_raw(best, data / "data.yaml", a.imgsz, a.batch)
-        o, u = res["ours_best_val"]["metrics/mAP50-95(B)"], res["ultra_best_val"]["metrics/mAP50-95(B)"]
-        res["ratio_map50_95"] = round(o / u, 3) if u > 0 else None
-
-    (out / "learn.json").write_text(json.dumps(res, indent=2) + "\n")
-    print("\n=== learn benchmark ===")
-    print(f"machine: {res['machine']}")
-    print(f"model {a.model}, {a.epochs} epochs, imgsz {a.imgsz}, batch {a.batch}")
-    o = res["ours_best_val"]
-    print(f"ours        : mAP50 {o['metrics/mAP50(B)']:.4f}  mAP50-95 {o['metrics/mAP50-95(B)']:.4f}  "
-          f"(train {res['ours_train_s']:.0f} s)")
-    if "ultra_best_val" in res:
-        u = res["ultra_best_val"]
-        print(f"ultralytics : mAP50 {u['metrics/mAP50(B)']:.4f}  mAP50-95 {u['metrics/mAP50-95(B)']:.4f}  "
-              f"(train {res['ultra_train_s']:.0f} s)")
-        ratio = res["ratio_map50_95"]
-        print(f"ratio ours/ultralytics mAP50-95: {ratio}  (target >= 0.9: {'met' if ratio and ratio >= 0.9 else 'NOT met'})")
+                 "args": vars(a), "sets": {}}
+    for name in a.sets:
+        spec = SETS[name]
+        res["sets"][name] = aug_stats(a, spec, out / name) if a.aug_stats else run_set(a, spec, out / name)
+        (out / "learn.json").write_text(json.dumps(res, indent=2) + "\n")
+    if not a.aug_stats:
+        print("\n=== learn benchmark ===")
+        print(f"machine: {res['machine']}")
+        print(f"model {a.model}, {a.epochs} epochs, imgsz {a.imgsz}, batch {a.batch}, mosaic {a.mosaic}, "
+              f"close_mosaic {a.close_mosaic}, seeds {a.seeds}")
+        print(f"{'set':<10}" + "".join(f"{t + ' mAP50-95':>24}" for t in a.trainers) + f"{'ratio':>8}")
+        for name, r in res["sets"].items():
+            print(f"{name:<10}" + "".join(f"{r[t + '_median']:>24.4f}" for t in a.trainers)
+                  + f"{r.get('ratio', float('nan')):>8.3f}")
+        ratios = [r["ratio"] for r in res["sets"].values() if "ratio" in r]
+        if ratios:
+            print(f"target ours/ultralytics >= 1.0 on every set: {'met' if min(ratios) >= 1.0 else 'NOT met'}")
     print(f"figures in {out / 'learn.json'}")
 
 
