@@ -93,11 +93,8 @@ def _upscale_one(src: Path, dst: Path, long_side: int, quality: int) -> None:
     h, w = img.shape[:2]
     r = long_side / max(h, w)
     img = cv2.resize(img, (round(w * r), round(h * r)), interpolation=cv2.INTER_CUBIC)
-    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise OSError(f"could not encode {src}")
     tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
-    tmp.write_bytes(buf.tobytes())
+    tmp.write_bytes(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes())
     tmp.rename(dst)
 
 
@@ -145,8 +142,7 @@ def packed_set(yolo_dir: Path, imgsz: int, work: Path) -> Path:
 
 def packed_tars(shards: Path, split: str = "train") -> list[Path]:
     """The split's tar files, in manifest order."""
-    m = read_manifest(shards)
-    return [shards / sh.path for sh in m.splits[split].shards]
+    return [shards / sh.path for sh in read_manifest(shards).splits[split].shards]
 
 
 def packed_members(shards: Path, split: str = "train") -> list[Member]:
@@ -197,9 +193,6 @@ def write_litdata(members: list[Member], work: Path, name: str) -> Path:
     return _build(work / name, make) / "litdata"
 
 
-# ----------------------------------------------------------------------------- the peers' sample path
-
-
 def decode_letterbox(s: dict[str, bytes], imgsz: int) -> dict[str, torch.Tensor]:
     """One stored sample (jpg/cls/box bytes) as a letterboxed imgsz x imgsz RGB CHW uint8 sample."""
     img = cv2.imdecode(np.frombuffer(s["jpg"], np.uint8), cv2.IMREAD_COLOR)
@@ -212,8 +205,7 @@ def decode_letterbox(s: dict[str, bytes], imgsz: int) -> dict[str, torch.Tensor]
     img = cv2.copyMakeBorder(img, top, imgsz - nh - top, left, imgsz - nw - left, cv2.BORDER_CONSTANT,
                              value=(114, 114, 114))
     boxes = np.frombuffer(s["box"], "<f4").reshape(-1, 4) * np.array([nw, nh, nw, nh], np.float32) / imgsz
-    boxes[:, 0] += left / imgsz
-    boxes[:, 1] += top / imgsz
+    boxes[:, :2] += np.array([left, top], np.float32) / imgsz
     cls = np.frombuffer(s["cls"], "<i4").astype(np.float32).reshape(-1, 1)
     chw = np.ascontiguousarray(img.transpose(2, 0, 1)[::-1])
     return {"img": torch.from_numpy(chw), "cls": torch.from_numpy(cls), "bboxes": torch.from_numpy(boxes)}
@@ -242,25 +234,22 @@ class Config:
     seed: int = 0
 
 
+@dataclass
 class Loop:
     """One loader under test: `epoch(e)` runs epoch e to its end and returns the images it gave."""
 
-    def __init__(self, loader: Any, set_epoch: Callable[[int], None] | None = None,
-                 close: Callable[[], None] | None = None):
-        self.loader, self._set_epoch, self._close = loader, set_epoch, close
+    loader: Any
+    set_epoch: Callable[[int], None] | None
+    close: Callable[[], None]
 
     def epoch(self, e: int) -> int:
-        if self._set_epoch is not None:
-            self._set_epoch(e)
+        if self.set_epoch is not None:
+            self.set_epoch(e)
         return sum(int(b["img"].shape[0]) for b in self.loader)
 
-    def close(self) -> None:
-        if self._close is not None:
-            self._close()
 
-
-PEER_MODULES = {"streaming": "streaming", "litdata": "litdata", "webdataset": "webdataset",
-                "ultralytics": "ultralytics", "ultralytics-ram": "ultralytics"}
+PEER_MODULES = {p: p.removesuffix("-ram") for p in ("streaming", "litdata", "webdataset", "ultralytics",
+                                                   "ultralytics-ram")}
 
 
 def unavailable(peer: str) -> str | None:
@@ -291,16 +280,33 @@ def ours(name: str, data: dict, cfg: Config) -> Loop:
     from trainer.data import AugmentConfig, make_loader
 
     extra = {"cache": "ram"} if name == "ours-ram" else {}
+    store = _ram_store(data["shards"]) if extra else None
+    ours_now = store is not None and not store.exists()
     ld = make_loader(data["shards"], "train", loader="torch", imgsz=cfg.imgsz, batch=cfg.batch, train=True,
                      seed=cfg.seed, workers=cfg.workers, device="cpu",
                      augment=AugmentConfig() if cfg.augment else AugmentConfig.off(), **extra)
-    return Loop(ld, ld.set_epoch, ld.close)
+
+    def close() -> None:
+        ld.close()
+        if ours_now:  # the decoded store this run had built (in RAM): do not leave it behind
+            shutil.rmtree(store, ignore_errors=True)
+
+    return Loop(ld, ld.set_epoch, close)
+
+
+def _ram_store(shards: Path) -> Path | None:
+    """Where make_loader(cache="ram") keeps this split's decoded store (None if that API moved)."""
+    try:
+        from trainer.data.common import open_split
+        from trainer.data.decoded_cache import store_dir
+
+        return store_dir(open_split(shards, "train"), "ram")
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
 
 
 def ultralytics(name: str, data: dict, cfg: Config) -> Loop:
-    from trainer.offline import setup_offline
-
-    setup_offline()
+    """YOLODataset + build_dataloader (peers.py has run trainer.offline.setup_offline first)."""
     from ultralytics.cfg import get_cfg
     from ultralytics.data.build import build_dataloader
     from ultralytics.data.dataset import YOLODataset
@@ -383,11 +389,7 @@ def decode(name: str, data: dict, cfg: Config) -> Loop:
         def __iter__(self):  # one "batch" per epoch: the count is all the loop needs
             yield {"img": np.empty((sum(pool.map(_decode_range, spans)), 0))}
 
-    def close() -> None:
-        pool.terminate()
-        pool.join()
-
-    return Loop(Epoch(), None, close)
+    return Loop(Epoch(), None, lambda: (pool.terminate(), pool.join()))
 
 
 RUNNERS: dict[str, Callable[[str, dict, Config], Loop]] = {

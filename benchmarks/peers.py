@@ -23,7 +23,7 @@ epoch, then --rounds rounds of one epoch each, the order rotated every round. An
 from its first request to its last batch or, if later, until the loader's own worker
 processes go idle (ultralytics' InfiniteDataLoader goes on preparing the next epoch after the
 last batch: that work counts where it is done). img/s: median over rounds; ratios: medians
-of same-round ratios. Build time and the warm-up epoch (cache building) are in --json only.
+of same-round ratios. --json adds build and warm-up-epoch times and tail_s (work after the last batch).
 Peak RSS = main-process RSS before the group's loaders were built + the main process's growth
 while this loader was built or ran + its workers' RSS (sampled every 50 ms; every forked
 worker's RSS counts the pages it shares with the parent). PSS (largest at an epoch's end, out
@@ -91,7 +91,7 @@ class Monitor:
     """Samples the active loader's process-tree RSS every 50 ms (a thread) and tells when its
     worker processes go idle. Child processes belong to the loader active when first seen."""
 
-    POLL_S, BUSY_CPU_S, QUIET_S, MAX_WAIT_S = 0.05, 0.02, 0.25, 120.0
+    POLL_S, BUSY_CPU_S, QUIET_S, MAX_WAIT_S = 0.05, 0.01, 0.25, 120.0
 
     def __init__(self) -> None:
         self.me = psutil.Process()
@@ -131,8 +131,7 @@ class Monitor:
                 total += k.memory_info().rss
         self._peak[self.active] = max(self._peak.get(self.active, 0), total)
 
-    def reset_base(self) -> None:
-        """Main-process RSS before a group's loaders are built: every loader's starting point."""
+    def reset_base(self) -> None:  # main-process RSS before a group's loaders are built
         self._base = self.me.memory_info().rss
 
     def activate(self, name: str) -> None:
@@ -147,29 +146,31 @@ class Monitor:
                 self._extra[self.active] = max(0, self.me.memory_info().rss - self._main0)
             self.active = None
 
-    def _cpu(self, name: str) -> dict[psutil.Process, float]:
-        out = {}
+    def _cpu(self, name: str) -> tuple[dict[psutil.Process, float], bool]:
+        """CPU seconds of each of `name`'s workers, and whether one is running or waiting for a core."""
+        out, running = {}, False
         with self._lock:
             for k in self._kids(name):
                 with contextlib.suppress(psutil.Error):
                     out[k] = sum(k.cpu_times()[:2])  # user + system
-        return out
+                    running |= k.status() in (psutil.STATUS_RUNNING, psutil.STATUS_DISK_SLEEP)
+        return out, running
 
     def wait_idle(self, name: str, t_last: float) -> float:
-        """When `name`'s workers last did work (>= t_last), after they stay quiet for QUIET_S."""
-        prev, last_busy = self._cpu(name), t_last
+        """When `name`'s workers last did work (>= t_last), after they stay quiet for QUIET_S. Busy:
+        a worker is runnable (on a loaded machine it may get little CPU) or used >= BUSY_CPU_S."""
+        (prev, _), last_busy = self._cpu(name), t_last
         while True:
             time.sleep(self.POLL_S)
-            now, cur = time.perf_counter(), self._cpu(name)
-            if sum(c - prev.get(k, 0.0) for k, c in cur.items()) >= self.BUSY_CPU_S:
+            now, (cur, running) = time.perf_counter(), self._cpu(name)
+            if running or sum(c - prev.get(k, 0.0) for k, c in cur.items()) >= self.BUSY_CPU_S:
                 last_busy = now
             elif now - last_busy >= self.QUIET_S or now - t_last > self.MAX_WAIT_S:
                 return last_busy
             prev = cur
 
     def sample_pss(self, name: str) -> None:
-        """Record the PSS of `name`'s tree now (main process + its workers; ~30 ms a process, so
-        taken once per epoch, outside the timed region): shared pages counted once, not per process."""
+        """Record the PSS of `name`'s tree (main + workers) now: ~30 ms a process, so once an epoch."""
         with self._lock:
             procs = [self.me, *self._kids(name)]
         total = 0
@@ -186,11 +187,10 @@ class Monitor:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join()
 
 
-def timed_epoch(name: str, runner: pl.Loop, mon: Monitor, epoch: int) -> tuple[int, float]:
-    """(images, seconds) of one epoch, the loader's trailing background work included."""
+def timed_epoch(name: str, runner: pl.Loop, mon: Monitor, epoch: int) -> tuple[int, float, float]:
+    """(images, seconds, of which after the last batch) of one epoch, trailing background work included."""
     mon.activate(name)
     try:
         t0 = time.perf_counter()
@@ -203,19 +203,20 @@ def timed_epoch(name: str, runner: pl.Loop, mon: Monitor, epoch: int) -> tuple[i
         mon.sample_pss(name)
     finally:
         mon.deactivate()
-    return n, t_end - t0
+    return n, t_end - t0, t_end - t_last
 
 
 def measure(runners: dict[str, pl.Loop], mon: Monitor, rounds: int) -> dict[str, dict[str, list]]:
     """Per loader: its warm-up epoch's seconds, then img/s and images of each round (rotated order)."""
     names = list(runners)
-    out: dict[str, dict[str, list]] = {name: {"warmup_s": [], "ips": [], "images": []} for name in names}
+    out: dict[str, dict[str, list]] = {name: {"warmup_s": [], "ips": [], "images": [], "tail_s": []} for name in names}
     for name in names:
         out[name]["warmup_s"].append(timed_epoch(name, runners[name], mon, 0)[1])
     for k in range(rounds):
         for name in names[k % len(names):] + names[:k % len(names)]:
-            n, dt = timed_epoch(name, runners[name], mon, k + 1)
+            n, dt, tail = timed_epoch(name, runners[name], mon, k + 1)
             out[name]["ips"].append(n / dt)
+            out[name]["tail_s"].append(tail)
             out[name]["images"].append(n)
     return out
 
@@ -232,7 +233,7 @@ def summarize(m: dict[str, dict[str, list]], build_s: dict[str, float],
     return {name: {"img_per_s": statistics.median(v["ips"]), "rounds": v["ips"], "images_per_epoch": v["images"],
                    "x_ultralytics": ratio(name, "ultralytics"), "x_decode": ratio(name, "decode"),
                    "peak_rss_mb": mem.get(name, (0, 0))[0] / 2**20, "pss_mb": mem.get(name, (0, 0))[1] / 2**20,
-                   "build_s": build_s[name], "warmup_epoch_s": v["warmup_s"][0]}
+                   "build_s": build_s[name], "warmup_epoch_s": v["warmup_s"][0], "tail_s": v["tail_s"]}
             for name, v in m.items()}
 
 
