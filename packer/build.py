@@ -5,14 +5,11 @@ Order of events, chosen so that an interrupted build never looks complete:
 2. per split, process candidates in parallel but consume results in candidate order
    (ordered, bounded window: memory does not grow with the dataset, and the output is
    byte-identical whatever the number of workers);
-3. roll shards by sample count / bytes; after each finished shard, journal it in
-   `.packer-state/` (shard checksum, candidate range, its labels and problems) so
-   `--resume` can keep it;
+3. roll shards by sample count / bytes, journaling each finished shard (packer/journal.py)
+   so `--resume` can keep it; the output folder rules are packer/output.py;
 4. write labels.npz per split and report.json, then manifest.json last, atomically.
 
-With `num_parts`/`part`, step 2 packs only the part's contiguous range of each split's
-shuffled candidate order, into `<out>/parts/part-IIIII-of-NNNNN/` (a complete packed folder
-of its own); `packer.parts.merge_parts` later joins the parts (see packer/parts.py).
+With `num_parts`/`part`, step 2 packs only the part's range of each split (packer/parts.py).
 """
 
 from __future__ import annotations
@@ -39,22 +36,18 @@ from packer.format import (
     REPORT_NAME,
     LabelArrays,
     Manifest,
-    Record,
     ShardInfo,
     SplitInfo,
     check_split_name,
-    sha256_file,
-    shard_name,
     write_manifest,
 )
-from packer.journal import BuildJournal, Tally, problem_dict, write_report
-from packer.output import BuildError, OutputFolder, output_folder
+from packer.journal import BuildJournal, ShardRoller, write_report
+from packer.output import BuildError, OutputFolder, manifest_files, output_folder
 from packer.sample import ProcessOptions, SampleResult, process_candidate
 from packer.sources.base import Candidate
 from packer.sources.detect import Source, detect_source
-from packer.writers import get_writer
 
-__all__ = ["BuildError", "BuildOptions", "BuildResult", "StrictFailure", "Tally", "build_dataset", "label_only"]
+__all__ = ["BuildError", "BuildOptions", "BuildResult", "StrictFailure", "build_dataset"]
 
 DEFAULT_SHARD_BYTES = 256 << 20
 DEFAULT_MIN_SHARDS = 8  # so several ranks x workers can each own whole shards
@@ -88,8 +81,20 @@ class BuildOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     follow_symlinks: bool = False
 
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+    def __post_init__(self) -> None:
+        if self.fmt not in FORMATS:
+            raise BuildError(f"unknown format {self.fmt!r}; choose one of {', '.join(FORMATS)}")
+        if self.size < 32 or not 1 <= self.quality <= 100:
+            raise BuildError("--size must be >= 32 and --quality within 1..100")
+        if (self.shard_size is not None and self.shard_size < 1) or self.max_pixels < 1:
+            raise BuildError("--shard-size and --max-pixels must be >= 1")
+        for name in self.splits or ():
+            check_split_name(name)
+
+    def digest(self, part: dict[str, int] | None = None) -> str:
+        """Options digest; with `part`, a part's journal is never adopted by another part selection."""
+        key = asdict(self) if part is None else [asdict(self), part]
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -139,7 +144,6 @@ def _init_worker() -> None:
     import cv2
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
-
     cv2.setNumThreads(1)  # one process per core already; OpenCV threads would oversubscribe
 
 
@@ -179,8 +183,6 @@ def ordered_map(
     finally:
         for f in pending:
             f.cancel()
-
-
 
 
 # ------------------------------------------------------------------------- the build
@@ -223,74 +225,60 @@ def build_dataset(
     is called after every finished shard (progress hooks, tests).
 
     Multi-machine packing: with `num_parts` N and `part` I (0-based), only part I of each
-    split (a contiguous range of the shuffled candidate order, so the parts in order are
-    the single-machine order) is packed, into `out/parts/part-IIIII-of-NNNNN/`; run every
-    part (any machine, any order, same options), then `packer.parts.merge_parts(out)`.
+    split is packed, into `out/parts/part-IIIII-of-NNNNN/`; run every part (same options),
+    then `packer.parts.merge_parts(out)` (see packer/parts.py).
     """
     t0 = time.perf_counter()
-    opts = _options(fmt, size, quality, shard_size, shard_bytes, min_shards, shuffle, seed, splits, keep_crowd,
-                    upscale, max_pixels, follow_symlinks, overwrite, resume)
+    if overwrite and resume:
+        raise BuildError("--overwrite and --resume exclude each other")
+    opts = BuildOptions(fmt, size, quality, shard_size, shard_bytes, max(1, min_shards), shuffle, seed,
+                        tuple(splits) if splits else None, keep_crowd, upscale, max_pixels, follow_symlinks)
     parts.check_part_args(num_parts, part)
     source = detect_source(src, splits, follow_symlinks=follow_symlinks)
     for name in source.splits:
         check_split_name(name)
-    out = Path(out).resolve()
-    notes = list(source.notes)
-    part_info: dict[str, Any] | None = None
-    if part is not None:
-        dest, out = out, parts.prepare_part_dest(out, source.root, num_parts, part, overwrite=overwrite)
-        part_info = {"num_parts": num_parts, "part": part, "splits": {}}
-        notes.append(f"part {part} of {num_parts} (0-based) in {out}; when all parts are done: packer merge {dest}")
-    hint = "free some space (or choose another -o), then rerun with --resume"
-    with output_folder(out, source=source.root, hint=hint) as folder:
+    out, part_info, notes = _part_setup(Path(out).resolve(), source, num_parts, part, overwrite)
+    with output_folder(out, source=source.root, hint="free some space (or choose another -o), "
+                       "then rerun with --resume") as folder:
         folder.prepare(overwrite=overwrite, resume=resume)
         notes += folder.notes
-        digest = opts.digest()
-        if part_info is not None:  # a part's journal must not be adopted by another part selection
-            sel = {"num_parts": num_parts, "part": part}
-            digest = hashlib.sha256(json.dumps([digest, sel], sort_keys=True).encode()).hexdigest()[:16]
+        digest = opts.digest({"num_parts": num_parts, "part": part} if part_info else None)
         journal = BuildJournal(folder, asdict(opts), digest, source)
         journal.resume() if resume else journal.start()
-        run = _Run(opts, _process_options(opts, source), out, folder, journal, max(1, workers or os.cpu_count() or 1),
-                   on_shard, num_parts if part_info else 1)
-        splits_info, resumed_shards, input_bytes = _pack_all(run, source, part_info, progress)
-        folder.claim(REPORT_NAME)
-        report, problems = write_report(out, source, journal)
-        if strict and problems:
-            lines = [f"{p['split']}/{p['source']}: {p['kind']} {p['reason']} {p['detail']}".rstrip() for p in problems]
-            raise StrictFailure(f"--strict: {len(problems)} problem(s) in the input (see {out / REPORT_NAME})", lines)
-        manifest = _manifest(opts, source, splits_info, part_info)
-        folder.claim(MANIFEST_NAME)
-        write_manifest(out, manifest)  # last: its presence means "complete"
-        folder.finish()
-    output_bytes = sum(out.joinpath(p).stat().st_size for p in _listed(manifest))
+        popts = ProcessOptions(size=size, quality=quality, nc=len(source.names), keep_crowd=keep_crowd,
+                               upscale=upscale, max_pixels=max_pixels)
+        run = _Run(opts, popts, out, folder, journal, max(1, workers or os.cpu_count() or 1), on_shard,
+                   num_parts if part_info else 1)
+        manifest, report, resumed_shards, input_bytes = _pack_into(run, source, part_info, progress, strict)
+    output_bytes = sum(out.joinpath(p).stat().st_size for p in [*manifest_files(manifest), REPORT_NAME, MANIFEST_NAME])
     return BuildResult(out, manifest, report, time.perf_counter() - t0, input_bytes, output_bytes,
-                       resumed_shards, notes)
+                       resumed_shards, [*source.notes, *notes])
 
 
-def _options(fmt: str, size: int, quality: int, shard_size: int | None, shard_bytes: int | None, min_shards: int,
-             shuffle: bool, seed: int, splits: Sequence[str] | None, keep_crowd: bool, upscale: bool,
-             max_pixels: int, follow_symlinks: bool, overwrite: bool, resume: bool) -> BuildOptions:
-    """Check the build options (BuildError, one line) and freeze them."""
-    if fmt not in FORMATS:
-        raise BuildError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if size < 32 or not 1 <= quality <= 100:
-        raise BuildError("--size must be >= 32 and --quality within 1..100")
-    if shard_size is not None and shard_size < 1:
-        raise BuildError("--shard-size must be >= 1")
-    if max_pixels < 1:
-        raise BuildError("--max-pixels must be >= 1")
-    if overwrite and resume:
-        raise BuildError("--overwrite and --resume exclude each other")
-    for name in splits or ():
-        check_split_name(name)
-    return BuildOptions(fmt, size, quality, shard_size, shard_bytes, max(1, min_shards), shuffle, seed,
-                        tuple(splits) if splits else None, keep_crowd, upscale, max_pixels, follow_symlinks)
+def _pack_into(run: _Run, source: Source, part_info: dict[str, Any] | None, progress: bool,
+               strict: bool) -> tuple[Manifest, dict[str, Any], int, int]:
+    """Pack, report, manifest last: (manifest, report, shards kept from the journal, input bytes)."""
+    splits_info, resumed, input_bytes = _pack_all(run, source, part_info, progress)
+    run.folder.claim(REPORT_NAME)
+    report, problems = write_report(run.out, source, run.journal)
+    if strict and problems:
+        lines = [f"{p['split']}/{p['source']}: {p['kind']} {p['reason']} {p['detail']}".rstrip() for p in problems]
+        raise StrictFailure(f"--strict: {len(problems)} problem(s) in the input (see {run.out / REPORT_NAME})", lines)
+    manifest = _manifest(run.opts, source, splits_info, part_info)
+    run.folder.claim(MANIFEST_NAME)
+    write_manifest(run.out, manifest)  # last: its presence means "complete"
+    run.folder.finish()
+    return manifest, report, resumed, input_bytes
 
 
-def _process_options(opts: BuildOptions, source: Source) -> ProcessOptions:
-    return ProcessOptions(size=opts.size, quality=opts.quality, nc=len(source.names), keep_crowd=opts.keep_crowd,
-                          upscale=opts.upscale, max_pixels=opts.max_pixels)
+def _part_setup(out: Path, source: Source, num_parts: int, part: int | None,
+                overwrite: bool) -> tuple[Path, dict[str, Any] | None, list[str]]:
+    """(folder to pack into, the part selection or None, notes) for a part of a multi-machine build."""
+    if part is None:
+        return out, None, []
+    folder = parts.prepare_part_dest(out, source.root, num_parts, part, overwrite=overwrite)
+    note = f"part {part} of {num_parts} (0-based) in {folder}; when all parts are done: packer merge {out}"
+    return folder, {"num_parts": num_parts, "part": part, "splits": {}}, [note]
 
 
 def _manifest(opts: BuildOptions, source: Source, splits_info: dict[str, SplitInfo],
@@ -304,12 +292,6 @@ def _manifest(opts: BuildOptions, source: Source, splits_info: dict[str, SplitIn
     if part_info is not None:
         manifest.options[parts.PART_OPTION] = part_info
     return manifest
-
-
-def _listed(m: Manifest) -> list[str]:
-    from packer.output import manifest_files
-
-    return [*manifest_files(m), REPORT_NAME, MANIFEST_NAME]
 
 
 @dataclass
@@ -345,7 +327,7 @@ def _pack_all(run: _Run, source: Source, part_info: dict[str, Any] | None,
                                               "sources_sha256": parts.sources_digest(source.splits[split])}
                 cands = cands[a:b]
             input_bytes += sum(_size(c.path) for c in cands)
-            kept = _kept_shards(run, split)
+            kept = run.journal.kept_shards(split, run.out, run.bar.update)
             resumed += len(kept)
             _pack_split(run, split, cands, kept)
             splits_info[split] = _finish_split(run, split, len(source.names))
@@ -371,83 +353,13 @@ def _order(n: int, shuffle: bool, seed: int, split: str) -> list[int]:
 def _size(path: str | None) -> int:
     try:
         return os.path.getsize(path) if path else 0
-    except OSError:
+    except OSError:  # vanished since discovery: counted as missing_image by the worker
         return 0
 
 
 def _progress_bar(total: int, enabled: bool):  # noqa: ANN202 - tqdm
     from tqdm import tqdm
-
     return tqdm(total=total, unit="img", desc="packing", disable=not enabled, dynamic_ncols=True, smoothing=0.1)
-
-
-def _kept_shards(run: _Run, split: str) -> list[dict[str, Any]]:
-    """Journaled shards still intact on disk (a shard that fails its checksum is redone, with its successors)."""
-    kept: list[dict[str, Any]] = []
-    for entry in run.journal.shards(split):
-        info = entry["info"]
-        ok = all(run.journal.piece(split, entry["number"], ext).is_file() for ext in ("npz", "json"))
-        if info is not None:
-            p, idx = run.out / info["path"], info["index"]
-            ok = ok and (p.is_file() and p.stat().st_size == info["bytes"] and sha256_file(p) == info["sha256"]
-                         and (idx is None or (run.out / idx).is_file()))
-        if not ok:
-            break
-        kept.append(entry)
-        run.bar.update(entry["end"] - entry["start"])
-    run.journal.data["splits"][split] = kept
-    run.journal.save()
-    return kept
-
-
-class _Shards:
-    """Rolls one split's records into shards, journaling each finished shard."""
-
-    def __init__(self, run: _Run, split: str, number: int, start: int, cap: int | None):
-        self.run, self.split, self.number, self.cap = run, split, number, cap
-        self._reset(start)
-
-    def _reset(self, start: int) -> None:
-        self.writer = None
-        self.rows: list[tuple] = []
-        self.problems: list[dict[str, Any]] = []
-        self.tally = Tally()
-        self.start, self.approx_bytes = start, 0  # bytes estimated from the records: deterministic
-
-    def add(self, i: int, res: SampleResult) -> None:
-        self.problems.extend(problem_dict(self.split, p) for p in self.tally.add(res))
-        if res.record is None:
-            return
-        opts = self.run.opts
-        if self.writer is None:
-            path = self.run.out / self.split / shard_name(self.split, self.number, opts.fmt)
-            rel = path.relative_to(self.run.out).as_posix()
-            self.run.folder.claim(rel, *([] if opts.fmt == "lmdb" else [rel + ".idx"]))
-            self.writer = get_writer(opts.fmt, path)
-        self.writer.add(res.record)
-        self.rows.append((label_only(res.record), self.number, len(self.rows)))  # pos = position in the shard
-        self.approx_bytes += len(res.record.jpeg) + 20 * len(res.record.cls) + 512
-        if self.cap is not None and (len(self.rows) >= self.cap or (
-                bool(opts.shard_bytes) and self.approx_bytes >= opts.shard_bytes)):
-            self.finish(i + 1)
-
-    def finish(self, end: int) -> None:
-        out, info = self.run.out, None
-        if self.writer is not None:
-            w = self.writer.close()
-            info = ShardInfo(path=w.path.relative_to(out).as_posix(), num_samples=w.num_samples, bytes=w.bytes,
-                             sha256=w.sha256, index=w.index.relative_to(out).as_posix() if w.index else None)
-        entry = {"number": self.number, "start": self.start, "end": end, "info": asdict(info) if info else None,
-                 "tally": self.tally.as_dict()}
-        self.run.journal.add_shard(self.split, entry, LabelArrays.from_records(self.rows), self.problems)
-        if info is not None and self.run.on_shard is not None:
-            self.run.on_shard(self.split, info)
-        self.number += info is not None
-        self._reset(end)
-
-    def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
 
 
 def _pack_split(run: _Run, split: str, cands: list[Candidate], kept: list[dict[str, Any]]) -> None:
@@ -461,7 +373,7 @@ def _pack_split(run: _Run, split: str, cands: list[Candidate], kept: list[dict[s
     if opts.fmt == "lmdb":
         cap, number, start = None, 0, 0  # one environment per split: resumable per split only
     (run.out / split).mkdir(parents=True, exist_ok=True)
-    roll = _Shards(run, split, number, start, cap)
+    roll = ShardRoller(run.journal, split, opts.fmt, number, start, cap, opts.shard_bytes, run.on_shard)
     try:
         for i, res in enumerate(ordered_map(cands[start:], run.popts, run.workers, run.pool), start):
             roll.add(i, res)
@@ -473,15 +385,10 @@ def _pack_split(run: _Run, split: str, cands: list[Candidate], kept: list[dict[s
         raise
 
 
-def label_only(rec: Record) -> Record:
-    """Drop the JPEG bytes: label pieces keep only what labels.npz needs."""
-    return Record(rec.key, rec.source, b"", rec.height, rec.width, rec.orig_height, rec.orig_width, rec.cls, rec.boxes)
-
-
 def _finish_split(run: _Run, split: str, nc: int) -> SplitInfo:
     entries = run.journal.shards(split)
-    labels = LabelArrays.concat([run.journal.load_piece(split, e["number"], "npz") for e in entries])
     # journal entries without a shard (a tail of skipped images) add no samples, so shard ids stay aligned
+    labels = LabelArrays.concat([run.journal.load_piece(split, e["number"], "npz") for e in entries])
     run.folder.claim(f"{split}/{LABELS_NAME}")
     labels.save(run.out / split / LABELS_NAME)
     shards = [ShardInfo(**e["info"]) for e in entries if e["info"]]

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 
 from packer import __version__
-from packer.build import label_only
 from packer.format import (
     FORMATS,
     LABEL_FIELDS,
@@ -41,6 +40,7 @@ from packer.format import (
     shard_name,
     write_manifest,
 )
+from packer.journal import label_only
 from packer.output import BuildError, OutputError, OutputFolder, is_write_error, output_folder
 from packer.writers import ShardWriter, get_writer, open_reader
 

@@ -21,15 +21,28 @@ import hashlib
 import json
 import os
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from packer import __version__
-from packer.format import REPORT_NAME, LabelArrays, atomic_write_bytes, dumps_json
+from packer.format import (
+    INDEX_SUFFIX,
+    REPORT_NAME,
+    LabelArrays,
+    Record,
+    ShardInfo,
+    atomic_write_bytes,
+    dumps_json,
+    sha256_file,
+    shard_name,
+)
 from packer.output import STATE_DIR, BuildError, OutputFolder
 from packer.sample import SampleResult
 from packer.sources.base import Candidate, Problem
 from packer.sources.detect import Source
+from packer.writers import ShardWriter, get_writer
 
 STATE_NAME = "state.json"
 FINGERPRINT_NAME = "fingerprint.json"
@@ -144,6 +157,25 @@ class BuildJournal:
             raise JournalError(f"{damaged} (unexpected content); rerun with --overwrite to start again")
         return old
 
+    def kept_shards(self, split: str, out: Path, done: Callable[[int], Any]) -> list[dict[str, Any]]:
+        """Journaled shards still intact on disk (a shard that fails its checksum is redone, with
+        its successors); `done(n)` is told how many candidates each kept shard covers."""
+        kept: list[dict[str, Any]] = []
+        for entry in self.shards(split):
+            info = entry["info"]
+            ok = all(self.piece(split, entry["number"], ext).is_file() for ext in ("npz", "json"))
+            if info is not None:
+                p, idx = out / info["path"], info["index"]
+                ok = ok and (p.is_file() and p.stat().st_size == info["bytes"] and sha256_file(p) == info["sha256"]
+                             and (idx is None or (out / idx).is_file()))
+            if not ok:
+                break
+            kept.append(entry)
+            done(entry["end"] - entry["start"])
+        self.data["splits"][split] = kept
+        self.save()
+        return kept
+
     def shards(self, split: str) -> list[dict[str, Any]]:
         return self.data["splits"].setdefault(split, [])
 
@@ -196,6 +228,67 @@ def _valid_info(info: Any) -> bool:
     return (isinstance(info, dict) and isinstance(info.get("path"), str) and type(info.get("bytes")) is int
             and isinstance(info.get("sha256"), str) and type(info.get("num_samples")) is int
             and (info.get("index") is None or isinstance(info.get("index"), str)))
+
+
+# ---------------------------------------------------------------------- shard rolling
+
+
+class ShardRoller:
+    """Rolls one split's records into shards of at most `cap` samples / ~`shard_bytes` (None:
+    one shard), journaling each finished shard; every shard path is claimed before it is written."""
+
+    def __init__(self, journal: BuildJournal, split: str, fmt: str, number: int, start: int, cap: int | None,
+                 shard_bytes: int | None, on_shard: Callable[[str, ShardInfo], None] | None = None):
+        self.journal, self.split, self.fmt, self.number = journal, split, fmt, number
+        self.cap, self.shard_bytes, self.on_shard = cap, shard_bytes, on_shard
+        self._reset(start)
+
+    def _reset(self, start: int) -> None:
+        self.writer: ShardWriter | None = None
+        self.rows: list[tuple] = []
+        self.problems: list[dict[str, Any]] = []
+        self.tally = Tally()
+        self.start, self.approx_bytes = start, 0  # bytes estimated from the records: deterministic
+
+    def add(self, i: int, res: SampleResult) -> None:
+        """Candidate `i`'s result: counted, and its record (if any) appended to the open shard."""
+        self.problems.extend(problem_dict(self.split, p) for p in self.tally.add(res))
+        if res.record is None:
+            return
+        if self.writer is None:
+            rel = f"{self.split}/{shard_name(self.split, self.number, self.fmt)}"
+            self.journal.folder.claim(rel, *([] if self.fmt == "lmdb" else [rel + INDEX_SUFFIX]))
+            self.writer = get_writer(self.fmt, self.journal.folder.root / rel)
+        self.writer.add(res.record)
+        self.rows.append((label_only(res.record), self.number, len(self.rows)))  # pos = position in the shard
+        self.approx_bytes += len(res.record.jpeg) + 20 * len(res.record.cls) + 512
+        if self.cap is not None and (len(self.rows) >= self.cap or (
+                bool(self.shard_bytes) and self.approx_bytes >= self.shard_bytes)):
+            self.finish(i + 1)
+
+    def finish(self, end: int) -> None:
+        """Close the open shard (if any) and journal it with candidates [start, end)."""
+        out, info = self.journal.folder.root, None
+        if self.writer is not None:
+            w = self.writer.close()
+            info = ShardInfo(path=w.path.relative_to(out).as_posix(), num_samples=w.num_samples, bytes=w.bytes,
+                             sha256=w.sha256, index=w.index.relative_to(out).as_posix() if w.index else None)
+        entry = {"number": self.number, "start": self.start, "end": end, "info": asdict(info) if info else None,
+                 "tally": self.tally.as_dict()}
+        self.journal.add_shard(self.split, entry, LabelArrays.from_records(self.rows), self.problems)
+        if info is not None and self.on_shard is not None:
+            self.on_shard(self.split, info)
+        self.number += info is not None
+        self._reset(end)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+
+def label_only(rec: Record) -> Record:
+    """Drop the JPEG bytes: label pieces keep only what labels.npz needs."""
+    return Record(rec.key, rec.source, b"", rec.height, rec.width, rec.orig_height, rec.orig_width, rec.cls, rec.boxes)
 
 
 # ------------------------------------------------------------------------ the report

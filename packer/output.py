@@ -147,23 +147,18 @@ class WriterLock:
         self.fd = None
 
 
-def _read_holder(fd: int) -> dict:
-    try:
-        d = json.loads(os.pread(fd, 4096, 0) or b"{}")
-    except (OSError, ValueError):
-        return {}
-    return d if isinstance(d, dict) else {}
+def _read_holder(fd: int, tries: int = 1) -> dict:
+    for _ in range(tries):  # a holder writes its details right after locking
+        with contextlib.suppress(OSError, ValueError):
+            if isinstance(d := json.loads(os.pread(fd, 4096, 0) or b"{}"), dict) and d:
+                return d
+        time.sleep(0.01 if tries > 1 else 0)
+    return {}
 
 
 def _holder(fd: int) -> str:
-    d = {}
-    for _ in range(20):  # the holder writes its details right after locking
-        if d := _read_holder(fd):
-            break
-        time.sleep(0.01)
-    if not d:
-        return "starting up"
-    return f"pid {d.get('pid')} on host {d.get('host')}, since {d.get('since')}"
+    d = _read_holder(fd, tries=20)
+    return f"pid {d.get('pid')} on host {d.get('host')}, since {d.get('since')}" if d else "starting up"
 
 
 def _alive(pid: int) -> bool:
@@ -171,8 +166,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, someone else's
+        pass
     return True
 
 
@@ -181,14 +176,7 @@ def _alive(pid: int) -> bool:
 
 def manifest_files(m: Manifest) -> list[str]:
     """Files a manifest lists (labels, shards, index files), relative to its folder."""
-    out: list[str] = []
-    for s in m.splits.values():
-        out.append(s.labels)
-        for sh in s.shards:
-            out.append(sh.path)
-            if sh.index:
-                out.append(sh.index)
-    return out
+    return [p for s in m.splits.values() for p in (s.labels, *(x for sh in s.shards for x in (sh.path, sh.index) if x))]
 
 
 def read_written(folder: Path) -> list[str]:
@@ -197,13 +185,16 @@ def read_written(folder: Path) -> list[str]:
         lines = (folder / STATE_DIR / WRITTEN_NAME).read_bytes().decode("utf-8", "replace").splitlines()
     except OSError:
         return []
-    out = []
-    for ln in lines:
-        with contextlib.suppress(FormatError):
-            if ln and ln not in (MANIFEST_NAME, LOCK_NAME) and not ln.startswith(STATE_DIR):
-                check_relpath(ln)
-                out.append(ln)
-    return out
+    return [ln for ln in lines if ln and ln not in (MANIFEST_NAME, LOCK_NAME) and not ln.startswith(STATE_DIR)
+            and _safe(ln)]
+
+
+def _safe(rel: str) -> bool:
+    try:
+        check_relpath(rel)
+    except FormatError:
+        return False
+    return True
 
 
 def our_manifest(folder: Path) -> Manifest | None:
@@ -387,8 +378,9 @@ def output_folder(out: str | os.PathLike, *, source: Path | None = None, hint: s
         with write_errors(root, hint):
             yield folder
     except BaseException:
-        with contextlib.suppress(OSError):
-            remove_temp_files(root, [p for p in root.iterdir() if p.is_dir()])
+        if folder.manifest is not None or folder.state_dir.is_dir():  # ours: no temp file of ours stays
+            with contextlib.suppress(OSError):
+                remove_temp_files(root, {(root / r).parent for r in folder._owned})
         raise
     finally:
         folder.lock.release()
@@ -425,15 +417,15 @@ def _under(name: object, root: Path) -> bool:
 
 
 def _errno_of(e: Exception) -> int | None:
-    text = str(e)
-    for code in (*_SPACE, errno.EROFS, errno.EIO):
-        if os.strerror(code) in text:
-            return code
-    return None
+    """LMDB reports errno text only ("mdb_txn_commit: Input/output error")."""
+    return next((c for c in (*_SPACE, errno.EROFS, errno.EIO) if os.strerror(c) in str(e)), None)
+
+
+_WHAT = {errno.EFBIG: "a file grew past the file size limit", errno.ENOSPC: "the disk is full",
+         errno.EDQUOT: "the disk quota is full", errno.EROFS: "the output folder is read-only",
+         errno.EIO: "an I/O error (disk full or failing?)"}
 
 
 def _io_message(root: Path, code: int | None, text: str, hint: str) -> str:
-    name = errno.errorcode.get(code or 0, "EIO")
-    what = ("a file grew past the file size limit" if code == errno.EFBIG else "the disk is full" if code in _SPACE else "the output folder is read-only" if code == errno.EROFS
-            else "an I/O error (disk full or failing?)" if code == errno.EIO else "the output cannot be written")
+    name, what = errno.errorcode.get(code or 0, "EIO"), _WHAT.get(code or 0, "the output cannot be written")
     return f"writing to {root} failed: {what} ({name}: {text}); no manifest was written; {hint}"
