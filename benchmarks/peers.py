@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import _peers_data as pl  # noqa: E402
+import _peers_data as pdata  # noqa: E402
 
 SETS = ("x8", "hires", "x1")
 CASES = ("noaug", "aug")
@@ -64,27 +64,25 @@ def prepare(a: argparse.Namespace, work: Path, set_name: str, need_stream: bool)
     """Folders of one set: the raw YOLO folder, our packed shards and, if asked, the peers' copies."""
     coco = Path(a.source).resolve()
     ann = coco / "annotations" / "instances_train2017.json"
-    if not ann.is_file():
-        raise FileNotFoundError(f"{coco}: no annotations/instances_train2017.json (coco128 in COCO layout)")
     originals = sorted((coco / "train2017").glob("*.jpg"))
-    labels = pl.coco_labels(coco, work)
-    names = pl.class_names(ann)
+    if not ann.is_file() or not originals:
+        raise FileNotFoundError(f"{coco}: want coco128 in COCO layout (annotations/instances_train2017.json, "
+                                "train2017/*.jpg)")
+    labels = pdata.coco_labels(coco, work)
+    names = pdata.class_names(ann)
     if set_name == "hires":
         n = a.hires_images
-        images = pl.upscaled_images(originals[:n], work, long_side=3000)
+        images = pdata.upscaled_images(originals[:n], work, long_side=3000)
     else:
         images, n = originals, (a.images if set_name == "x8" else len(originals))
-    yolo = pl.yolo_set(f"{set_name}-{n}", images, labels, n, names, work)
-    shards = pl.packed_set(yolo, a.imgsz, work)
+    yolo = pdata.yolo_set(f"{set_name}-{n}", images, labels, n, names, work)
+    shards = pdata.packed_set(yolo, a.imgsz, work)
     d = {"set": set_name, "images": n, "yolo": yolo, "shards": shards, "names": names,
-         "members": pl.packed_members(shards)}
+         "members": pdata.packed_members(shards)}
     if need_stream:
-        d["mds"] = pl.write_mds(d["members"], work, f"{yolo.name}-wds{a.imgsz}-mds")
-        d["litdata"] = pl.write_litdata(d["members"], work, f"{yolo.name}-wds{a.imgsz}-litdata")
+        d["mds"] = pdata.write_mds(d["members"], work, f"{yolo.name}-wds{a.imgsz}-mds")
+        d["litdata"] = pdata.write_litdata(d["members"], work, f"{yolo.name}-wds{a.imgsz}-litdata")
     return d
-
-
-# ----------------------------------------------------------------------------- measuring
 
 
 class Monitor:
@@ -189,7 +187,7 @@ class Monitor:
         self._stop.set()
 
 
-def timed_epoch(name: str, runner: pl.Loop, mon: Monitor, epoch: int) -> tuple[int, float, float]:
+def timed_epoch(name: str, runner: pdata.Loop, mon: Monitor, epoch: int) -> tuple[int, float, float]:
     """(images, seconds, of which after the last batch) of one epoch, trailing background work included."""
     mon.activate(name)
     try:
@@ -197,7 +195,7 @@ def timed_epoch(name: str, runner: pl.Loop, mon: Monitor, epoch: int) -> tuple[i
         try:
             n = runner.epoch(epoch)
         except Exception as e:  # a peer library failing on our data: one line, exit 1
-            raise pl.PeerError(f"{name} failed in epoch {epoch}: {type(e).__name__}: {str(e)[:160]}") from e
+            raise pdata.PeerError(f"{name} failed in epoch {epoch}: {type(e).__name__}: {str(e)[:160]}") from e
         t_last = time.perf_counter()
         t_end = mon.wait_idle(name, t_last)
         mon.sample_pss(name)
@@ -206,7 +204,7 @@ def timed_epoch(name: str, runner: pl.Loop, mon: Monitor, epoch: int) -> tuple[i
     return n, t_end - t0, t_end - t_last
 
 
-def measure(runners: dict[str, pl.Loop], mon: Monitor, rounds: int) -> dict[str, dict[str, list]]:
+def measure(runners: dict[str, pdata.Loop], mon: Monitor, rounds: int) -> dict[str, dict[str, list]]:
     """Per loader: its warm-up epoch's seconds, then img/s and images of each round (rotated order)."""
     names = list(runners)
     out: dict[str, dict[str, list]] = {name: {"warmup_s": [], "ips": [], "images": [], "tail_s": []} for name in names}
@@ -241,17 +239,17 @@ def run_group(a: argparse.Namespace, data: dict[str, Any], case: str, peers: lis
               notes: list[str]) -> dict[str, Any]:
     """Build the loaders of one (set, case), measure them interleaved, close them. A loader
     that cannot be built is left out with a note; one that fails mid-run stops the run."""
-    cfg = pl.Config(imgsz=a.imgsz, batch=a.batch, workers=a.workers, augment=case == "aug", seed=0)
+    cfg = pdata.Config(imgsz=a.imgsz, batch=a.batch, workers=a.workers, augment=case == "aug", seed=0)
     where = f"{data['set']}/{case}"
     mon.reset_base()
-    runners: dict[str, pl.Loop] = {}
+    runners: dict[str, pdata.Loop] = {}
     build_s: dict[str, float] = {}
     try:
         for name in peers:
             mon.activate(name)
             t0 = time.perf_counter()
             try:
-                runners[name] = pl.RUNNERS[name](name, data, cfg)
+                runners[name] = pdata.RUNNERS[name](name, data, cfg)
                 build_s[name] = time.perf_counter() - t0
             except Exception as e:  # noqa: BLE001 - a peer library's own failure: report it, go on
                 notes.append(f"{name} could not be built on {where}: {type(e).__name__}: {str(e)[:120]}")
@@ -276,7 +274,7 @@ def machine() -> dict[str, Any]:
         cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                    if ln.startswith("model name"))
     return {"cpu": cpu, "cpus": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version(), "versions": pl.versions()}
+            "python": platform.python_version(), "versions": pdata.versions()}
 
 
 COLUMNS = (("set", 11), ("case", 5), ("loader", 15), ("img/s", 7), ("x ultralytics", 13), ("x decode", 8),
@@ -341,7 +339,7 @@ def group_peers(a: argparse.Namespace, set_name: str, case: str, skips: dict[str
     """The loaders that run for one (set, case); each one left out is added to skips[why]."""
     out = []
     for p in a.peers:
-        why = pl.unavailable(p)
+        why = pdata.unavailable(p)
         if not why and p in STREAM_PEERS and (case == "aug" or set_name == "hires"):
             why = ("no-aug on x8/x1 only: no mosaic in these libraries, and on hires they would read the same "
                    "640-px packed JPEGs as on x8")
@@ -385,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with contextlib.redirect_stdout(sys.stderr):  # the libraries' chatter; stdout gets the table/JSON
             res = run(a, work)
-    except (FileNotFoundError, pl.PeerError) as e:
+    except (FileNotFoundError, pdata.PeerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
