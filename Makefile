@@ -33,8 +33,10 @@ check-light:
 	$(PYTHON) -m venv $(LIGHT)
 	$(LIGHT)/bin/pip install -q --upgrade pip
 	$(LIGHT)/bin/pip install -q .
-	$(LIGHT)/bin/packer build samples/coco -o out/light/shards --format wds --size 128 --workers 1
-	$(LIGHT)/bin/packer verify out/light/shards --deep
+	for f in tfrecord wds lmdb; do \
+	  $(LIGHT)/bin/packer build samples/coco -o out/light/$$f --format $$f --size 128 --workers 1 && \
+	  $(LIGHT)/bin/packer verify out/light/$$f --deep || exit 1; \
+	done
 	$(LIGHT)/bin/python -c "import importlib.util as u, sys; bad=[m for m in ('torch','tensorflow','ultralytics','nvidia.dali') if u.find_spec(m.split('.')[0])]; sys.exit(f'heavy packages installed: {bad}' if bad else 0)"
 	rm -rf build
 	@du -sh $(LIGHT) | awk '{print "base install (venv):", $$1}'

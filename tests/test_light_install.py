@@ -20,12 +20,14 @@ _PROBE = """
 import json, sys
 from packer.cli import main
 out = sys.argv[1]
-for argv in (["build", "samples/coco", "-o", out, "--format", "wds", "--size", "64", "--workers", "1"],
-             ["info", out], ["verify", out, "--deep"]):
-    try:
-        main(argv)
-    except SystemExit as e:
-        assert not e.code, (argv, e.code)
+for fmt in ("tfrecord", "wds", "lmdb"):
+    dest = f"{out}/{fmt}"
+    for argv in (["build", "samples/coco", "-o", dest, "--format", fmt, "--size", "64", "--workers", "1"],
+                 ["info", dest], ["verify", dest, "--deep"]):
+        try:
+            main(argv)
+        except SystemExit as e:
+            assert not e.code, (argv, e.code)
 heavy = sorted({m.split(".")[0] if not m.startswith("nvidia.dali") else "nvidia.dali"
                 for m in sys.modules if m.split(".")[0] in {"torch", "tensorflow", "ultralytics", "webdataset"}
                 or m.startswith("nvidia.dali")})
@@ -40,4 +42,4 @@ def test_packer_commands_import_no_training_stack(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     loaded = json.loads(r.stdout.strip().splitlines()[-1])
     assert loaded == [], f"packer imported {loaded}: they belong to the [train] extra"
-    assert (out / "manifest.json").is_file()
+    assert all((out / fmt / "manifest.json").is_file() for fmt in ("tfrecord", "wds", "lmdb"))
