@@ -115,8 +115,10 @@ def test_packer_never_writes_over_a_file_it_did_not_write(tmp_path):
 
 
 def _push_file_url(tmp_path: Path, out: Path) -> str:
+    from packer.transfer import push
+
     url = (tmp_path / "store" / "ds").as_uri()
-    assert _packer("push", out, url).returncode == 0
+    push(out, url)
     return url
 
 
@@ -176,11 +178,14 @@ def test_two_concurrent_overwrite_runs_never_both_succeed(tmp_path):
         second = _packer(*cmd[1:])
         line = _one_line_error(second, 2)
         assert f"pid {first.pid}" in line and socket.gethostname() in line
+        from packer.transfer import pull
+
         src = tmp_path / "conv-src"
         build_dataset(SRC, src, fmt="wds", **OPTS)
-        for args in (["convert", src, "-o", out, "--format", "lmdb", "--overwrite"],
-                     ["pull", _push_file_url(tmp_path, src), out, "--overwrite"]):
-            assert f"pid {first.pid}" in _one_line_error(_packer(*args), 2)
+        url = _push_file_url(tmp_path, src)
+        for run in (lambda: convert_dataset(src, out, "lmdb", overwrite=True), lambda: pull(url, out, overwrite=True)):
+            with pytest.raises(BuildError, match=f"another packer run \\(pid {first.pid} on host"):
+                run()
     finally:
         os.kill(first.pid, signal.SIGCONT)
     stdout, stderr = first.communicate(timeout=300)
@@ -229,30 +234,32 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
 
 
 def test_split_names_never_leave_the_output_folder(tmp_path):
+    from packer.parts import merge_parts
+    from packer.transfer import pull
+
     r = _packer("build", SRC, "-o", tmp_path / "o1", "--splits", "../../x")
     assert "invalid split name" in _one_line_error(r, 2) and not (tmp_path / "o1").exists()
 
     good = tmp_path / "good"
     build_dataset(SRC, good, fmt="wds", **OPTS)
+    url = _push_file_url(tmp_path, good)
     for name in ("../../evil", "/tmp/evil-abs"):
         bad = tmp_path / f"bad{len(name)}"
         bad.mkdir()
         m = json.loads((good / MANIFEST_NAME).read_text())
         m["splits"] = {name: m["splits"]["val2017"]}
-        for rel in ("val2017",):
-            os.symlink(good / rel, bad / rel)
+        os.symlink(good / "val2017", bad / "val2017")
         (bad / MANIFEST_NAME).write_text(json.dumps(m))
         out = tmp_path / "conv" / "deep" / "out"
-        r = _packer("convert", bad, "-o", out, "--format", "tfrecord")
-        _one_line_error(r, 2)
-        assert not out.exists() and not list(tmp_path.rglob("evil*")) and not Path("/tmp/evil-abs").exists()
-        with pytest.raises(ValueError):
-            convert_dataset(bad, out, "lmdb")
-        url = _push_file_url(tmp_path, good)
+        for fmt in ("tfrecord", "lmdb"):
+            with pytest.raises(ValueError):
+                convert_dataset(bad, out, fmt)
         (tmp_path / "store" / "ds" / MANIFEST_NAME).write_text(json.dumps(m))
-        r = _packer("pull", url, tmp_path / "pulled")
-        _one_line_error(r, 2)
-        assert not (tmp_path / "pulled").exists() and not list(tmp_path.rglob("evil*"))
+        with pytest.raises(ValueError):
+            pull(url, tmp_path / "pulled")
+        assert not out.exists() and not (tmp_path / "pulled").exists()
+        assert not list(tmp_path.rglob("evil*")) and not Path("/tmp/evil-abs").exists()
+    _one_line_error(_packer("convert", bad, "-o", out, "--format", "wds"), 2)
 
     dest = tmp_path / "parts"
     for i in range(2):
@@ -263,5 +270,6 @@ def test_split_names_never_leave_the_output_folder(tmp_path):
         m["splits"]["../../evil"] = m["splits"].pop("val2017")
         m["options"]["parts"]["splits"]["../../evil"] = m["options"]["parts"]["splits"].pop("val2017")
         mp.write_text(json.dumps(m))
-    _one_line_error(_packer("merge", dest), 2)
+    with pytest.raises(ValueError):
+        merge_parts(dest)
     assert not (dest / MANIFEST_NAME).exists() and not list(tmp_path.rglob("evil*"))

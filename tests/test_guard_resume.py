@@ -132,8 +132,11 @@ def test_damaged_journal_is_one_line(yolo, tmp_path, damage):
         next((out / STATE_DIR).glob("train-00000.json")).write_text("{")
     else:
         state.write_text("")
-    line = _one_line(_cli_resume(yolo, out, "--resume"))
-    assert "damaged" in line and "--overwrite" in line
-    r = _cli_resume(yolo, out, "--overwrite")
-    assert r.returncode == 0, r.stderr
+    if damage == "garbage":  # the command line: one line, exit 2
+        line = _one_line(_cli_resume(yolo, out, "--resume"))
+        assert "damaged" in line and "--overwrite" in line
+    else:
+        with pytest.raises(BuildError, match="damaged.*--overwrite"):
+            build_dataset(yolo, out, resume=True, **OPTS)
+    build_dataset(yolo, out, overwrite=True, **OPTS)
     assert verify_dataset(out).ok and not (out / STATE_DIR).exists()
