@@ -48,7 +48,7 @@ def load_json(data: bytes, where: str) -> Any:
     if len(data) > MANIFEST_MAX_BYTES:
         raise FormatError(f"{where}: larger than {MANIFEST_MAX_BYTES >> 20} MiB: not a packed dataset's manifest")
     try:
-        obj = json.loads(data.decode("utf-8"))
+        obj = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys)
     except UnicodeDecodeError as e:
         raise FormatError(f"{where} is not UTF-8 text (byte {e.start}): not a packed dataset's manifest") from None
     except RecursionError:
@@ -57,6 +57,16 @@ def load_json(data: bytes, where: str) -> Any:
         raise FormatError(f"{where} is not valid JSON: {str(e).splitlines()[0][:120]}") from None
     check_depth(obj, where)
     return obj
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different (a repeated key makes the file ambiguous)."""
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"the key {dup!r:.60} occurs twice in one object")
+    return d
 
 
 def check_depth(obj: Any, where: str) -> None:

@@ -87,6 +87,7 @@ CASES = {
     "nested_options": None,  # built below: valid JSON, options 200 levels deep
     "not_json": b"\x00\x01garbage",
     "top_level_list": b"[1, 2, 3]",
+    "duplicate_key": b'{"format_version": 1, "format_version": 1}',
     "huge_int": b'{"format_version": 1' + b"1" * 5000 + b"}",
     "splits_as_list": _splits_as_list,
     "count_as_string": _set("splits.*.num_samples", "12"),
@@ -193,7 +194,7 @@ def test_messages_name_the_field_not_the_content(packed, tmp_path):
              "shard_not_dict": "shards[0] must be a JSON object", "split_name_dotdot": "invalid split name '..'",
              "not_utf8": "is not UTF-8", "deeply_nested": "nested too deeply", "unknown_key": "unknown field 'extra'",
              "missing_key": "lacks the field 'names'", "shard_path_escape": "unsafe path",
-             "nested_options": "nested deeper than"}
+             "nested_options": "nested deeper than", "duplicate_key": "'format_version' occurs twice"}
     for case, words in cases.items():
         bad = _malformed(packed, tmp_path / case, case)
         with pytest.raises(FormatError, match=re.escape(words)) as e:
