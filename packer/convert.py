@@ -193,12 +193,17 @@ def _convert_split(src: Path, m: Manifest, split: str, folder: OutputFolder, fmt
             writer.abort()
         raise
 
-    labels = LabelArrays.from_records(rows)
-    if check:
-        _check_labels(src / info.labels, labels, split)
+    return _split_info(folder, split, len(m.names), LabelArrays.from_records(rows), shards,
+                       src / info.labels if check else None)
+
+
+def _split_info(folder: OutputFolder, split: str, nc: int, labels: LabelArrays, shards: list[ShardInfo],
+                check_against: Path | None) -> SplitInfo:
+    """Write the split's labels.npz (after comparing with the source's) and describe the split."""
+    if check_against is not None:
+        _check_labels(check_against, labels, split)
     folder.claim(f"{split}/{LABELS_NAME}")
-    labels.save(out / split / LABELS_NAME)
-    nc = len(m.names)
+    labels.save(folder.root / split / LABELS_NAME)
     counts = np.bincount(labels.cls, minlength=nc)[:nc] if len(labels.cls) else np.zeros(nc, np.int64)
     return SplitInfo(num_samples=len(labels), num_boxes=int(len(labels.cls)), class_counts=[int(c) for c in counts],
                      labels=f"{split}/{LABELS_NAME}", shards=shards)

@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,23 +318,30 @@ def pull(
         lman = folder.root / MANIFEST_NAME
         if lman.is_file() and lman.read_bytes() != data:
             lman.unlink()  # the folder stops claiming to be complete before anything changes
-        try:
+        with _pull_errors(url, storage_options, folder.root):
             _pull_files(fs, root, folder.root, m, files, res, progress, attempts, len(data))
-        except FileNotFoundError as e:
-            raise RemoteError(f"pull from {display_url(url)}: a file named by the manifest is missing "
-                              f"({redact(str(e), storage_options)})") from None
-        except ChecksumError:
-            raise
-        except OSError as e:
-            if is_write_error(e, folder.root):
-                raise  # disk full / read-only: output_folder turns it into one line
-            raise RemoteError(f"pull from {display_url(url)} failed: {redact(str(e), storage_options)}") from None
         atomic_write_bytes(lman, data)
         res.copied.append(MANIFEST_NAME)
         res.bytes_copied += len(data)
         folder.finish()
     res.elapsed_s = time.monotonic() - t0
     return res
+
+
+@contextlib.contextmanager
+def _pull_errors(url: str, storage_options: dict[str, Any] | None, local: Path) -> Iterator[None]:
+    """Storage errors -> one RemoteError line; local disk errors pass on to output_folder."""
+    try:
+        yield
+    except FileNotFoundError as e:
+        raise RemoteError(f"pull from {display_url(url)}: a file named by the manifest is missing "
+                          f"({redact(str(e), storage_options)})") from None
+    except ChecksumError:
+        raise
+    except OSError as e:
+        if is_write_error(e, local):
+            raise  # disk full / read-only: output_folder turns it into one line
+        raise RemoteError(f"pull from {display_url(url)} failed: {redact(str(e), storage_options)}") from None
 
 
 def _same_pull(root: Path, data: bytes, marker: dict[str, str]) -> bool:
