@@ -93,8 +93,9 @@ class WriterLock:
         for _ in range(50):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                if self._try_lock(fd) and self._still_linked(fd):
-                    self._take(fd)
+                flocked = self._try_lock(fd)
+                if self._still_linked(fd):
+                    self._take(fd, flocked)
                     return
             except BaseException:
                 os.close(fd)
@@ -103,6 +104,7 @@ class WriterLock:
         raise OutputError(f"cannot take the lock {self.path}: it keeps changing; retry")
 
     def _try_lock(self, fd: int) -> bool:
+        """True once flock(2) is held; False where the file system has no flock; OutputError if busy."""
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
@@ -111,7 +113,7 @@ class WriterLock:
                               "wait for it to finish, or choose another -o") from None
         except OSError as e:  # a file system without flock: the pid check in _take decides
             if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                return True
+                return False
             raise
 
     def _still_linked(self, fd: int) -> bool:
@@ -120,14 +122,16 @@ class WriterLock:
         except FileNotFoundError:
             return False
 
-    def _take(self, fd: int) -> None:
+    def _take(self, fd: int, flocked: bool) -> None:
+        """Write our details; a lock file left by a dead run on this host is taken over with a note
+        (with flock held its holder is gone, whatever its pid now names; without flock the pid decides)."""
         old = _read_holder(fd)
         if old:
             host, pid = old.get("host"), old.get("pid")
             if host != socket.gethostname():
                 raise OutputError(f"{self.path} was left by pid {pid} on host {host}; if no packer runs there, "
                                   "delete that file and rerun")
-            if isinstance(pid, int) and _alive(pid) and pid != os.getpid():
+            if not flocked and isinstance(pid, int) and _alive(pid) and pid != os.getpid():
                 raise OutputError(f"{self.path.parent} is being written by another packer run "
                                   f"(pid {pid} on host {host}); wait for it to finish, or choose another -o")
             self.note = f"took over the lock of an interrupted run (pid {pid} on this host, no longer running)"
