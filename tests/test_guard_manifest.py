@@ -294,3 +294,16 @@ def test_packer_info_refuses_labels_with_unknown_classes(packed, tmp_path, capsy
     (bad / path.relative_to(packed)).write_bytes(_npz(arrays).getvalue())
     code, err = _packer(capsys, "info", str(bad))
     assert code == 2 and "class ids outside 0..79" in _one_line(err)
+
+
+def test_trainer_refuses_hostile_label_arrays(packed, tmp_path, capsys):
+    from trainer.run import main as train_main
+
+    bad = tmp_path / "ds"
+    shutil.copytree(packed, bad)
+    arrays, path, _ = _arrays(packed)
+    arrays["boxes"][0, 0] = np.nan
+    (bad / path.relative_to(packed)).write_bytes(_npz(arrays).getvalue())
+    with pytest.raises(SystemExit) as e:
+        train_main([str(bad), "--epochs", "1", "--out", str(tmp_path / "runs"), "--device", "cpu", "--loader", "torch"])
+    assert e.value.code == 2 and "boxes hold NaN" in _one_line(capsys.readouterr().err)
