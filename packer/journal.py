@@ -138,7 +138,7 @@ class BuildJournal:
             try:
                 before = json.loads((self.dir / FINGERPRINT_NAME).read_text())
                 change = describe_change(before if isinstance(before, dict) else {}, self.fingerprint)
-            except (OSError, ValueError, TypeError, AttributeError, IndexError):
+            except (OSError, ValueError, TypeError, AttributeError, IndexError, KeyError):
                 change = "its fingerprint differs"
             raise JournalError(f"cannot --resume: the source changed since the interrupted build ({change}); "
                                "rerun with --overwrite to pack it again from the start")
