@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	# torch first, exactly as pinned: the CUDA build (runs on CPU) served from local disk
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[train,s3,gcs,bench,dev]'
+	# a benchmark peer that pins numpy<2.2; its imports are in [bench]
+	$(BIN)/pip install -q --no-deps mosaicml-streaming==0.13.0
 	touch $(STAMP)
 
 demo: $(STAMP)
