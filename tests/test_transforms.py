@@ -174,3 +174,22 @@ def test_resize_paste_equals_warp_affine():
         inner = (slow != FILL).all(-1) & (fast != FILL).all(-1)
         assert np.abs(fast.astype(int) - slow.astype(int))[inner].mean() < 2.0
         assert ((slow == FILL).all(-1) != (fast == FILL).all(-1)).mean() < 0.05  # same pasted area
+
+
+def test_resize_paste_flips_like_a_whole_canvas_flip():
+    """Flipping only the visible part, pasted at the mirrored place, is the flip of the pasted canvas."""
+    import cv2
+
+    from trainer.data.transforms import _resize_paste
+
+    img = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    for d, bx, by in [(40, 5, 9), (90, -20, -7), (64, 10, 0), (30, 50, 50), (64, -64, 0)]:
+        want = cv2.flip(_resize_paste(img, d, bx, by, False, 64), 1)
+        assert np.array_equal(_resize_paste(img, d, bx, by, True, 64), want), (d, bx, by)
+
+
+def test_hsv_into_a_slot_equals_returned_image():
+    img = np.random.default_rng(2).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    for args in [(5.0, 1.3, 0.8), (0.0, 1.0, 1.0)]:
+        out = np.zeros_like(img)
+        assert hsv_jitter(img, *args, out=out) is out and np.array_equal(out, hsv_jitter(img, *args))

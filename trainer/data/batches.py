@@ -257,7 +257,7 @@ class _Batch:
             self.pool.append(ds._tile(idx))
             p = sample_params(self.rng, ds.augment, s, mosaic=self.mosaic)
             ids = partner_ids(p, len(self.pool) - 1, len(self.pool))
-            slot.numpy()[...] = augment_image([self.pool[i][0] for i in ids], p, s)
+            augment_image([self.pool[i][0] for i in ids], p, s, out=slot.numpy())
             c, b = augment_boxes([(self.pool[i][1], self.pool[i][2]) for i in ids], p, s)
         else:  # letterbox only, straight into the batch; every label kept as is (validation needs all)
             ds._letterbox(idx, slot.numpy())

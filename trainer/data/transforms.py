@@ -327,20 +327,29 @@ def warp(img: np.ndarray, a: np.ndarray, imgsz: int) -> np.ndarray:
 
 
 def _resize_paste(img: np.ndarray, d: int, bx: int, by: int, flip: bool, imgsz: int) -> np.ndarray:
-    """The axis-aligned affine x' = (d/S) x + b (then optional flip) as resize + paste: exact."""
+    """The axis-aligned affine x' = (d/S) x + b (then optional flip) as resize + paste: exact.
+    Only the visible part is flipped (pasted at the mirrored place), never the whole canvas."""
     if d == imgsz and bx == by == 0:
         return cv2.flip(img, 1) if flip else img
     r = img if d == imgsz else cv2.resize(img, (d, d), interpolation=cv2.INTER_LINEAR)
     out = np.full((imgsz, imgsz, 3), FILL, dtype=np.uint8)
     x0, y0, x1, y1 = max(bx, 0), max(by, 0), min(bx + d, imgsz), min(by + d, imgsz)
     if x0 < x1 and y0 < y1:
-        out[y0:y1, x0:x1] = r[y0 - by : y1 - by, x0 - bx : x1 - bx]
-    return cv2.flip(out, 1) if flip else out
+        part = r[y0 - by : y1 - by, x0 - bx : x1 - bx]
+        if flip:
+            out[y0:y1, imgsz - x1 : imgsz - x0] = cv2.flip(part, 1)
+        else:
+            out[y0:y1, x0:x1] = part
+    return out
 
 
-def hsv_jitter(img: np.ndarray, hue_deg: float, sat: float, val: float) -> np.ndarray:
-    """ultralytics' RandomHSV (on an RGB image): hue shift (degrees), saturation/value gains."""
+def hsv_jitter(img: np.ndarray, hue_deg: float, sat: float, val: float, out: np.ndarray | None = None) -> np.ndarray:
+    """ultralytics' RandomHSV (on an RGB image): hue shift (degrees), saturation/value gains.
+    out: a contiguous (H, W, 3) uint8 array to write the result into (e.g. a batch slot)."""
     if hue_deg == 0 and sat == 1 and val == 1:
+        if out is not None:
+            out[...] = img
+            return out
         return img
     x = np.arange(256, dtype=np.float64)
     lut = np.empty((1, 256, 3), dtype=np.uint8)  # one 3-channel LUT: a single pass, no split/merge
@@ -348,11 +357,17 @@ def hsv_jitter(img: np.ndarray, hue_deg: float, sat: float, val: float) -> np.nd
     lut[0, :, 1] = np.clip(x * sat, 0, 255)
     lut[0, :, 2] = np.clip(x * val, 0, 255)
     hsv = cv2.LUT(cv2.cvtColor(img, cv2.COLOR_RGB2HSV), lut)
+    if out is not None:
+        res = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB, dst=out)
+        if res is not out:  # OpenCV allocated anew (out not usable as is): copy
+            out[...] = res
+        return out
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
 
 
-def augment_image(tiles: list[np.ndarray], params: np.ndarray, imgsz: int) -> np.ndarray:
-    """Pixels of one output sample from its four letterboxed tiles (RGB, S x S)."""
+def augment_image(tiles: list[np.ndarray], params: np.ndarray, imgsz: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Pixels of one output sample from its four letterboxed tiles (RGB, S x S), written into
+    `out` (a contiguous S x S x 3 array, e.g. a batch slot) when given."""
     img = mosaic_image(tiles, int(params[P_CX]), int(params[P_CY]), imgsz) if params[P_MOSAIC] else tiles[0]
     img = warp(img, params[P_AFFINE], imgsz)
-    return hsv_jitter(img, params[P_HUE], params[P_SAT], params[P_VAL])
+    return hsv_jitter(img, params[P_HUE], params[P_SAT], params[P_VAL], out=out)
