@@ -28,10 +28,11 @@ out, cases = sys.argv[1], json.loads(sys.argv[2])
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 result = {}
-for name, (root, loader, train) in cases.items():
+for name, (root, loader, train, *cache) in cases.items():
+    kw = {"cache": "disk", "cache_dir": cache[0]} if cache else {}
     ld = make_loader(root, "train" if train else "val", loader=loader, imgsz=64, batch=4, train=train, rank=rank,
                      world_size=world, workers=1, device="cpu", seed=11,
-                     augment=AugmentConfig(mosaic=0.5) if train else None)
+                     augment=AugmentConfig(mosaic=0.5) if train else None, **kw)
     steps, keys = 0, []
     for epoch in range(2):
         ld.set_epoch(epoch)
@@ -57,6 +58,8 @@ def test_two_ranks_step_equally(tmp_path):
     data = {fmt: str(pack(tmp_path / fmt, fmt, recs, sizes)) for fmt in ("tfrecord", "wds", "lmdb")}
     cases = {
         "torch-wds-train": (data["wds"], "torch", True),
+        "torch-wds-train-cache": (data["wds"], "torch", True, str(tmp_path / "decoded-cache")),
+        "torch-tfrecord-cache-val": (data["tfrecord"], "torch", False, str(tmp_path / "decoded-cache")),
         "torch-lmdb-val": (data["lmdb"], "torch", False),
         "dali-tfrecord-train": (data["tfrecord"], "dali", True),
         "dali-tfrecord-val": (data["tfrecord"], "dali", False),
