@@ -15,15 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import distributed as dist
-
-from trainer.offline import setup_offline
-
-setup_offline()
-
-from ultralytics.engine.validator import BaseValidator  # noqa: E402
-from ultralytics.utils.metrics import ap_per_class, box_iou  # noqa: E402
-from ultralytics.utils.nms import non_max_suppression  # noqa: E402
-from ultralytics.utils.ops import xywh2xyxy  # noqa: E402
+from ultralytics.engine.validator import BaseValidator
+from ultralytics.utils.metrics import ap_per_class, box_iou
+from ultralytics.utils.nms import non_max_suppression
+from ultralytics.utils.ops import xywh2xyxy
 
 __all__ = ["IOUV", "METRIC_KEYS", "Evaluator", "to_original", "match_predictions", "run_validation"]
 

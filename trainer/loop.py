@@ -16,21 +16,17 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from ultralytics.utils.torch_utils import unwrap_model
 
+from trainer.config import TrainConfig, TrainError
+from trainer.evaluate import METRIC_KEYS, Evaluator, run_validation
+from trainer.model import ModelError
 from trainer.offline import setup_offline
-
-setup_offline()
-
-from ultralytics.utils.torch_utils import unwrap_model  # noqa: E402
-
-from trainer.config import TrainConfig, TrainError  # noqa: E402
-from trainer.evaluate import METRIC_KEYS, Evaluator, run_validation  # noqa: E402
-from trainer.model import ModelError  # noqa: E402
-from trainer.optim import warm_up, warmup_iters  # noqa: E402
-from trainer.prepare import PreparedRun  # noqa: E402
-from trainer.records import TrainResult  # noqa: E402
-from trainer.runtime import StopFlag  # noqa: E402
-from trainer.stall import STALL_WARN_PCT, StallMeter, stall_advice  # noqa: E402
+from trainer.optim import warm_up, warmup_iters
+from trainer.prepare import PreparedRun
+from trainer.records import TrainResult
+from trainer.runtime import StopFlag
+from trainer.stall import STALL_WARN_PCT, StallMeter, stall_advice
 
 LOSS_NAMES = ("box_loss", "cls_loss", "dfl_loss")
 LOG_EVERY = 10  # steps between progress-bar refreshes (on CUDA each one waits for the queued steps)
@@ -235,6 +231,7 @@ def train(
     `loader_factory` defaults to `trainer.data.make_loader` (same signature). Raises TrainError/ModelError for
     bad options or data; a Ctrl-C returns a result with ``interrupted=True`` after writing last.pt.
     """
+    setup_offline()  # a no-op after the CLI's call; fonts for the plots when a library caller forgot it
     run = Run(cfg, loader_factory, log)
     try:
         with StopFlag() as stop:

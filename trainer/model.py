@@ -20,21 +20,17 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-
-from packer.format import atomic_write_bytes
-from trainer.offline import setup_offline
-
-setup_offline()
-
-from ultralytics import __version__ as ULTRALYTICS_VERSION  # noqa: E402
-from ultralytics.cfg import DEFAULT_CFG, DEFAULT_CFG_DICT, get_cfg  # noqa: E402
-from ultralytics.nn.tasks import DetectionModel, load_checkpoint  # noqa: E402
-from ultralytics.utils import IterableSimpleNamespace  # noqa: E402
-from ultralytics.utils.torch_utils import (  # noqa: E402
+from ultralytics import __version__ as ULTRALYTICS_VERSION
+from ultralytics.cfg import DEFAULT_CFG, DEFAULT_CFG_DICT, get_cfg
+from ultralytics.nn.tasks import DetectionModel, load_checkpoint
+from ultralytics.utils import IterableSimpleNamespace
+from ultralytics.utils.torch_utils import (
     convert_optimizer_state_dict_to_fp16,
     intersect_dicts,
     unwrap_model,
 )
+
+from packer.format import atomic_write_bytes
 
 __all__ = [
     "ModelError",

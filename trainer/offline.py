@@ -1,7 +1,10 @@
-"""Make ultralytics work with no network: call `setup_offline()` before importing it.
+"""Make ultralytics work with no network: entry points call `setup_offline()` once, before importing it.
 
 ultralytics otherwise downloads fonts (even with plots off), checks for updates and
-syncs settings; on a machine with no internet those calls stall or fail.
+syncs settings; on a machine with no internet those calls stall or fail. Nothing runs at import:
+`python -m trainer.run` calls it first thing in `main`, `trainer.loop.train` again (a no-op then) for
+callers that import the library directly; those should call it themselves before importing
+ultralytics so that its import-time connectivity check sees ``YOLO_OFFLINE`` too.
 """
 
 from __future__ import annotations

@@ -16,14 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from ultralytics.engine.trainer import BaseTrainer
+from ultralytics.utils.torch_utils import one_cycle
 
 from trainer.config import TrainConfig
-from trainer.offline import setup_offline
-
-setup_offline()
-
-from ultralytics.engine.trainer import BaseTrainer  # noqa: E402
-from ultralytics.utils.torch_utils import one_cycle  # noqa: E402
 
 
 def accumulate_steps(nbs: int, global_batch: int) -> int:

@@ -16,16 +16,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from ultralytics.utils.torch_utils import EarlyStopping, ModelEMA
 
-from trainer.offline import setup_offline
-
-setup_offline()
-
-from ultralytics.utils.torch_utils import EarlyStopping, ModelEMA  # noqa: E402
-
-from packer.format import FormatError, read_manifest  # noqa: E402
-from packer.remote import RemoteError, display_url, is_url, open_manifest, redact  # noqa: E402
-from trainer.config import (  # noqa: E402
+from packer.format import FormatError, read_manifest
+from packer.remote import RemoteError, display_url, is_url, open_manifest, redact
+from trainer.config import (
     RESUME_OVERRIDABLE,
     TrainConfig,
     TrainError,
@@ -33,10 +28,10 @@ from trainer.config import (  # noqa: E402
     redacted_options,
     resume_config,
 )
-from trainer.model import load_resume_state, prepare_model, set_rng_state  # noqa: E402
-from trainer.optim import build_optim  # noqa: E402
-from trainer.records import RunRecords, run_dir  # noqa: E402
-from trainer.runtime import Dist, auto_batch, choose_amp, resolve_device, seed_all  # noqa: E402
+from trainer.model import load_resume_state, prepare_model, set_rng_state
+from trainer.optim import build_optim
+from trainer.records import RunRecords, run_dir
+from trainer.runtime import Dist, auto_batch, choose_amp, resolve_device, seed_all
 
 
 class PreparedRun:

@@ -14,16 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ultralytics.utils.files import increment_path
 
 from packer.format import atomic_write_bytes
 from trainer.config import TrainError
-from trainer.offline import setup_offline
-
-setup_offline()
-
-from ultralytics.utils.files import increment_path  # noqa: E402
-
-from trainer.model import save_checkpoint, strip_checkpoint  # noqa: E402
+from trainer.model import save_checkpoint, strip_checkpoint
 
 
 @dataclass

@@ -15,7 +15,7 @@ from click.core import ParameterSource
 from packer.cli import ByteSize
 from packer.remote import parse_storage_options, redact
 from trainer.config import OPTIMIZERS, TrainConfig
-from trainer.loop import train
+from trainer.offline import setup_offline
 
 _DEFAULT = TrainConfig()
 
@@ -105,6 +105,9 @@ def main(ctx: click.Context, shards: str | None, **opts: object) -> None:
         for k in TrainConfig.__dataclass_fields__:
             if k not in explicit and k not in ("shards", "resume", "storage_options"):
                 setattr(cfg, k, getattr(_DEFAULT, k))
+    setup_offline()  # before anything imports ultralytics: nothing is downloaded, no update check
+    from trainer.loop import train
+
     try:
         result = train(cfg)
     except ValueError as e:  # TrainError, ModelError, FormatError, the loader's input errors: the user's to fix

@@ -17,13 +17,9 @@ from typing import Any
 import torch
 from torch import distributed as dist
 from torch import nn
+from ultralytics.utils.torch_utils import init_seeds
 
 from trainer.config import TrainError
-from trainer.offline import setup_offline
-
-setup_offline()
-
-from ultralytics.utils.torch_utils import init_seeds  # noqa: E402
 
 
 def choose_amp(amp: str, device: torch.device) -> tuple[torch.dtype | None, bool, str]:
