@@ -1,19 +1,13 @@
-"""The output folder of every command that writes a dataset: build, convert, merge, pull.
+"""The output folder of every command that writes a dataset (build, convert, merge, pull).
 
-The rules live here and only here:
-
-- A folder is a packed dataset only if its `manifest.json` parses as ours
-  (`packer.format.read_manifest`); a folder holding `.packer-state/` is an unfinished run of
-  ours. Any other non-empty folder belongs to the user and is refused, `--overwrite` or not.
-- Before a run creates a file it records the file's path in `.packer-state/written.txt`
-  (appended and fsynced), and it never writes a path that exists unless packer wrote it
-  (`OutputFolder.claim`). So `--overwrite` removes exactly what packer wrote: the files
-  the old manifest lists (shards, indexes, labels, report; for a merged dataset also its
-  parts' files), the files listed in `written.txt`, the journal and packer's hidden temp
-  files. A directory is removed only when that leaves it empty.
-- One writer at a time: `.packer.lock` in the folder, held with flock(2) and holding the
-  holder's pid and host. A second run exits 2 naming the holder; a lock left by a dead
-  process on this host is taken over with a note; the lock file is removed at exit.
+- Ours only if its `manifest.json` parses as ours, or it holds `.packer-state/` (an
+  unfinished run); any other non-empty folder is the user's and is refused.
+- Every file is recorded in `.packer-state/written.txt` (fsynced) before it is created, and
+  no existing path is written unless packer wrote it (`OutputFolder.claim`). `--overwrite`
+  removes exactly what the old manifest (shards, indexes, labels, report; a merged
+  dataset's parts too) and `written.txt` list, the journal and packer's hidden temp files;
+  a directory only when that leaves it empty.
+- One writer at a time: `.packer.lock` (flock(2), the holder's pid and host); see WriterLock.
 - An OSError while writing (disk full, file too large, read-only) becomes one line
   (`WriteFailed`, exit 1) and leaves no temp files and no manifest.
 """
@@ -48,7 +42,6 @@ log = logging.getLogger("packer")
 
 class BuildError(Exception):
     """A run that cannot start or must not finish (one user-facing line; exit 2)."""
-
     exit_code = 2
 
 
@@ -58,7 +51,6 @@ class OutputError(BuildError, ValueError):
 
 class WriteFailed(BuildError, OSError):
     """Writing the output failed (disk full, file too large, I/O error): exit 1, nothing published."""
-
     exit_code = 1
 
 
@@ -78,11 +70,8 @@ def check_not_inside(out: Path, src: Path) -> None:
 
 
 class WriterLock:
-    """`<folder>/.packer.lock`: flock(2) on a file holding {"pid", "host", "since"}.
-
-    The file is unlinked (while still locked) on release; a taker re-checks that the path
-    still names the file it locked, so a lock file being removed is never mistaken for a
-    free lock."""
+    """`<folder>/.packer.lock`: flock(2) on a file holding {"pid", "host", "since"}. Unlinked
+    (still locked) on release; a taker re-checks that the path still names the file it locked."""
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / LOCK_NAME
