@@ -41,6 +41,7 @@ from packer.format import (
     check_split_name,
     write_manifest,
 )
+from packer.images import DEFAULT_MAX_PIXELS
 from packer.journal import BuildJournal, ShardRoller, write_report
 from packer.output import BuildError, OutputFolder, manifest_files, output_folder
 from packer.sample import ProcessOptions, SampleResult, process_candidate
@@ -51,7 +52,6 @@ __all__ = ["BuildError", "BuildOptions", "BuildResult", "StrictFailure", "build_
 
 DEFAULT_SHARD_BYTES = 256 << 20
 DEFAULT_MIN_SHARDS = 8  # so several ranks x workers can each own whole shards
-DEFAULT_MAX_PIXELS = 89_478_485  # PIL's decompression-bomb warning limit, which ultralytics users live with
 CHUNK = 4  # candidates per task sent to a worker: amortizes IPC without hurting order
 
 
