@@ -45,7 +45,7 @@ from packer.images import DEFAULT_MAX_PIXELS
 from packer.journal import BuildJournal, ShardRoller, write_report
 from packer.output import BuildError, OutputFolder, manifest_files, output_folder
 from packer.sample import ProcessOptions, SampleResult, process_candidate
-from packer.sources.base import Candidate
+from packer.sources.base import Candidate, safe_text
 from packer.sources.detect import Source, detect_source
 
 __all__ = ["BuildError", "BuildOptions", "BuildResult", "StrictFailure", "build_dataset"]
@@ -285,7 +285,7 @@ def _manifest(opts: BuildOptions, source: Source, splits_info: dict[str, SplitIn
               part_info: dict[str, Any] | None) -> Manifest:
     manifest = Manifest(
         format=opts.fmt, size=opts.size, names=list(source.names),
-        source={"path": str(source.root), "layout": source.layout},
+        source={"path": safe_text(str(source.root)), "layout": source.layout},
         options={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()},
         packer_version=__version__, splits=splits_info,
     )

@@ -40,7 +40,7 @@ from packer.format import (
 )
 from packer.output import STATE_DIR, BuildError, OutputFolder
 from packer.sample import SampleResult
-from packer.sources.base import Candidate, Problem
+from packer.sources.base import Candidate, Problem, safe_text
 from packer.sources.detect import Source
 from packer.writers import ShardWriter, get_writer
 
@@ -114,7 +114,7 @@ class BuildJournal:
         self.data: dict[str, Any] = {
             "options": options,
             "digest": digest,
-            "source": str(source.root),
+            "source": safe_text(str(source.root)),
             "fingerprint": _digest(self.fingerprint),
             "packer_version": __version__,
             "splits": {},
@@ -361,7 +361,7 @@ def write_report(out: Path, source: Source, journal: BuildJournal) -> tuple[dict
         per_split[split] = t.as_dict()
         totals.merge(per_split[split])
     report = {
-        "source": {"path": str(source.root), "layout": source.layout},
+        "source": {"path": safe_text(str(source.root)), "layout": source.layout},
         "notes": list(source.notes),
         "totals": totals.as_dict(),
         "splits": per_split,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ from packer.cli import main as packer_main
 from packer.format import check_key, make_key
 from packer.sources.detect import SourceError, detect_source
 from packer.verify import verify_dataset
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
 BOX = "0 0.5 0.5 0.25 0.25\n"
 SECRET = "AKIA-MARKER-5f3e9c-do-not-leak"
@@ -240,3 +243,16 @@ def test_odd_entries_never_kill_a_build(tmp_path):
     report = _build(root, tmp_path / "out2")
     assert report["totals"]["images"] == {"found": 6, "packed": 2, "skipped": {"missing_image": 4}}
     assert report["totals"]["boxes"] == {"found": 1, "packed": 0, "dropped": {"orphan_annotation": 1}}
+
+
+def test_source_folder_with_non_utf8_name_packs(tmp_path: Path) -> None:
+    """The SRC folder's own name is not UTF-8: manifest, report and journal still write."""
+    from packer.format import read_manifest
+
+    src = Path(os.fsdecode(os.path.join(os.fsencode(str(tmp_path)), b"data\xe9")))
+    shutil.copytree(SAMPLES / "yolo", src)
+    out = tmp_path / "out"
+    res = build_dataset(src, out, fmt="wds", size=64, workers=1)
+    assert res.report["totals"]["images"]["packed"] > 0
+    m = read_manifest(out)
+    assert m.source["path"].endswith("data\\xe9")
