@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,9 @@ from packer.remote import redact
 
 OPTIMIZERS = ("auto", "SGD", "AdamW", "Adam", "MuSGD")
 # A resumed run may change these (they do not change what is learned); everything else comes from the checkpoint.
-RESUME_OVERRIDABLE = ("device", "workers", "loader", "patience", "verify", "cache_dir", "cache_max_bytes")
+# `epochs` too: a larger --epochs extends a run (the lr schedule is rebuilt over the new total).
+RESUME_OVERRIDABLE = ("device", "workers", "loader", "patience", "verify", "cache_dir", "cache_max_bytes",
+                      "plots", "tensorboard", "epochs")
 
 
 class TrainError(ValueError):
@@ -48,7 +50,6 @@ class TrainConfig:
     warmup_momentum: float = 0.8
     warmup_bias_lr: float = 0.1
     cos_lr: bool = False
-    mosaic: bool = True
     close_mosaic: int = 10
     patience: int = 100
     val_split: str | None = "auto"  # "auto" = "val" or the one "val*" split (val2017); None/"none" = no validation
@@ -62,11 +63,31 @@ class TrainConfig:
     cls: float = 0.5
     dfl: float = 1.5
     max_det: int = 300
+    # augmentation (ultralytics' names and detection defaults; passed to the loaders' AugmentConfig)
+    hsv_h: float = 0.015
+    hsv_s: float = 0.7
+    hsv_v: float = 0.4
+    degrees: float = 0.0
+    translate: float = 0.1
+    scale: float = 0.5
+    shear: float = 0.0
+    perspective: float = 0.0
+    flipud: float = 0.0
+    fliplr: float = 0.5
+    mosaic: float = 1.0  # probability; True/False (older callers, checkpoints) read as 1.0/0.0
+    mixup: float = 0.0
+    fraction: float = 1.0  # share of the train split to use
+    plots: bool = True  # rank 0 writes ultralytics' plots into the run folder
+    tensorboard: bool | None = None  # None = on when the tensorboard package is installed
     # data on network storage (shards is a URL): fsspec options (credentials: never saved, see
     # train_args), the local shard cache for DALI/tfrecord/LMDB reads and its size bound
     storage_options: dict[str, Any] | None = None
     cache_dir: str | None = None  # None = trainer.data.default_cache_dir()
     cache_max_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mosaic, bool):
+            self.mosaic = float(self.mosaic)
 
     def validate(self) -> None:
         """Raise TrainError (one line naming the option) for values that cannot work, before anything heavy starts."""
@@ -86,6 +107,8 @@ class TrainConfig:
 
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+AUGMENT_KEYS = ("hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective", "flipud",
+                "fliplr", "mosaic", "mixup")
 LOADERS = ("auto", "dali", "torch")
 _OPTIONAL = ("imgsz", "workers", "cache_max_bytes")  # None means "choose for me"
 # (option, test, the rule as the error states it): every number must also be finite (no nan/inf)
@@ -110,6 +133,8 @@ _NUMBER_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("dfl", lambda v: v >= 0, "a number >= 0"),
     ("max_det", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     ("cache_max_bytes", lambda v: isinstance(v, int) and v > 0, "a size > 0"),
+    ("fraction", lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    *((k, lambda v: v >= 0, "a number >= 0") for k in AUGMENT_KEYS),
 )
 
 
@@ -140,10 +165,12 @@ def redacted_options(storage_options: dict[str, Any] | None) -> dict[str, Any] |
     return json.loads(redact(json.dumps(storage_options), storage_options))
 
 
-def resume_config(cfg: TrainConfig, ckpt_args: dict[str, Any]) -> tuple[TrainConfig, list[str]]:
+def resume_config(cfg: TrainConfig, ckpt_args: dict[str, Any],
+                  given: Collection[str] | None = None) -> tuple[TrainConfig, list[str]]:
     """The config of a resumed run: the checkpoint's options, plus the few a resume may change.
 
-    Returns (config, names of options the caller set that the resume ignores).
+    `given` names the options the caller set (the CLI's command line and --cfg file); None = those that
+    differ from the defaults. Returns (config, names of options the caller set that the resume ignores).
     """
     default = TrainConfig()
     names = [f for f in TrainConfig.__dataclass_fields__]
@@ -151,14 +178,26 @@ def resume_config(cfg: TrainConfig, ckpt_args: dict[str, Any]) -> tuple[TrainCon
     ignored = []
     for k in names:
         mine = getattr(cfg, k)
-        if k in ("resume", "shards"):
+        if k in ("resume", "shards", "storage_options"):
             continue
+        was_set = k in given if given is not None else mine != getattr(default, k)
         if k in RESUME_OVERRIDABLE:
-            if mine != getattr(default, k):
+            if was_set:
                 setattr(new, k, mine)
-        elif mine != getattr(default, k) and mine != getattr(new, k):
+        elif was_set and mine != getattr(new, k):
             ignored.append(k)
     new.resume = cfg.resume
     new.shards = cfg.shards or new.shards  # the data may have moved since
     new.storage_options = cfg.storage_options  # credentials are never saved: they come from this call only
     return new, ignored
+
+
+def check_resume_epochs(cfg: TrainConfig, ckpt_epoch: int, ckpt_epochs: int) -> str | None:
+    """Refuse (TrainError, one line) a resume with nothing left to train; else a note when it extends the run."""
+    done = ckpt_epoch + 1
+    if done >= cfg.epochs:
+        raise TrainError(f"--resume {cfg.resume}: training to {cfg.epochs} epochs is already finished "
+                         f"({done} done); give --epochs larger than {done} to train on")
+    if cfg.epochs != ckpt_epochs:
+        return f"resume: training to {cfg.epochs} epochs instead of {ckpt_epochs} (lr schedule over the new total)"
+    return None

@@ -12,7 +12,7 @@ import contextlib
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -44,7 +44,7 @@ class Run(PreparedRun):
         self.scheduler.last_epoch = self.start_epoch - 1
         self.t_start, self.steps, self.last_opt_step = time.time(), 0, -1
         self.meter = StallMeter(self.device)
-        self.done_epoch, self.mosaic_on = self.start_epoch - 1, cfg.mosaic
+        self.done_epoch, self.mosaic_on = self.start_epoch - 1, cfg.mosaic > 0
         metrics: dict[str, float] = {}
         interrupted, epoch = False, self.start_epoch
         self.optimizer.zero_grad()
@@ -74,7 +74,7 @@ class Run(PreparedRun):
             self.scheduler.step()
         self.model.train()
         self.train_loader.set_epoch(epoch)
-        want_mosaic = cfg.mosaic and not (cfg.close_mosaic and epoch >= cfg.epochs - cfg.close_mosaic)
+        want_mosaic = cfg.mosaic > 0 and not (cfg.close_mosaic and epoch >= cfg.epochs - cfg.close_mosaic)
         if epoch == self.start_epoch or want_mosaic != self.mosaic_on:
             self.train_loader.set_mosaic(want_mosaic)
             if self.mosaic_on and not want_mosaic:
@@ -224,15 +224,17 @@ def train(
     *,
     loader_factory: Callable[..., Any] | None = None,
     log: Callable[[str], None] = print,
+    given: Collection[str] | None = None,
 ) -> TrainResult:
     """Train a YOLO detector from packed shards; the whole `python -m trainer.run` job.
 
     Works alone or under torchrun (RANK/WORLD_SIZE/LOCAL_RANK); metrics and checkpoints come from rank 0.
-    `loader_factory` defaults to `trainer.data.make_loader` (same signature). Raises TrainError/ModelError for
+    `loader_factory` defaults to `trainer.data.make_loader` (same signature). `given` names the options the
+    caller set, for a resume (see `config.resume_config`; None = those that differ from the defaults). Raises TrainError/ModelError for
     bad options or data; a Ctrl-C returns a result with ``interrupted=True`` after writing last.pt.
     """
     setup_offline()  # a no-op after the CLI's call; fonts for the plots when a library caller forgot it
-    run = Run(cfg, loader_factory, log)
+    run = Run(cfg, loader_factory, log, given)
     try:
         with StopFlag() as stop:
             run.setup()

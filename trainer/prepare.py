@@ -9,7 +9,7 @@ checkpoint's state on resume. `trainer.loop.Run` adds the epochs on top.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,10 +24,12 @@ from trainer.config import (
     RESUME_OVERRIDABLE,
     TrainConfig,
     TrainError,
+    check_resume_epochs,
     pick_split,
     redacted_options,
     resume_config,
 )
+from trainer.hyp import augment_config, loader_fraction
 from trainer.model import load_resume_state, prepare_model, set_rng_state
 from trainer.optim import build_optim
 from trainer.records import RunRecords, run_dir
@@ -37,8 +39,10 @@ from trainer.runtime import Dist, auto_batch, choose_amp, resolve_device, seed_a
 class PreparedRun:
     """A training run up to its first step; `trainer.loop.Run` trains it."""
 
-    def __init__(self, cfg: TrainConfig, loader_factory: Callable[..., Any] | None, log: Callable[[str], None]):
+    def __init__(self, cfg: TrainConfig, loader_factory: Callable[..., Any] | None, log: Callable[[str], None],
+                 given: Collection[str] | None = None):
         self.cfg = cfg
+        self.given = given  # the options the caller set (see config.resume_config)
         self.d = Dist()
         self._log = log
         self.make_loader = loader_factory
@@ -57,11 +61,16 @@ class PreparedRun:
         """Options, data, device, model, batch, loaders, optimizer, and the resume state if any."""
         self.ckpt = load_resume_state(self.cfg.resume) if self.cfg.resume else None
         if self.ckpt is not None:
-            self.cfg, ignored = resume_config(self.cfg, self.ckpt["train_args"])
+            self.cfg, ignored = resume_config(self.cfg, self.ckpt["train_args"], self.given)
             if ignored:
                 self.log(f"warning: resume keeps the checkpoint's {', '.join(ignored)} "
                          f"(only {', '.join(RESUME_OVERRIDABLE)} may change); start a new run to change them")
         self.cfg.validate()
+        self.augment = augment_config(self.cfg)  # refuses augmentations the loaders lack, before anything heavy
+        if self.ckpt is not None:
+            note = check_resume_epochs(self.cfg, int(self.ckpt["epoch"]), self.ckpt["train_args"].get("epochs"))
+            if note:
+                self.log(note)
         self._setup_data()
         self.device = resolve_device(self.cfg.device, self.d)
         self.d.init(self.device)
@@ -140,11 +149,7 @@ class PreparedRun:
             from trainer.data import make_loader  # the real data path
 
             self.make_loader = make_loader
-        augment = None
-        if not cfg.mosaic:
-            from trainer.data.transforms import AugmentConfig
-
-            augment = AugmentConfig(mosaic=0.0)
+        extra = loader_fraction(cfg, self.make_loader)
         common = dict(loader=cfg.loader, imgsz=cfg.imgsz, rank=self.d.rank, world_size=self.d.world,
                       seed=cfg.seed, workers=cfg.workers, device=self.device, verify=cfg.verify)
         if is_url(cfg.shards):  # network storage: only then (a custom loader_factory need not know these)
@@ -152,7 +157,7 @@ class PreparedRun:
                           cache_max_bytes=cfg.cache_max_bytes)
         try:
             self.train_loader = self.make_loader(cfg.shards, self.train_name, batch=self.rank_batch, train=True,
-                                                 augment=augment, **common)
+                                                 augment=self.augment, **extra, **common)
             if self.val_name:
                 self.val_loader = self.make_loader(cfg.shards, self.val_name, batch=self.rank_batch * 2,
                                                    train=False, **common)
@@ -187,8 +192,6 @@ class PreparedRun:
     def _restore(self) -> None:
         ck = self.ckpt
         self.start_epoch = int(ck["epoch"]) + 1
-        if self.start_epoch >= self.cfg.epochs:
-            raise TrainError(f"--resume {self.cfg.resume}: training to {self.cfg.epochs} epochs is already finished")
         self.optimizer.load_state_dict(ck["optimizer"])
         if ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])

@@ -8,6 +8,8 @@ a Ctrl-C writes ``weights/last.pt`` and exits 130.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
 from click.core import ParameterSource
@@ -36,6 +38,26 @@ class _OneLineCommand(click.Command):
             sys.exit(130)
 
 
+# ultralytics hyperparameters without an option above: --name and --name-with-dashes, both meaning the same
+_HYP_HELP = {"warmup_momentum": "Momentum at the start of warmup.", "warmup_bias_lr": "Bias lr at the start of warmup.",
+             "box": "Box loss gain.", "cls": "Class loss gain.", "dfl": "DFL loss gain.",
+             "fraction": "Share of the train split to use."}
+_HYP_AUG = ("hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective", "flipud", "fliplr",
+            "mixup")
+
+
+def hyp_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The hyperparameter options named as in ultralytics (``--hsv_h``, also ``--hsv-h``), plus ``--mosaic P``
+    (alone: 1.0) and ``--no-mosaic`` (0.0)."""
+    for name in reversed(("warmup_momentum", "warmup_bias_lr", "box", "cls", "dfl", *_HYP_AUG, "fraction")):
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        f = click.option(*flags, name, default=getattr(_DEFAULT, name), show_default=True, type=float,
+                         help=_HYP_HELP.get(name, "Augmentation (ultralytics' meaning)."))(f)
+    f = click.option("--no-mosaic", "no_mosaic", is_flag=True, help="Same as --mosaic 0.")(f)
+    return click.option("--mosaic", default=_DEFAULT.mosaic, show_default=True, type=float, is_flag=False,
+                        flag_value=1.0, help="Mosaic probability (--mosaic alone: 1.0).")(f)
+
+
 def _none_or(value: str) -> str | None:
     return None if value.lower() == "none" else value
 
@@ -60,11 +82,10 @@ def _none_or(value: str) -> str | None:
 @click.option("--lr0", default=_DEFAULT.lr0, show_default=True, type=float, help="Initial lr (ignored by 'auto').")
 @click.option("--lrf", default=_DEFAULT.lrf, show_default=True, type=float, help="Final lr = lr0 * lrf.")
 @click.option("--momentum", default=_DEFAULT.momentum, show_default=True, type=float)
-@click.option("--weight-decay", default=_DEFAULT.weight_decay, show_default=True, type=float)
-@click.option("--warmup-epochs", default=_DEFAULT.warmup_epochs, show_default=True, type=float)
-@click.option("--cos-lr", is_flag=True, help="Cosine lr schedule instead of linear.")
-@click.option("--mosaic/--no-mosaic", default=True, show_default=True)
-@click.option("--close-mosaic", default=_DEFAULT.close_mosaic, show_default=True, type=click.IntRange(min=0),
+@click.option("--weight-decay", "--weight_decay", "weight_decay", default=_DEFAULT.weight_decay, show_default=True, type=float)
+@click.option("--warmup-epochs", "--warmup_epochs", "warmup_epochs", default=_DEFAULT.warmup_epochs, show_default=True, type=float)
+@click.option("--cos-lr", "--cos_lr", "cos_lr", is_flag=True, help="Cosine lr schedule instead of linear.")
+@click.option("--close-mosaic", "--close_mosaic", "close_mosaic", default=_DEFAULT.close_mosaic, show_default=True, type=click.IntRange(min=0),
               help="Turn mosaic off for the last N epochs.")
 @click.option("--patience", default=_DEFAULT.patience, show_default=True, type=int,
               help="Early stop after N epochs without val improvement.")
@@ -87,6 +108,14 @@ def _none_or(value: str) -> str | None:
               help="Local cache of shards read from a URL by DALI/tfrecord/LMDB [default: ~/.cache/packer-trainer].")
 @click.option("--cache-max-bytes", default=None, type=ByteSize(),
               help="Size bound of --cache-dir (20GB, 500MiB, ...): least recently used shards are evicted.")
+@click.option("--cfg", "cfg_file", default=None, type=click.Path(dir_okay=False),
+              help="YAML of hyperparameters in ultralytics' default.yaml names (lr0, hsv_h, mosaic, ...); "
+                   "command-line options override it.")
+@hyp_options
+@click.option("--plots/--no-plots", default=True, show_default=True,
+              help="Write ultralytics' plots (train/val batches, labels, results, PR curves) into the run folder.")
+@click.option("--tensorboard/--no-tensorboard", default=None,
+              help="TensorBoard event file in the run folder [default: on when tensorboard is installed].")
 @click.pass_context
 def main(ctx: click.Context, shards: str | None, **opts: object) -> None:
     """Train a YOLO detector from SHARDS: a folder written by `packer build`, or its URL
@@ -98,23 +127,38 @@ def main(ctx: click.Context, shards: str | None, **opts: object) -> None:
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     explicit = {k for k in opts if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+    if opts.pop("no_mosaic"):
+        opts["mosaic"], explicit = 0.0, explicit | {"mosaic"}
+    from_file = _read_cfg(opts.pop("cfg_file"))  # type: ignore[arg-type]
+    opts.update({k: v for k, v in from_file.items() if k not in explicit})
     cfg = TrainConfig(shards=shards or "", **{k: v for k, v in opts.items() if k in TrainConfig.__dataclass_fields__})
     cfg.val_split = _none_or(str(opts["val_split"]))
-    if cfg.resume:
-        # options not given on the command line must not count as "changed" against the checkpoint
-        for k in TrainConfig.__dataclass_fields__:
-            if k not in explicit and k not in ("shards", "resume", "storage_options"):
-                setattr(cfg, k, getattr(_DEFAULT, k))
     setup_offline()  # before anything imports ultralytics: nothing is downloaded, no update check
     from trainer.loop import train
 
     try:
-        result = train(cfg)
+        result = train(cfg, given=explicit | set(from_file))
     except ValueError as e:  # TrainError, ModelError, FormatError, the loader's input errors: the user's to fix
         msg = redact(str(e), cfg.storage_options)
         raise click.UsageError(msg.splitlines()[0] if msg else type(e).__name__) from None
     if result.interrupted:
         sys.exit(130)
+
+
+def _read_cfg(path: str | None) -> dict[str, Any]:
+    """The acting values of a --cfg file (one note for the keys that do not apply); a bad key is exit 2."""
+    if not path:
+        return {}
+    from trainer.hyp import ignored_note, read_cfg_file
+
+    try:
+        values, ignored = read_cfg_file(path)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    note = ignored_note(ignored)
+    if note:
+        click.echo(note, err=True)
+    return values
 
 
 if __name__ == "__main__":

@@ -1,0 +1,118 @@
+"""Hyperparameters by ultralytics' names: `--cfg my.yaml` in its ``default.yaml`` vocabulary.
+
+The keys that apply to detection training here act (`APPLIED`); the other keys of ultralytics'
+own ``cfg/default.yaml`` are ignored with one note naming them; anything else is a usage error that
+names the closest valid key. The augmentation keys go to the loaders' `AugmentConfig` by name; one
+the loaders do not implement yet is refused when set to a non-default value, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import inspect
+from collections.abc import Callable
+from dataclasses import fields
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainer.config import AUGMENT_KEYS, TrainConfig, TrainError
+
+APPLIED: dict[str, tuple[str, ...]] = {
+    "schedule": ("epochs", "batch", "imgsz", "lr0", "lrf", "momentum", "weight_decay", "warmup_epochs",
+                 "warmup_momentum", "warmup_bias_lr", "cos_lr", "close_mosaic", "patience", "nbs", "optimizer"),
+    "loss gains": ("box", "cls", "dfl"),
+    "augmentation": AUGMENT_KEYS,
+    "run": ("seed", "workers", "fraction"),
+}
+APPLIED_KEYS = tuple(k for keys in APPLIED.values() for k in keys)
+# our own options that ultralytics lacks (loader, amp, verify, ...) may sit in the same file
+_OWN_ONLY = ("plots", "loader", "amp", "train_split", "val_split", "verify", "cache_dir", "cache_max_bytes", "tensorboard")
+
+
+@cache
+def ultralytics_vocabulary() -> frozenset[str]:
+    """Every key of ultralytics' own ``cfg/default.yaml``, read from the installed package (not imported)."""
+    spec = importlib.util.find_spec("ultralytics")
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset()
+    path = Path(next(iter(spec.submodule_search_locations))) / "cfg" / "default.yaml"
+    return frozenset(yaml.safe_load(path.read_text()) or {})
+
+
+def read_cfg_file(path: str | Path) -> tuple[dict[str, Any], list[str]]:
+    """(values that act, keys ignored as not applicable) of a `--cfg` YAML; TrainError for a bad file or key."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise TrainError(f"--cfg {path}: cannot read it as YAML ({type(e).__name__})") from None
+    if data is None:
+        return {}, []
+    if not isinstance(data, dict):
+        raise TrainError(f"--cfg {path}: must be a mapping of ultralytics' names (lr0: 0.01, ...)")
+    vocab, acting = ultralytics_vocabulary(), set(APPLIED_KEYS) | set(_OWN_ONLY)
+    values, ignored = {}, []
+    for key, value in data.items():
+        key = str(key)
+        if key in acting:
+            values[key] = _checked_type(path, key, value)
+        elif key in vocab:
+            ignored.append(key)
+        else:
+            near = difflib.get_close_matches(key, sorted(acting | vocab), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise TrainError(f"--cfg {path}: unknown key {key!r}{hint}")
+    return values, ignored
+
+
+def _checked_type(path: str | Path, key: str, value: Any) -> Any:
+    """The value if its type fits the option (numbers are range-checked later by TrainConfig.validate)."""
+    default = TrainConfig.__dataclass_fields__[key].default
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise TrainError(f"--cfg {path}: {key} must be true or false, got {value!r}")
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def ignored_note(ignored: list[str]) -> str | None:
+    """The one note about ultralytics keys that do not apply here."""
+    if not ignored:
+        return None
+    return f"note: --cfg keys that do not apply to this trainer are ignored: {', '.join(ignored)}"
+
+
+def augment_config(cfg: TrainConfig) -> Any:
+    """The loaders' `AugmentConfig` from the run's augmentation keys (mosaic 0 when it is off).
+
+    A key the loaders do not have yet is refused (TrainError, "not supported yet") if set to anything
+    but the default, and left out otherwise.
+    """
+    from trainer.data.transforms import AugmentConfig, AugmentError
+
+    have = {f.name for f in fields(AugmentConfig)}
+    default = TrainConfig()
+    for k in AUGMENT_KEYS:
+        if k not in have and getattr(cfg, k) != getattr(default, k):
+            raise TrainError(f"--{k} {getattr(cfg, k)}: not supported yet by the loaders (keep it at "
+                             f"{getattr(default, k)})")
+    try:
+        return AugmentConfig(**{k: float(getattr(cfg, k)) for k in AUGMENT_KEYS if k in have})
+    except AugmentError as e:
+        raise TrainError(str(e)) from None
+
+
+def loader_fraction(cfg: TrainConfig, make_loader: Callable[..., Any]) -> dict[str, Any]:
+    """``{"fraction": f}`` for a loader that takes it; refuses a fraction < 1 the loader cannot honour."""
+    try:
+        takes = "fraction" in inspect.signature(make_loader).parameters
+    except (TypeError, ValueError):
+        takes = False
+    if takes:
+        return {"fraction": cfg.fraction}
+    if cfg.fraction != 1.0:
+        raise TrainError(f"--fraction {cfg.fraction}: not supported yet by the loaders (keep it at 1.0)")
+    return {}
