@@ -317,6 +317,31 @@ def convert(shards, out, fmt, shard_size, overwrite, check, as_json, progress) -
                    + f"; {s['shards']} shards in {s['elapsed_s']:.1f} s")
 
 
+@cli.command()
+@click.argument("shards", type=DATASET)
+@click.option("--split", default=None, help="Split to show (default: train, the one train* split, else the first).")
+@click.option("-n", "n", default=16, show_default=True, type=click.IntRange(min=1), help="Samples in the grid.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Which samples (same seed, same picture).")
+@click.option("--augment/--no-augment", default=False, show_default=True,
+              help="Show what the trainer's loader feeds the model (needs the [train] extra).")
+@click.option("--imgsz", default=640, show_default=True, type=click.IntRange(min=32), help="Input size with --augment.")
+@click.option("-o", "--out", default="preview.jpg", show_default=True, help="The grid image (.jpg).")
+@STORAGE_OPTIONS
+def preview(shards, split, n, seed, augment, imgsz, out, storage_options) -> None:
+    """Draw packed samples with their boxes and class names into one grid image."""
+    from packer.preview import PreviewDataError, PreviewError, write_preview
+    from packer.remote import parse_storage_options
+
+    try:
+        path = write_preview(shards, out, split=split, n=n, seed=seed, augment=augment, imgsz=imgsz,
+                             storage_options=parse_storage_options(storage_options))
+    except PreviewDataError as e:
+        raise click.ClickException(str(e)) from None  # data problem: exit 1
+    except PreviewError as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(str(path))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one readable line and exit 2 for usage errors, 1 for data and disk
     problems, never a traceback."""

@@ -129,6 +129,23 @@ def test_corrupt_shard_is_a_data_error(synthetic: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "p.jpg").exists()
 
 
+def test_cli_writes_the_grid_and_maps_errors_to_exit_codes(synthetic: Path, tmp_path: Path) -> None:
+    shards = _pack(synthetic, tmp_path / "shards", "wds")
+    run = [sys.executable, "-m", "packer.cli", "preview", str(shards)]
+    ok = subprocess.run([*run, "-n", "4", "--imgsz", "64", "-o", str(tmp_path / "g.jpg")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() == str(tmp_path / "g.jpg") and cv2.imread(ok.stdout.strip()) is not None
+    usage = subprocess.run([*run, "--split", "nope", "-o", str(tmp_path / "u.jpg")], capture_output=True, text=True)
+    assert usage.returncode == 2 and len(usage.stderr.strip().splitlines()) == 1, usage.stderr
+    shard = shards / read_manifest(shards).splits["train"].shards[0].path
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF  # the manifest's sha256 no longer matches: a data error
+    shard.write_bytes(bytes(data))
+    bad = subprocess.run([*run, "-n", "16", "-o", str(tmp_path / "b.jpg")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
+    assert not (tmp_path / "u.jpg").exists() and not (tmp_path / "b.jpg").exists()
+
+
 _PROBE = """
 import json, sys
 from packer.preview import write_preview
