@@ -8,6 +8,7 @@ predictions and ground truth, both in network-input pixels, are mapped back thro
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -129,10 +130,12 @@ def run_validation(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     with_loss: bool = True,
+    on_batch: Callable[[int, dict[str, Any], list[torch.Tensor]], None] | None = None,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Evaluate `model` (the EMA) over one pass of `loader` on this rank, gather across ranks.
 
-    Returns (metrics, mean val loss items). Call on every rank: the gather is collective.
+    Returns (metrics, mean val loss items). Call on every rank: the gather is collective. `on_batch(i, batch,
+    detections)` sees each batch (images scaled to [0, 1]) with its NMS output, in network-input pixels.
     """
     was_training = model.training
     model.eval()
@@ -141,7 +144,7 @@ def run_validation(
     n = 0
     ctx = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
            else contextlib.nullcontext())
-    for batch in loader:
+    for bi, batch in enumerate(loader):
         batch = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         batch["img"] = batch["img"].float() / 255
         with ctx:
@@ -151,7 +154,10 @@ def run_validation(
                 for k, v in items.items():
                     loss_sum[k] = loss_sum.get(k, 0) + v.detach().float()
         n += 1
-        evaluator.update(evaluator.nms(preds), batch)
+        dets = evaluator.nms(preds)
+        if on_batch is not None:
+            on_batch(bi, batch, dets)
+        evaluator.update(dets, batch)
     evaluator.gather()
     losses = {k: float(v) / max(n, 1) for k, v in loss_sum.items()}
     if with_loss and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

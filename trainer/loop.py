@@ -13,6 +13,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Collection
+from copy import deepcopy
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from trainer.evaluate import METRIC_KEYS, Evaluator, run_validation
 from trainer.model import ModelError
 from trainer.offline import setup_offline
 from trainer.optim import warm_up, warmup_iters
+from trainer.plots import TRAIN_BATCH_PLOTS, ValObserver
 from trainer.prepare import PreparedRun
 from trainer.records import TrainResult
 from trainer.runtime import StopFlag
@@ -65,6 +67,8 @@ class Run(PreparedRun):
                 self.log(f"early stop: no val improvement for {cfg.patience} epochs "
                          f"(best epoch {self.stopper.best_epoch})")
                 break
+        if not interrupted and self.best_state is not None:
+            self.final_validation()
         return self._finish(epoch, metrics, interrupted)
 
     def _begin_epoch(self, epoch: int) -> None:
@@ -99,6 +103,8 @@ class Run(PreparedRun):
                 raise RuntimeError(f"the train loader yielded {i} batches, {nb} promised by len()") from None
             self.meter.got_batch()
             ni = i + nb * epoch
+            if ni < TRAIN_BATCH_PLOTS:
+                self.plots.train_batch(ni, batch)  # drawn on a thread; only the first three iterations
             if nw and ni <= nw:
                 self.accumulate = warm_up(self.opt, self.cfg, ni, nw, epoch)
             tloss = (tloss * i + self.step(batch, ni)) / (i + 1)
@@ -172,6 +178,8 @@ class Run(PreparedRun):
         is_best = self.best_fitness is None or fitness > self.best_fitness
         if is_best:
             self.best_fitness = fitness
+            if self.cfg.plots and self.val_loader is not None:  # for the final validation's plots
+                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.ema.ema.state_dict().items()}
         should_stop = self.stopper(epoch + 1, fitness) if self.val_loader is not None else False
         img_s, stall = self.meter.read(self.d.world)
         mem = torch.cuda.max_memory_reserved(self.device) / 2**30 if self.device.type == "cuda" else 0.0
@@ -183,6 +191,10 @@ class Run(PreparedRun):
             row.update({k: float(v) for k, v in lrs.items()})
             row.update({"img_per_s": float(img_s), "data_stall_pct": float(stall), "gpu_mem_gb": float(mem)})
             self.rec.append_csv(row)
+            self.plots.results(self.rec.csv)
+            self.tb.scalars(row, epoch + 1)
+            if epoch == 0:
+                self.tb.images(self.plots.wait(), epoch + 1)
             self._print_epoch(epoch, metrics, img_s, stall, mem)
             self.save(epoch, metrics, [self.rec.last] + ([self.rec.best] if is_best else []))
         return metrics, should_stop
@@ -195,6 +207,19 @@ class Run(PreparedRun):
             self.ema.ema, self.val_loader, Evaluator(nc=len(self.names), max_det=self.cfg.max_det),
             device=self.device, amp_dtype=self.amp_dtype)
         return metrics, val_loss, metrics["metrics/mAP50-95(B)"]
+
+    def final_validation(self) -> None:
+        """Validate the best weights once more for ultralytics' end-of-run plots (confusion matrix, PR/F1/P/R
+        curves, val_batch0); every rank takes part (collective), rank 0 draws."""
+        model = deepcopy(self.ema.ema)
+        model.load_state_dict(self.best_state)
+        seen = ValObserver(self.names)
+        ev = Evaluator(nc=len(self.names), max_det=self.cfg.max_det)
+        run_validation(model, self.val_loader, ev, device=self.device, amp_dtype=self.amp_dtype, with_loss=False,
+                       on_batch=seen)
+        seen.gather(self.device)
+        self.plots.validation(ev, seen.confusion, seen.first)
+        self.log(f"plots of the best weights' validation in {self.out}")
 
     def _print_epoch(self, epoch: int, metrics: dict[str, float], img_s: float, stall: float, mem: float) -> None:
         if self.val_loader is not None:

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from ultralytics.utils.torch_utils import EarlyStopping, ModelEMA
 
-from packer.format import FormatError, read_manifest
-from packer.remote import RemoteError, display_url, is_url, open_manifest, redact
+from packer.format import FormatError, LabelArrays, read_manifest
+from packer.remote import RemoteError, display_url, fetch_labels, is_url, open_manifest, redact
 from trainer.config import (
     RESUME_OVERRIDABLE,
     TrainConfig,
@@ -32,8 +32,10 @@ from trainer.config import (
 from trainer.hyp import augment_config, loader_fraction
 from trainer.model import load_resume_state, prepare_model, set_rng_state
 from trainer.optim import build_optim
+from trainer.plots import RunPlots
 from trainer.records import RunRecords, run_dir
 from trainer.runtime import Dist, auto_batch, choose_amp, resolve_device, seed_all
+from trainer.tensorboard import TensorBoardLog, resolve_tensorboard
 
 
 class PreparedRun:
@@ -49,6 +51,8 @@ class PreparedRun:
         self.train_loader: Any = None
         self.val_loader: Any = None
         self.ema: Any = None
+        self.plots = RunPlots(Path("."), [], enabled=False, log=log)  # the real ones once the run folder exists
+        self.tb = TensorBoardLog(Path("."), enabled=False)
         self.start_epoch = 0
         self.done_epoch: int | None = None  # last completed epoch, once fit() runs
 
@@ -67,6 +71,7 @@ class PreparedRun:
                          f"(only {', '.join(RESUME_OVERRIDABLE)} may change); start a new run to change them")
         self.cfg.validate()
         self.augment = augment_config(self.cfg)  # refuses augmentations the loaders lack, before anything heavy
+        self.cfg.tensorboard = resolve_tensorboard(self.cfg.tensorboard)
         if self.ckpt is not None:
             note = check_resume_epochs(self.cfg, int(self.ckpt["epoch"]), self.ckpt["train_args"].get("epochs"))
             if note:
@@ -83,6 +88,7 @@ class PreparedRun:
                                    self.log)
         self._setup_batch()
         self._setup_loaders()
+        self._plot_labels()
         self._setup_optim()
         if self.ckpt is not None:
             self._restore()
@@ -115,6 +121,8 @@ class PreparedRun:
             out = Path(self.d.broadcast(str(out) if out else None))
         self.rec = RunRecords(out, main=self.d.main, resume=bool(self.cfg.resume))
         self.out = out
+        self.plots = RunPlots(out, self.names, enabled=self.cfg.plots and self.d.main, log=self.log)
+        self.tb = TensorBoardLog(out, enabled=bool(self.cfg.tensorboard) and self.d.main)
 
     def _log_setup(self, amp_msg: str) -> None:
         m, cfg = self.manifest, self.cfg
@@ -170,6 +178,21 @@ class PreparedRun:
                  + (f" ({self.rank_batch} per rank)" if self.d.ddp else "")
                  + f", {self.nb} steps per epoch" + (f", workers {cfg.workers}" if cfg.workers is not None else ""))
 
+    def _plot_labels(self) -> None:
+        """labels.jpg from the train split's label arrays (labels.npz; no shard is read)."""
+        if not self.plots.enabled:
+            return
+        cfg = self.cfg
+        try:
+            if is_url(cfg.shards):
+                la = fetch_labels(cfg.shards, self.train_name, cfg.storage_options, self.manifest)
+            else:
+                la = LabelArrays.load(Path(cfg.shards) / self.manifest.splits[self.train_name].labels)
+        except (OSError, FormatError, RemoteError) as e:
+            self.log(f"warning: could not draw labels.jpg: {redact(str(e), cfg.storage_options)}")
+            return
+        self.plots.labels(la.cls, la.boxes)
+
     def _setup_optim(self) -> None:
         cfg = self.cfg
         self.opt = build_optim(cfg, self.model, global_batch=self.global_batch, steps_per_epoch=self.nb,
@@ -185,6 +208,7 @@ class PreparedRun:
         self.ema = ModelEMA(self.model)
         self.stopper = EarlyStopping(patience=cfg.patience)
         self.best_fitness: float | None = None
+        self.best_state: dict[str, Any] | None = None  # the best EMA weights, kept for the final plots
         self.log(f"optimizer: {self.opt.name}(lr={self.opt.lr0:.6g}, momentum={cfg.momentum}) "
                  f"weight_decay {self.opt.weight_decay:.3g}, accumulate {self.accumulate} (nominal batch {cfg.nbs}), "
                  f"{'cosine' if cfg.cos_lr else 'linear'} schedule, EMA on")
@@ -229,6 +253,10 @@ class PreparedRun:
         )
 
     def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.plots.wait()
+        with contextlib.suppress(Exception):
+            self.tb.close()
         for ld in (self.train_loader, self.val_loader):
             if ld is not None:
                 with contextlib.suppress(Exception):
