@@ -90,7 +90,7 @@ class Run(PreparedRun):
 
     def train_epoch(self, epoch: int, stop: StopFlag) -> tuple[torch.Tensor, int, bool]:
         """One pass over the train loader: (mean loss items on the device, steps done, stop requested)."""
-        nb, nw = self.nb, warmup_iters(self.cfg, self.nb)
+        nb, nw = self.nb, warmup_iters(self.cfg, self.nb, self.first_epochs)
         tloss = torch.zeros(3, device=self.device)
         stopped, i = False, -1
         pbar = self._progress_bar(epoch)

@@ -71,9 +71,10 @@ def build_optim(cfg: TrainConfig, model: nn.Module, *, global_batch: int, steps_
                  weight_decay, type(optimizer).__name__, optimizer.param_groups[0]["lr"], args.warmup_bias_lr)
 
 
-def warmup_iters(cfg: TrainConfig, steps_per_epoch: int) -> int:
-    """Iterations of warmup: --warmup-epochs worth, but never the whole run."""
-    we = min(cfg.warmup_epochs, max(cfg.epochs - 1, 0))
+def warmup_iters(cfg: TrainConfig, steps_per_epoch: int, epochs: int | None = None) -> int:
+    """Iterations of warmup: --warmup-epochs worth, but never the whole run. `epochs` is the total the run
+    started with when a resume extends it (the warmup it had is not stretched over the new total)."""
+    we = min(cfg.warmup_epochs, max((epochs or cfg.epochs) - 1, 0))
     return round(we * steps_per_epoch) if we > 0 else 0
 
 

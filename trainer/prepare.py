@@ -54,6 +54,7 @@ class PreparedRun:
         self.plots = RunPlots(Path("."), [], enabled=False, log=log)  # the real ones once the run folder exists
         self.tb = TensorBoardLog(Path("."), enabled=False)
         self.start_epoch = 0
+        self.first_epochs: int | None = None  # on resume: the epochs the run was started with (its warmup)
         self.done_epoch: int | None = None  # last completed epoch, once fit() runs
 
     def log(self, msg: str) -> None:
@@ -73,7 +74,8 @@ class PreparedRun:
         self.augment = augment_config(self.cfg)  # refuses augmentations the loaders lack, before anything heavy
         self.cfg.tensorboard = resolve_tensorboard(self.cfg.tensorboard)
         if self.ckpt is not None:
-            note = check_resume_epochs(self.cfg, int(self.ckpt["epoch"]), self.ckpt["train_args"].get("epochs"))
+            self.first_epochs = self.ckpt["train_args"].get("epochs")
+            note = check_resume_epochs(self.cfg, int(self.ckpt["epoch"]), self.first_epochs)
             if note:
                 self.log(note)
         self._setup_data()

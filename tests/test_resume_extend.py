@@ -1,0 +1,76 @@
+"""--resume last.pt --epochs N on a finished run trains on to N with the schedule, EMA and optimizer carried over;
+without a larger --epochs it is a one-line refusal."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from _train_util import packed
+from click.testing import CliRunner
+
+from trainer.run import main
+
+SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "yolo"
+TINY = ["--imgsz", "64", "--batch", "4", "--model", "yolov8n.yaml", "--device", "cpu", "--loader", "torch",
+        "--workers", "0", "--optimizer", "SGD", "--lr0", "0.01", "--lrf", "0.01", "--nbs", "4", "--no-plots", "--no-tensorboard"]
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> tuple[Path, Path, dict]:
+    if not (SAMPLE / "data.yaml").is_file():
+        pytest.skip("samples/yolo not present")
+    shards = packed(SAMPLE, size=160)
+    out = tmp_path_factory.mktemp("extend") / "run"
+    r = CliRunner().invoke(main, [str(shards), "--epochs", "2", "--out", str(out), *TINY])
+    assert r.exit_code == 0, r.output[-3000:]
+    ck = torch.load(out / "weights" / "last.pt", weights_only=False)
+    return shards, out, {"updates": ck["updates"], "epoch": ck["epoch"]}
+
+
+def test_resuming_a_finished_run_without_more_epochs_is_refused(finished_run):
+    _, out, _ = finished_run
+    for extra in ([], ["--epochs", "2"], ["--epochs", "1"]):
+        r = CliRunner().invoke(main, ["--resume", str(out / "weights" / "last.pt"), *extra])
+        assert r.exit_code == 2, r.output
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and "already finished (2 done)" in lines[0] and "--epochs larger than 2" in lines[0]
+    assert [r["epoch"] for r in _rows(out / "results.csv")] == ["1", "2"]  # nothing was touched
+
+
+def test_larger_epochs_extends_with_schedule_ema_and_optimizer_carried(finished_run):
+    shards, out, before = finished_run
+    last = out / "weights" / "last.pt"
+    r = CliRunner().invoke(main, ["--resume", str(last), "--epochs", "3"])
+    assert r.exit_code == 0, r.output[-3000:]
+    assert "training to 3 epochs instead of 2" in r.output and "epoch 3 of 3" in r.output
+
+    rows = _rows(out / "results.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    # the lr lambda runs over the new total: linear 1 -> lrf over 3 epochs, at epoch index 2 (0.34 x lr0);
+    # over the old total of 2 it would have been lrf (0.01 x lr0)
+    lr0, lrf = 0.01, 0.01
+    assert float(rows[2]["lr/pg0"]) == pytest.approx(lr0 * ((1 - 2 / 3) * (1 - lrf) + lrf), rel=1e-3)
+    assert float(rows[1]["lr/pg0"]) == pytest.approx(lr0 * ((1 - 1 / 2) * (1 - lrf) + lrf), rel=1e-3)
+
+    ck = torch.load(last, weights_only=False)
+    assert ck["epoch"] == 2 and ck["train_args"]["epochs"] == 3
+    # nbs 4 = batch: one optimizer step (and EMA update) per batch, 3 batches per epoch; the EMA's count goes on
+    assert before["updates"] == 6 and ck["updates"] == 9
+    momentum = [s["momentum_buffer"] for s in ck["optimizer"]["state"].values() if "momentum_buffer" in s]
+    assert momentum, "SGD momentum buffers carried in the optimizer state"
+    assert yaml.safe_load((out / "args.yaml").read_text())["epochs"] == 3
+
+
+def test_resume_epochs_are_still_validated(finished_run):
+    _, out, _ = finished_run
+    r = CliRunner().invoke(main, ["--resume", str(out / "weights" / "last.pt"), "--epochs", "0"])
+    assert r.exit_code == 2 and "--epochs must be an integer >= 1" in r.stderr
