@@ -241,3 +241,16 @@ def test_dali_pipeline_is_built_once_per_run(packed):
         assert len(keys) == len(set(keys)) == N_TRAIN  # each epoch still one whole reader epoch
     assert epochs[0] != epochs[1]  # and reshuffled
     ld.close()
+
+
+def test_batch_buffers_are_reused_not_leaked(packed):
+    """Pooled shared buffers come back once batches are dropped: after several epochs no worker
+    holds more busy buffers than batches in flight (none at all once every batch is gone)."""
+    ld = make_loader(packed["wds"], "train", loader="torch", imgsz=IMGSZ, batch=4, workers=2, device="cpu",
+                     augment=AugmentConfig.off())
+    for epoch in range(6):
+        ld.set_epoch(epoch)
+        assert len(list(ld)) == len(ld)
+    ld.dataset.slots.poll()
+    assert sum(ld.dataset.slots.flags) == 0  # nothing left taken
+    ld.close()

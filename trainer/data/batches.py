@@ -244,7 +244,8 @@ class _Batch:
         self._new()
 
     def _new(self) -> None:
-        self.buf, self.k = self.ds._buffer(self.worker, self.in_worker)
+        self.buf: torch.Tensor | None = None  # taken from the pool at the first sample, never left taken
+        self.k = -1
         self.labels: list[tuple[np.ndarray, np.ndarray]] = []
         self.indices: list[int] = []
         self.valid: list[bool] = []
@@ -252,6 +253,8 @@ class _Batch:
     def put(self, idx: int, ok: bool) -> None:
         """Decode sample `idx` into the next place of the batch (raises on damage, placing nothing)."""
         ds, s = self.ds, self.ds.imgsz
+        if self.buf is None:
+            self.buf, self.k = ds._buffer(self.worker, self.in_worker)
         slot = self.buf[len(self.labels)]
         if self.augment:
             self.pool.append(ds._tile(idx))
@@ -275,6 +278,7 @@ class _Batch:
         if len(self.labels) < self.ds.batch:
             return
         ds = self.ds
+        assert self.buf is not None
         out = build_batch(self.buf.permute(0, 3, 1, 2), self.labels, self.indices, self.valid, ds.data, ds.imgsz,
                           ds.train)
         out["_corrupt"], out["_slot"] = self.corrupt, (self.worker, self.k)

@@ -102,6 +102,7 @@ class TorchLoader:
             # inherit such garbage (the child has no loop thread: each close would wait ~1 s)
             gc.collect()
         n = 0
+        self.dataset.slots.poll()  # batches of the last epoch dropped since: their buffers are free again
         for b in self.loader:
             self.stats["corrupt_skipped"] += int(b.pop("_corrupt", 0))
             w, k = b.pop("_slot", (0, -1))
