@@ -41,7 +41,7 @@ class DatasetArg(click.ParamType):
     name = "folder|url"
 
     def convert(self, value, param, ctx):
-        from packer.remote import is_url
+        from packer.storage.fs import is_url
 
         value = str(value)
         if not is_url(value) and not os.path.isdir(value):
@@ -110,13 +110,13 @@ def build(src, out, fmt, size, upscale, quality, shard_size, shard_bytes, min_sh
     -o may be a URL (s3://bucket/prefix, gs://..., file://...): the dataset is built in a
     local staging folder, then uploaded with its manifest last."""
     from packer.build import StrictFailure, build_dataset
-    from packer.remote import is_url, parse_storage_options
+    from packer.storage.fs import is_url, parse_storage_options
 
     remote = is_url(out)
     if remote:
         if num_parts > 1:
             raise click.UsageError("multi-part builds write to a local or shared folder; push the merged result")
-        from packer.transfer import build_to_url
+        from packer.storage.push import build_to_url
 
         so = parse_storage_options(storage_options)
 
@@ -188,7 +188,7 @@ def _plain(d: dict) -> str:
 @click.option("--progress/--no-progress", default=None)
 def verify(shards, deep, storage_options, as_json, progress) -> None:
     """Check checksums, index files, record counts and labels of a packed dataset (folder or URL)."""
-    from packer.remote import display_url, parse_storage_options
+    from packer.storage.fs import display_url, parse_storage_options
     from packer.verify import verify_dataset
 
     res = verify_dataset(shards, deep=deep, progress=_progress_default() if progress is None else progress,
@@ -214,12 +214,9 @@ def verify(shards, deep, storage_options, as_json, progress) -> None:
 def info(shards, storage_options, as_json) -> None:
     """Summarize a packed dataset (folder or URL): splits, counts, per-class table, shard balance."""
     from packer.info import dataset_info, format_info
-    from packer.remote import dataset_info_url, is_url, parse_storage_options
+    from packer.storage.fs import parse_storage_options
 
-    if is_url(shards):
-        d = dataset_info_url(shards, parse_storage_options(storage_options))
-    else:
-        d = dataset_info(shards)
+    d = dataset_info(shards, parse_storage_options(storage_options))
     click.echo(json.dumps(d) if as_json else format_info(d))
 
 
@@ -234,9 +231,9 @@ def info(shards, storage_options, as_json) -> None:
 def push(shards, url, storage_options, retries, as_json, progress) -> None:
     """Upload packed dataset SHARDS to URL (s3://, gs://, file://), manifest last; files
     already there with the same size and sha256 are skipped, so a rerun finishes a cut-off push."""
-    from packer.remote import parse_storage_options
-    from packer.transfer import format_transfer_summary
-    from packer.transfer import push as push_dataset
+    from packer.storage.fs import parse_storage_options
+    from packer.storage.push import push as push_dataset
+    from packer.storage.transfer import format_transfer_summary
 
     res = push_dataset(shards, url, storage_options=parse_storage_options(storage_options), attempts=retries + 1,
                        progress=_progress_default() if progress is None else progress)
@@ -258,9 +255,9 @@ def pull(url, out, storage_options, retries, overwrite, as_json, progress) -> No
     """Download the packed dataset at URL (s3://, gs://, http(s)://, file://) into folder OUT,
     manifest last; every file is checked against the manifest, matching local files are kept.
     OUT must be new, empty, this same dataset or an unfinished pull of URL (else --overwrite)."""
-    from packer.remote import parse_storage_options
-    from packer.transfer import format_transfer_summary
-    from packer.transfer import pull as pull_dataset
+    from packer.storage.fs import parse_storage_options
+    from packer.storage.pull import pull as pull_dataset
+    from packer.storage.transfer import format_transfer_summary
 
     res = pull_dataset(url, out, storage_options=parse_storage_options(storage_options), attempts=retries + 1,
                        progress=_progress_default() if progress is None else progress, overwrite=overwrite)
@@ -330,7 +327,7 @@ def convert(shards, out, fmt, shard_size, overwrite, check, as_json, progress) -
 def preview(shards, split, n, seed, augment, imgsz, out, storage_options) -> None:
     """Draw packed samples with their boxes and class names into one grid image."""
     from packer.preview import PreviewDataError, PreviewError, write_preview
-    from packer.remote import parse_storage_options
+    from packer.storage.fs import parse_storage_options
 
     try:
         path = write_preview(shards, out, split=split, n=n, seed=seed, augment=augment, imgsz=imgsz,
@@ -346,8 +343,8 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: one readable line and exit 2 for usage errors, 1 for data and disk
     problems, never a traceback."""
     from packer.output import BuildError
-    from packer.remote import RemoteError, redact
     from packer.sources.detect import SourceError
+    from packer.storage.fs import RemoteError, redact
 
     _log_notes()
     try:

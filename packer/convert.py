@@ -42,6 +42,7 @@ from packer.format import (
 )
 from packer.journal import label_only
 from packer.output import BuildError, OutputError, OutputFolder, is_write_error, output_folder
+from packer.storage.location import DatasetLocation
 from packer.writers import ShardWriter, get_writer, open_reader
 
 CONVERTED_FROM = "converted_from"  # manifest options key: {"format", "path", "shard_size"}
@@ -194,11 +195,11 @@ def _convert_split(src: Path, m: Manifest, split: str, folder: OutputFolder, fmt
         raise
 
     return _split_info(folder, split, len(m.names), LabelArrays.from_records(rows), shards,
-                       src / info.labels if check else None)
+                       DatasetLocation(src, manifest=m) if check else None)
 
 
 def _split_info(folder: OutputFolder, split: str, nc: int, labels: LabelArrays, shards: list[ShardInfo],
-                check_against: Path | None) -> SplitInfo:
+                check_against: DatasetLocation | None) -> SplitInfo:
     """Write the split's labels.npz (after comparing with the source's) and describe the split."""
     if check_against is not None:
         _check_labels(check_against, labels, split)
@@ -223,11 +224,11 @@ def _check_shard(path: Path, sh: ShardInfo) -> None:
                            "run packer verify")
 
 
-def _check_labels(path: Path, got: LabelArrays, split: str) -> None:
+def _check_labels(source: DatasetLocation, got: LabelArrays, split: str) -> None:
     """The copied records must carry exactly the labels the source's labels.npz lists (order included)."""
     try:
-        want = LabelArrays.load(path)
-    except (FormatError, FileNotFoundError) as e:
+        want = source.labels(split)
+    except FormatError as e:
         raise ConvertError(f"{split}: source label arrays unreadable: {e}") from None
     for f in LABEL_FIELDS:
         if f in ("shard", "pos"):

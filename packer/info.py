@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from packer.format import FormatError, LabelArrays, read_manifest
+from packer.storage.location import DatasetLocation
 
 
-def dataset_info(root: str | os.PathLike) -> dict[str, Any]:
-    """Splits, counts, per-class box/image counts and shard balance of a packed dataset."""
-    root = Path(root)
-    m = read_manifest(root)
+def dataset_info(root: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Splits, counts, per-class box/image counts and shard balance of a packed dataset in a
+    folder or at a URL (only its manifest and label arrays are read)."""
+    loc = DatasetLocation(root, storage_options)
+    m = loc.manifest()
     splits: dict[str, Any] = {}
     for name, s in m.splits.items():
-        labels = LabelArrays.load(root / s.labels, num_classes=len(m.names), num_shards=len(s.shards))
-        if len(labels) != s.num_samples:
-            raise FormatError(f"{root / s.labels}: {len(labels)} samples, the manifest says {s.num_samples}")
+        labels = loc.labels(name)
         per_image = np.diff(labels.offsets)
         # images containing each class: count unique (sample, class) pairs
         sample_of_box = np.repeat(np.arange(len(labels)), per_image)
@@ -47,7 +45,7 @@ def dataset_info(root: str | os.PathLike) -> dict[str, Any]:
             },
         }
     return {
-        "root": str(root),
+        "root": loc.display,
         "format": m.format,
         "format_version": m.format_version,
         "size": m.size,

@@ -7,7 +7,7 @@
   removes exactly what the old manifest (shards, indexes, labels, report; a merged
   dataset's parts too) and `written.txt` list, the journal and packer's hidden temp files;
   a directory only when that leaves it empty.
-- One writer at a time: `.packer.lock` (flock(2), the holder's pid and host); see WriterLock.
+- One writer at a time: `.packer.lock` (flock(2), the holder's pid and host); see packer.lock.
 - An OSError while writing (disk full, file too large, read-only) becomes one line
   (`WriteFailed`, exit 1) and leaves no temp files and no manifest.
 """
@@ -16,19 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
-import json
-import logging
 import os
 import re
-import socket
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from packer.format import MANIFEST_NAME, REPORT_NAME, FormatError, Manifest, check_relpath, read_manifest
+from packer.lock import LOCK_NAME, LockError, WriterLock
 
-LOCK_NAME = ".packer.lock"
 STATE_DIR = ".packer-state"  # journal of an unfinished run; its presence marks the folder as ours
 WRITTEN_NAME = "written.txt"  # every file a run may create, one relative path per line
 PARTS_OPTION = "parts"  # manifest options key of a merged dataset: {"num_parts", "folders"}
@@ -37,7 +32,6 @@ _TEMP = re.compile(r"^\..+\.([A-Za-z0-9_]{8}(\.build)?|\d+)\.tmp$")
 # journal files of ours inside STATE_DIR
 _JOURNAL = re.compile(r"^(state\.json|fingerprint\.json|written\.txt|pull\.json|[A-Za-z0-9_-]{1,64}-\d{5}\.(npz|json))$")
 _SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-log = logging.getLogger("packer")
 
 
 class BuildError(Exception):
@@ -64,104 +58,6 @@ def check_not_inside(out: Path, src: Path) -> None:
     out, src = Path(out).resolve(), Path(src).resolve()
     if out == src or src.is_relative_to(out):
         raise OutputError(f"output folder {out} contains the source {src}; choose another -o")
-
-
-# ---------------------------------------------------------------------------- the lock
-
-
-class WriterLock:
-    """`<folder>/.packer.lock`: flock(2) on a file holding {"pid", "host", "since"}. Unlinked
-    (still locked) on release; a taker re-checks that the path still names the file it locked."""
-
-    def __init__(self, folder: Path):
-        self.path = Path(folder) / LOCK_NAME
-        self.fd: int | None = None
-        self.note: str | None = None
-
-    def acquire(self) -> None:
-        for _ in range(50):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                flocked = self._try_lock(fd)
-                if self._still_linked(fd):
-                    self._take(fd, flocked)
-                    return
-            except BaseException:
-                os.close(fd)
-                raise
-            os.close(fd)
-        raise OutputError(f"cannot take the lock {self.path}: it keeps changing; retry")
-
-    def _try_lock(self, fd: int) -> bool:
-        """True once flock(2) is held; False where the file system has no flock; OutputError if busy."""
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            raise OutputError(f"{self.path.parent} is being written by another packer run ({_holder(fd)}); "
-                              "wait for it to finish, or choose another -o") from None
-        except OSError as e:  # a file system without flock: the pid check in _take decides
-            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                return False
-            raise
-
-    def _still_linked(self, fd: int) -> bool:
-        try:
-            return os.fstat(fd).st_ino == os.stat(self.path).st_ino
-        except FileNotFoundError:
-            return False
-
-    def _take(self, fd: int, flocked: bool) -> None:
-        """Write our details; a lock file left by a dead run on this host is taken over with a note
-        (with flock held its holder is gone, whatever its pid now names; without flock the pid decides)."""
-        old = _read_holder(fd)
-        if old:
-            host, pid = old.get("host"), old.get("pid")
-            if host != socket.gethostname():
-                raise OutputError(f"{self.path} was left by pid {pid} on host {host}; if no packer runs there, "
-                                  "delete that file and rerun")
-            if not flocked and isinstance(pid, int) and _alive(pid) and pid != os.getpid():
-                raise OutputError(f"{self.path.parent} is being written by another packer run "
-                                  f"(pid {pid} on host {host}); wait for it to finish, or choose another -o")
-            self.note = f"took over the lock of an interrupted run (pid {pid} on this host, no longer running)"
-            log.warning(self.note)
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        with contextlib.suppress(OSError):
-            if self._still_linked(self.fd):
-                self.path.unlink()
-        os.close(self.fd)
-        self.fd = None
-
-
-def _read_holder(fd: int, tries: int = 1) -> dict:
-    for _ in range(tries):  # a holder writes its details right after locking
-        with contextlib.suppress(OSError, ValueError):
-            if isinstance(d := json.loads(os.pread(fd, 4096, 0) or b"{}"), dict) and d:
-                return d
-        time.sleep(0.01 if tries > 1 else 0)
-    return {}
-
-
-def _holder(fd: int) -> str:
-    d = _read_holder(fd, tries=20)
-    return f"pid {d.get('pid')} on host {d.get('host')}, since {d.get('since')}" if d else "starting up"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        pass
-    return True
 
 
 # ----------------------------------------------------------------- what packer wrote
@@ -363,6 +259,8 @@ def output_folder(out: str | os.PathLike, *, source: Path | None = None, hint: s
         root.mkdir(parents=True, exist_ok=True)
         folder = OutputFolder(root)
         folder.lock.acquire()
+    except LockError as e:
+        raise OutputError(str(e)) from None
     except OSError as e:
         raise OutputError(f"cannot write to output folder {root}: {e.strerror or e}") from None
     if folder.lock.note:

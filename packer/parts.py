@@ -227,7 +227,7 @@ def _merge_split(dest: Path, split: str, folders: list[Path], manifests: list[Ma
         info = m.splits[split]
         rel = d.relative_to(dest).as_posix()
         try:
-            la = LabelArrays.load(d / info.labels)
+            la = LabelArrays.load(d / info.labels, num_classes=len(m.names), num_shards=len(info.shards))
         except (FormatError, FileNotFoundError) as e:
             raise PartsError(f"part {i} of {n} ({rel}): {split} label arrays unreadable: {e}") from None
         if len(la) != info.num_samples:

@@ -10,17 +10,16 @@ in a shard fails the sha256 check.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from packer.format import FormatError, LabelArrays, Manifest, read_manifest, sha256_file
+from packer.format import FormatError, LabelArrays, Manifest, sha256_file
+from packer.storage.location import DatasetLocation
 from packer.writers import make_index, open_reader
 
 
@@ -41,41 +40,6 @@ class VerifyResult:
                 "checked_records": self.checked_records, "decoded_images": self.decoded_images}
 
 
-class _LocalFiles:
-    """Files of a packed folder, handed out as local paths (None when absent)."""
-
-    def __init__(self, root: Path):
-        self.root = root
-
-    def manifest(self) -> Manifest:
-        return read_manifest(self.root)
-
-    @contextlib.contextmanager
-    def local(self, rel: str | None) -> Iterator[Path | None]:
-        p = self.root / rel if rel else None
-        yield p if p is not None and p.is_file() else None
-
-
-class _RemoteFiles:
-    """Files of a dataset at a URL, each fetched into a temp file for the checks, then dropped."""
-
-    def __init__(self, url: str, storage_options: dict[str, Any] | None):
-        from packer.remote import get_fs
-
-        self.url, self.so = url, storage_options
-        self.fs, self.root = get_fs(url, storage_options)
-
-    def manifest(self) -> Manifest:
-        from packer.remote import open_manifest
-
-        return open_manifest(self.url, self.so)
-
-    def local(self, rel: str | None):  # noqa: ANN201 - context manager
-        from packer.remote import fetched
-
-        return fetched(self.fs, self.root, rel)
-
-
 def verify_dataset(
     root: str | os.PathLike, *, deep: bool = False, progress: bool = False, storage_options: dict[str, Any] | None = None
 ) -> VerifyResult:
@@ -84,14 +48,8 @@ def verify_dataset(
 
     A missing or invalid manifest raises FormatError (the folder is not a complete dataset).
     """
-    from packer.remote import display_url, is_url
-
-    if is_url(root):
-        files: Any = _RemoteFiles(str(root), storage_options)
-        res = VerifyResult(display_url(str(root)))
-    else:
-        files = _LocalFiles(Path(root))
-        res = VerifyResult(Path(root))
+    files = DatasetLocation(root, storage_options)
+    res = VerifyResult(files.display if files.remote else Path(root))
     manifest = files.manifest()
     from tqdm import tqdm
 
@@ -102,24 +60,9 @@ def verify_dataset(
     return res
 
 
-def _verify_split(files: Any, m: Manifest, split: str, deep: bool, res: VerifyResult, bar) -> None:
+def _verify_split(files: DatasetLocation, m: Manifest, split: str, deep: bool, res: VerifyResult, bar) -> None:
     info = m.splits[split]
-    try:
-        with files.local(info.labels) as lp:
-            if lp is None:
-                raise FileNotFoundError(f"{info.labels} not found")
-            labels = LabelArrays.load(lp)
-    except (FormatError, FileNotFoundError) as e:
-        res.errors.append(f"{split}: label arrays unreadable: {e}")
-        labels = None
-    if labels is not None:
-        if len(labels) != info.num_samples:
-            res.errors.append(f"{split}: labels.npz has {len(labels)} samples, manifest says {info.num_samples}")
-        counts = np.bincount(labels.cls, minlength=len(m.names))[: len(m.names)].tolist() if len(labels.cls) else [0] * len(m.names)
-        if counts != info.class_counts or len(labels.cls) != info.num_boxes:
-            res.errors.append(f"{split}: class counts in labels.npz differ from the manifest")
-        if labels.cls.size and (labels.cls.min() < 0 or labels.cls.max() >= len(m.names)):
-            res.errors.append(f"{split}: labels.npz holds class ids outside 0..{len(m.names) - 1}")
+    labels = _split_labels(files, m, split, res)
     by_shard = _positions(labels) if labels is not None else {}
 
     for n, sh in enumerate(info.shards):
@@ -146,6 +89,23 @@ def _verify_split(files: Any, m: Manifest, split: str, deep: bool, res: VerifyRe
                 except (FormatError, OSError) as e:
                     res.errors.append(f"{sh.index}: cannot recompute index from {sh.path}: {e}")
             _verify_records(m.format, path, sh.path, sh.num_samples, labels, by_shard.get(n, {}), deep, res, bar)
+
+
+def _split_labels(files: DatasetLocation, m: Manifest, split: str, res: VerifyResult) -> LabelArrays | None:
+    """The split's label arrays (class ids and shard numbers checked on load), compared with the
+    manifest's counts; None (and an error) when they cannot be read."""
+    info = m.splits[split]
+    try:
+        labels = files.labels(split, check_count=False)
+    except FormatError as e:
+        res.errors.append(f"{split}: label arrays unreadable: {e}")
+        return None
+    if len(labels) != info.num_samples:
+        res.errors.append(f"{split}: labels.npz has {len(labels)} samples, manifest says {info.num_samples}")
+    counts = np.bincount(labels.cls, minlength=len(m.names))[: len(m.names)].tolist() if len(labels.cls) else [0] * len(m.names)
+    if counts != info.class_counts or len(labels.cls) != info.num_boxes:
+        res.errors.append(f"{split}: class counts in labels.npz differ from the manifest")
+    return labels
 
 
 def _positions(labels: LabelArrays) -> dict[int, dict[int, int]]:

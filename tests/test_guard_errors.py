@@ -21,7 +21,7 @@ from packer.build import build_dataset
 from packer.convert import convert_dataset
 from packer.format import FORMATS, MANIFEST_NAME
 from packer.output import WriteFailed
-from packer.transfer import pull
+from packer.storage.pull import pull
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "samples" / "coco"
@@ -135,7 +135,7 @@ from pathlib import Path
 from packer.build import build_dataset
 from packer.convert import convert_dataset
 from packer.output import WriteFailed
-from packer.transfer import pull
+from packer.storage.pull import pull
 src, dataset, url, tmp = sys.argv[1:]
 got = []
 for fmt in ("tfrecord", "wds", "lmdb"):
@@ -193,8 +193,8 @@ def _closed_port() -> int:
 
 def test_unreachable_endpoint_is_one_line_without_secrets(dataset, tmp_path, monkeypatch):
     pytest.importorskip("s3fs")
-    from packer.remote import RemoteError
-    from packer.transfer import push
+    from packer.storage.fs import RemoteError
+    from packer.storage.push import push
 
     port = _closed_port()
     so = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "AKIATESTKEY123", "secret": MARKER,

@@ -115,7 +115,7 @@ def test_packer_never_writes_over_a_file_it_did_not_write(tmp_path):
 
 
 def _push_file_url(tmp_path: Path, out: Path) -> str:
-    from packer.transfer import push
+    from packer.storage.push import push
 
     url = (tmp_path / "store" / "ds").as_uri()
     push(out, url)
@@ -123,8 +123,8 @@ def _push_file_url(tmp_path: Path, out: Path) -> str:
 
 
 def test_pull_follows_the_build_rules(tmp_path):
-    from packer.remote import RemoteError
-    from packer.transfer import pull
+    from packer.storage.fs import RemoteError
+    from packer.storage.pull import pull
 
     a, b = tmp_path / "a", tmp_path / "b"
     build_dataset(SRC, a, fmt="wds", **OPTS)
@@ -178,7 +178,7 @@ def test_two_concurrent_overwrite_runs_never_both_succeed(tmp_path):
         second = _packer(*cmd[1:])
         line = _one_line_error(second, 2)
         assert f"pid {first.pid}" in line and socket.gethostname() in line
-        from packer.transfer import pull
+        from packer.storage.pull import pull
 
         src = tmp_path / "conv-src"
         build_dataset(SRC, src, fmt="wds", **OPTS)
@@ -235,7 +235,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
 
 def test_split_names_never_leave_the_output_folder(tmp_path):
     from packer.parts import merge_parts
-    from packer.transfer import pull
+    from packer.storage.pull import pull
 
     r = _packer("build", SRC, "-o", tmp_path / "o1", "--splits", "../../x")
     assert "invalid split name" in _one_line_error(r, 2) and not (tmp_path / "o1").exists()

@@ -13,23 +13,15 @@ import pytest
 from packer.build import build_dataset
 from packer.cli import main
 from packer.format import MANIFEST_NAME, LabelArrays, read_manifest
-from packer.remote import (
-    CacheFullError,
-    ChecksumError,
-    RemoteError,
-    cache_shards,
-    fetch_labels,
-    get_fs,
-    is_transient,
-    open_manifest,
-    open_stream,
-    redact,
-    retry,
-)
-from packer.transfer import pull, push
+from packer.storage.files import open_stream
+from packer.storage.fs import ChecksumError, RemoteError, get_fs, is_transient, redact, retry
+from packer.storage.location import fetch_labels, open_manifest
+from packer.storage.pull import pull
+from packer.storage.push import push
 from packer.verify import verify_dataset
 from tests import _servers
 from tests._servers import http_files
+from trainer.data.shard_cache import CacheFullError, cache_shards
 
 s3_server = _servers.s3_server  # fixtures: a moto S3 server for the module's tests, its env credentials
 s3_env = _servers.s3_env

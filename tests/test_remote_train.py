@@ -20,11 +20,11 @@ import yaml
 
 from packer.build import build_dataset
 from packer.format import INDEX_SUFFIX, read_manifest
-from packer.remote import url_key
-from packer.transfer import push
+from packer.storage.push import push
 from tests import _servers
 from tests._servers import _RangeHandler, _serving, _wait_ready, http_files
 from trainer.data import DataError, make_loader
+from trainer.data.shard_cache import url_key
 from trainer.data.split import batches_per_rank, epoch_shards, rank_segments
 from trainer.engine import TrainConfig, TrainError, train
 
@@ -262,9 +262,9 @@ def _assert_no_secret(out: Path, logs: str) -> None:
 def test_corrupt_remote_shard_is_refused(packs, s3_server, tmp_path, monkeypatch):
     """A remote shard whose bytes differ from the manifest: the cached path refuses to train on it
     (clear message, nothing cached); --verify catches it on the streaming path too."""
-    import packer.remote
+    import time
 
-    monkeypatch.setattr(packer.remote.time, "sleep", lambda s: None)  # skip the retry backoff, not the retries
+    monkeypatch.setattr(time, "sleep", lambda s: None)  # skip the retry backoff, not the retries
     src = tmp_path / "srv"
     for fmt in ("tfrecord", "wds"):
         shutil.copytree(packs[fmt], src / fmt)
@@ -283,12 +283,13 @@ def test_corrupt_remote_shard_is_refused(packs, s3_server, tmp_path, monkeypatch
 
 
 def test_bad_url_and_options_are_one_line_errors(tmp_path, monkeypatch):
+    import time
+
     from click.testing import CliRunner
 
-    import packer.remote
     from trainer.run import main
 
-    monkeypatch.setattr(packer.remote.time, "sleep", lambda s: None)  # the refused connection is retried
+    monkeypatch.setattr(time, "sleep", lambda s: None)  # the refused connection is retried
     r = CliRunner().invoke(main, ["s3://b/p", "--storage-options", "{not json"])
     assert r.exit_code == 2 and "--storage-options must be a JSON object" in r.output
     r = CliRunner().invoke(main, ["http://127.0.0.1:9/ds", "--device", "cpu", "--out", str(tmp_path / "r")])

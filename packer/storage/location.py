@@ -1,0 +1,137 @@
+"""`DatasetLocation`: a packed dataset in a local folder or at a URL, behind one interface.
+
+Every reader of a packed dataset (verify, info, pull, push's source, the trainer's remote
+path) asks it for the manifest (its exact bytes, parsed by `format.parse_manifest`), a
+split's label arrays (checked against the manifest's class and shard counts) or a file as
+a local path: the file itself for a folder, a temporary download for a URL. None of them
+branches on local-vs-URL itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from packer.format import LABELS_NAME, MANIFEST_NAME, FormatError, LabelArrays, Manifest, parse_manifest
+from packer.schema import MANIFEST_MAX_BYTES
+from packer.storage.files import fetched, read_bytes
+from packer.storage.fs import DEFAULT_ATTEMPTS, RemoteError, display_url, get_fs, is_url, join, redact
+
+
+class DatasetLocation:
+    """A packed dataset at `where`: a folder, or a URL (s3://, gs://, http(s)://, file://, ...).
+
+    `filesystem` replaces the fsspec filesystem made from a URL (tests inject faults this way);
+    `attempts` bounds the retries of each remote read. The manifest is read once and kept
+    (`manifest`: one the caller already read from there).
+    """
+
+    def __init__(self, where: str | os.PathLike, storage_options: dict[str, Any] | None = None, *,
+                 attempts: int = DEFAULT_ATTEMPTS, filesystem: Any = None, manifest: Manifest | None = None):
+        self.where = str(where)
+        self.storage_options = dict(storage_options or {})
+        self.attempts = attempts
+        self.remote = filesystem is not None or is_url(self.where)
+        self.display = display_url(self.where) if self.remote else str(Path(self.where))
+        self.path = None if self.remote else Path(self.where)  # a folder: its files are used in place
+        if filesystem is not None:
+            self.fs, self.root = filesystem, filesystem._strip_protocol(self.where).rstrip("/")
+        else:  # a folder too, for writers (push to a plain path)
+            self.fs, self.root = get_fs(self.where, self.storage_options)
+        self._bytes: bytes | None = None
+        self._manifest = manifest
+
+    def where_of(self, rel: str) -> str:
+        """`rel`'s place for messages (no credentials)."""
+        return f"{self.display}/{rel}" if self.path is None else str(self.path / rel)
+
+    def manifest_bytes(self) -> bytes:
+        """The manifest's exact bytes (push/pull copy them unchanged); FormatError if there is none
+        (not a dataset, or its build/upload did not finish), RemoteError if storage fails."""
+        if self._bytes is None:
+            self._bytes = self._read_local_manifest() if self.path is not None else self._read_remote_manifest()
+        return self._bytes
+
+    def _read_local_manifest(self) -> bytes:
+        assert self.path is not None
+        path = self.path / MANIFEST_NAME
+        if not path.is_file():
+            raise FormatError(f"{path} not found: not a packed dataset, or its build did not finish")
+        try:
+            with open(path, "rb") as f:
+                return f.read(MANIFEST_MAX_BYTES + 1)  # never more: a huge file is refused, not loaded
+        except OSError as e:
+            raise FormatError(f"{path}: cannot read ({e.strerror})") from None
+
+    def _read_remote_manifest(self) -> bytes:
+        try:
+            return read_bytes(self.fs, join(self.root, MANIFEST_NAME), self.attempts, limit=MANIFEST_MAX_BYTES)
+        except FileNotFoundError:
+            raise FormatError(f"{self.where_of(MANIFEST_NAME)} not found: not a packed dataset, "
+                              "or its build/upload did not finish") from None
+        except Exception as e:
+            raise RemoteError(f"cannot read {self.where_of(MANIFEST_NAME)}: "
+                              f"{redact(str(e), self.storage_options)}") from None
+
+    def manifest(self) -> Manifest:
+        """The validated manifest (FormatError naming the location if it is absent or invalid)."""
+        if self._manifest is None:
+            self._manifest = parse_manifest(self.manifest_bytes(), self.where_of(MANIFEST_NAME))
+        return self._manifest
+
+    def labels(self, split: str, *, check_count: bool = True) -> LabelArrays:
+        """`split`'s label arrays, checked against the contract and the manifest's class and shard
+        counts (and, with `check_count`, its sample count); FormatError if absent or wrong."""
+        m = self.manifest()
+        if split not in m.splits:
+            raise FormatError(f"{self.display} has no split {split!r} (it has {', '.join(m.splits)})")
+        info = m.splits[split]
+        where = self.where_of(info.labels)
+        if self.path is not None:
+            src: Any = self.path / info.labels
+        else:
+            try:
+                src = io.BytesIO(read_bytes(self.fs, join(self.root, info.labels), self.attempts))
+            except FileNotFoundError:
+                raise FormatError(f"{where} not found") from None
+        try:
+            la = LabelArrays.load(src, num_classes=len(m.names), num_shards=len(info.shards))
+        except FormatError as e:
+            if self.path is not None:
+                raise
+            # read from memory, the message names "labels.npz": name the URL instead
+            raise FormatError(f"{where}: {str(e).removeprefix(f'{LABELS_NAME}: ')}") from None
+        if check_count and len(la) != info.num_samples:
+            raise FormatError(f"{where}: {len(la)} samples, the manifest says {info.num_samples}")
+        return la
+
+    @contextlib.contextmanager
+    def local(self, rel: str | None) -> Iterator[Path | None]:
+        """`rel` as a local file for the block: the file itself in a folder, a temporary download
+        of a URL's (removed afterwards); None when `rel` is None or the file is absent."""
+        if self.path is not None:
+            p = self.path / rel if rel else None
+            yield p if p is not None and p.is_file() else None
+            return
+        with fetched(self.fs, self.root, rel) as p:
+            yield p
+
+
+def open_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Manifest:
+    """The validated manifest of the dataset at `url` (or folder); FormatError if absent."""
+    return DatasetLocation(url, storage_options).manifest()
+
+
+def fetch_labels(url: str, split: str, storage_options: dict[str, Any] | None = None,
+                 manifest: Manifest | None = None) -> LabelArrays:
+    """The label arrays of `split` read straight from `<url>/<split>/labels.npz` (no local copy);
+    RemoteError if the dataset has no such split."""
+    loc = DatasetLocation(url, storage_options, manifest=manifest)
+    m = loc.manifest()
+    if split not in m.splits:
+        raise RemoteError(f"{loc.display} has no split {split!r} (it has {', '.join(m.splits)})")
+    return loc.labels(split)

@@ -1,0 +1,117 @@
+"""What `packer push` and `packer pull` share: the file list of a dataset, the result, the checks.
+
+Both directions copy the files the manifest names (label arrays, shards, index files, plus
+report.json), then the manifest itself, last: a reader never sees a half-copied dataset as
+complete. Files already at the destination are skipped when their size and sha256 match
+(shards: the manifest's sha256; other files: the source's, hashed streaming); everything
+copied is checked against the manifest; transient network errors are retried with bounded
+backoff. Interrupted and run again, a transfer sends only what is still missing or different.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from packer.format import REPORT_NAME, FormatError, LabelArrays, Manifest, sha256_file
+from packer.storage.fs import ChecksumError, retry
+
+
+@dataclass
+class FileEntry:
+    """One file of a dataset; `sha256`/`bytes` are known for shards (from the manifest)."""
+
+    rel: str
+    kind: str  # "shard", "index", "labels", "report"
+    bytes: int | None = None
+    sha256: str | None = None
+    shard: str | None = None  # for an index: its shard's rel path
+
+
+@dataclass
+class TransferResult:
+    src: str
+    dst: str
+    files: int = 0
+    copied: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    bytes_copied: int = 0
+    bytes_total: int = 0
+    retries: int = 0
+    elapsed_s: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["elapsed_s"] = round(self.elapsed_s, 3)
+        d["mb_per_s"] = round(self.bytes_copied / 1e6 / self.elapsed_s, 2) if self.elapsed_s > 0 else None
+        return d
+
+    def retrying(self, attempts: int, fn: Callable[[], Any]) -> Any:
+        """`fs.retry(fn)`, counting the retries in this result."""
+
+        def note(_e: BaseException, _k: int) -> None:
+            self.retries += 1
+
+        return retry(fn, attempts=attempts, on_retry=note)
+
+
+def dataset_files(m: Manifest, with_report: bool = True) -> list[FileEntry]:
+    """The files of a packed dataset in copy order (the manifest is not listed: it goes last)."""
+    out: list[FileEntry] = []
+    for s in m.splits.values():
+        out.append(FileEntry(s.labels, "labels"))
+        for sh in s.shards:
+            out.append(FileEntry(sh.path, "shard", sh.bytes, sh.sha256))
+            if sh.index:
+                out.append(FileEntry(sh.index, "index", shard=sh.path))
+    if with_report:
+        out.append(FileEntry(REPORT_NAME, "report"))
+    return out
+
+
+def byte_bar(total: int, enabled: bool, desc: str):  # noqa: ANN201 - tqdm
+    """The progress bar of a transfer, in bytes."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not enabled,
+                dynamic_ncols=True)
+
+
+def format_transfer_summary(s: dict[str, Any], verb: str) -> str:
+    """The lines printed after push/pull."""
+    rate = f", {s['mb_per_s']:.1f} MB/s" if s.get("mb_per_s") else ""
+    return "\n".join([
+        f"{verb} {s['src']} -> {s['dst']}",
+        f"  files   {len(s['copied'])} copied, {len(s['skipped'])} already there (size+sha256 match), {s['files']} in all",
+        f"  bytes   {s['bytes_copied'] / 1e6:.1f} MB copied of {s['bytes_total'] / 1e6:.1f} MB{rate}",
+        f"  retries {s['retries']}, time {s['elapsed_s']:.1f} s",
+    ])
+
+
+def check_file(m: Manifest, root: Path, f: FileEntry, path: Path | None = None) -> None:
+    """Raise ChecksumError unless the local file agrees with the manifest: shards by size and
+    sha256, index files by the index recomputed from their shard (already at `root`), label
+    arrays by the contract and their sample and box counts. report.json has no reference and passes."""
+    from packer.writers import make_index
+
+    path = path or root / f.rel
+    if f.kind == "shard":
+        if path.stat().st_size != f.bytes or sha256_file(path) != f.sha256:
+            raise ChecksumError(f"{f.rel}: size or sha256 differs from the manifest")
+    elif f.kind == "index":
+        try:
+            ok = path.read_bytes() == make_index(m.format, root / f.shard)
+        except (OSError, FormatError):
+            ok = False
+        if not ok:
+            raise ChecksumError(f"{f.rel}: does not match the index recomputed from {f.shard}")
+    elif f.kind == "labels":
+        split = next(s for s in m.splits.values() if s.labels == f.rel)
+        try:
+            la = LabelArrays.load(path, num_classes=len(m.names), num_shards=len(split.shards))
+        except FormatError as e:
+            raise ChecksumError(f"{f.rel}: {e}") from None
+        if len(la) != split.num_samples or len(la.cls) != split.num_boxes:
+            raise ChecksumError(f"{f.rel}: sample/box counts differ from the manifest")
