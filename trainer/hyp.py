@@ -29,8 +29,8 @@ APPLIED: dict[str, tuple[str, ...]] = {
     "run": ("seed", "workers", "fraction"),
 }
 APPLIED_KEYS = tuple(k for keys in APPLIED.values() for k in keys)
-# our own options that ultralytics lacks (loader, amp, verify, ...) may sit in the same file
-_OWN_ONLY = ("plots", "loader", "amp", "train_split", "val_split", "verify", "cache_dir", "cache_max_bytes", "tensorboard")
+# our own options that ultralytics lacks (loader, verify, ...) may sit in the same file; `plots` means the same in both
+_OWN_ONLY = ("plots", "loader", "train_split", "val_split", "verify", "cache_dir", "cache_max_bytes", "tensorboard")
 
 
 @cache
