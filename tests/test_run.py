@@ -148,10 +148,15 @@ def test_resume_config_keeps_checkpoint_options():
     from trainer.engine import TrainConfig, resume_config
 
     ckpt_args = {**TrainConfig(shards="a", epochs=7, batch=8, imgsz=256, workers=2).__dict__, "extra": 1}
-    cfg, ignored = resume_config(TrainConfig(resume="x.pt", workers=4, epochs=9), ckpt_args)
+    cfg, ignored = resume_config(TrainConfig(resume="x.pt", workers=4, batch=32), ckpt_args)
     assert (cfg.epochs, cfg.batch, cfg.imgsz, cfg.shards, cfg.resume) == (7, 8, 256, "a", "x.pt")
     assert cfg.workers == 4  # allowed to change on resume
-    assert ignored == ["epochs"]
+    assert ignored == ["batch"]
+    # epochs may change (a larger total extends the run); `given` counts an option set to its default value too
+    cfg, ignored = resume_config(TrainConfig(resume="x.pt", epochs=100, batch=16), ckpt_args, given={"epochs", "batch"})
+    assert (cfg.epochs, cfg.batch, ignored) == (100, 8, ["batch"])
+    cfg, _ = resume_config(TrainConfig(resume="x.pt", epochs=100), ckpt_args, given=set())
+    assert cfg.epochs == 7
 
 
 class _SlowLoader:
