@@ -49,7 +49,7 @@ def test_resuming_a_finished_run_without_more_epochs_is_refused(finished_run):
 def test_larger_epochs_extends_with_schedule_ema_and_optimizer_carried(finished_run):
     shards, out, before = finished_run
     last = out / "weights" / "last.pt"
-    r = CliRunner().invoke(main, ["--resume", str(last), "--epochs", "3"])
+    r = CliRunner().invoke(main, ["--resume", str(last), "--epochs", "3", "--plots"])  # plots may change on resume
     assert r.exit_code == 0, r.output[-3000:]
     assert "training to 3 epochs instead of 2" in r.output and "epoch 3 of 3" in r.output
 
@@ -68,6 +68,9 @@ def test_larger_epochs_extends_with_schedule_ema_and_optimizer_carried(finished_
     momentum = [s["momentum_buffer"] for s in ck["optimizer"]["state"].values() if "momentum_buffer" in s]
     assert momentum, "SGD momentum buffers carried in the optimizer state"
     assert yaml.safe_load((out / "args.yaml").read_text())["epochs"] == 3
+    # the end-of-run plots validate the best weights, read from best.pt when no extension epoch beats them
+    assert "plots of the best weights' validation" in r.output
+    assert (out / "confusion_matrix.png").is_file() and (out / "BoxPR_curve.png").is_file()
 
 
 def test_resume_epochs_are_still_validated(finished_run):

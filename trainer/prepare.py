@@ -226,6 +226,11 @@ class PreparedRun:
         self.best_fitness = ck.get("best_fitness")
         self.stopper.__dict__.update(ck.get("stopper") or {})
         set_rng_state(ck.get("rng"))
+        # the final plots validate the best weights, which may come from before the resume: every rank reads them,
+        # or none does, so that the final validation stays collective
+        if self.cfg.plots and self.val_loader is not None and min(self.d.gather(int(self.rec.best.is_file()))):
+            best = torch.load(self.rec.best, map_location="cpu", weights_only=False)  # our own checkpoint
+            self.best_state = best["ema"].float().state_dict()
         if self.d.rank:  # each rank continues its own stream, as in a fresh run
             seed_all(self.cfg.seed + 1 + self.d.rank + self.start_epoch)
         self.log(f"resuming from {self.cfg.resume}: epoch {self.start_epoch + 1} of {self.cfg.epochs}")
