@@ -11,7 +11,6 @@ in a shard fails the sha256 check.
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,32 +47,29 @@ def verify_dataset(
 
     A missing or invalid manifest raises FormatError (the folder is not a complete dataset).
     """
-    files = DatasetLocation(root, storage_options)
-    res = VerifyResult(files.display if files.remote else Path(root))
-    manifest = files.manifest()
+    loc = DatasetLocation(root, storage_options)
+    res = VerifyResult(loc.display if loc.remote else Path(root))
+    manifest = loc.manifest()
     from tqdm import tqdm
 
     total = sum(s.num_samples for s in manifest.splits.values())
     with tqdm(total=total, unit="rec", desc="verifying", disable=not progress) as bar:
         for split in manifest.splits:
-            _verify_split(files, manifest, split, deep, res, bar)
+            _verify_split(loc, manifest, split, deep, res, bar)
     return res
 
 
-def _verify_split(files: DatasetLocation, m: Manifest, split: str, deep: bool, res: VerifyResult, bar) -> None:
+def _verify_split(loc: DatasetLocation, m: Manifest, split: str, deep: bool, res: VerifyResult, bar) -> None:
     info = m.splits[split]
-    labels = _split_labels(files, m, split, res)
+    labels = _split_labels(loc, m, split, res)
     by_shard = _positions(labels) if labels is not None else {}
 
     for n, sh in enumerate(info.shards):
         res.checked_shards += 1
-        with files.local(sh.path) as path, files.local(sh.index) as idx:
+        with loc.local_shard(sh) as (path, idx):
             if path is None:
                 res.errors.append(f"{sh.path}: missing")
                 continue
-            if sh.index and idx is not None and idx.parent != path.parent:
-                # readers find the index next to the shard
-                idx = Path(shutil.copy(idx, path.parent / Path(sh.index).name))
             size = path.stat().st_size
             if size != sh.bytes:
                 res.errors.append(f"{sh.path}: {size} bytes, manifest says {sh.bytes}")
@@ -91,12 +87,12 @@ def _verify_split(files: DatasetLocation, m: Manifest, split: str, deep: bool, r
             _verify_records(m.format, path, sh.path, sh.num_samples, labels, by_shard.get(n, {}), deep, res, bar)
 
 
-def _split_labels(files: DatasetLocation, m: Manifest, split: str, res: VerifyResult) -> LabelArrays | None:
+def _split_labels(loc: DatasetLocation, m: Manifest, split: str, res: VerifyResult) -> LabelArrays | None:
     """The split's label arrays (class ids and shard numbers checked on load), compared with the
     manifest's counts; None (and an error) when they cannot be read."""
     info = m.splits[split]
     try:
-        labels = files.labels(split, check_count=False)
+        labels = loc.labels(split, check_count=False)
     except FormatError as e:
         res.errors.append(f"{split}: label arrays unreadable: {e}")
         return None

@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -172,19 +172,3 @@ def remote_sizes(fs, root: str, rels: list[str], attempts: int = DEFAULT_ATTEMPT
             if size is not None:
                 out[r] = int(size)
     return out
-
-
-@contextlib.contextmanager
-def fetched(fs, root: str, rel: str | None) -> Iterator[Path | None]:  # noqa: ANN001
-    """A temporary local copy of `root/rel` for the duration of the block (None if absent)."""
-    if rel is None:
-        yield None
-        return
-    with tempfile.TemporaryDirectory(prefix="packer-fetch-") as d:
-        dest = Path(d) / rel.rsplit("/", 1)[-1]
-        try:
-            retry(lambda: download(fs, join(root, rel), dest))
-        except FileNotFoundError:
-            yield None
-            return
-        yield dest

@@ -106,11 +106,16 @@ def redact(text: str, storage_options: dict[str, Any] | None = None) -> str:
 def get_fs(url: str | os.PathLike, storage_options: dict[str, Any] | None = None):  # noqa: ANN201 - fsspec type
     """(filesystem, path without protocol and trailing slash) for a URL or a local path.
 
-    A fresh filesystem each call (no fsspec instance cache), so listings are never stale.
+    A fresh filesystem each call (no fsspec instance cache), so listings are never stale. A
+    local path is taken as it is (never parsed as a URL chain: "a::b" is a folder name).
     """
     import fsspec
 
     url = str(url)
+    if not is_url(url):
+        from fsspec.implementations.local import LocalFileSystem
+
+        return LocalFileSystem(), Path(os.path.abspath(url)).as_posix()
     so = dict(storage_options or {})
     try:
         fs, path = fsspec.core.url_to_fs(url, skip_instance_cache=True, **so)

@@ -12,14 +12,23 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from packer.format import LABELS_NAME, MANIFEST_NAME, FormatError, LabelArrays, Manifest, parse_manifest
+from packer.format import (
+    LABELS_NAME,
+    MANIFEST_NAME,
+    FormatError,
+    LabelArrays,
+    Manifest,
+    ShardInfo,
+    parse_manifest,
+)
 from packer.schema import MANIFEST_MAX_BYTES
-from packer.storage.files import fetched, read_bytes
-from packer.storage.fs import DEFAULT_ATTEMPTS, RemoteError, display_url, get_fs, is_url, join, redact
+from packer.storage.files import download, read_bytes
+from packer.storage.fs import DEFAULT_ATTEMPTS, RemoteError, display_url, get_fs, is_url, join, redact, retry
 
 
 class DatasetLocation:
@@ -51,31 +60,23 @@ class DatasetLocation:
 
     def manifest_bytes(self) -> bytes:
         """The manifest's exact bytes (push/pull copy them unchanged); FormatError if there is none
-        (not a dataset, or its build/upload did not finish), RemoteError if storage fails."""
-        if self._bytes is None:
-            self._bytes = self._read_local_manifest() if self.path is not None else self._read_remote_manifest()
-        return self._bytes
-
-    def _read_local_manifest(self) -> bytes:
-        assert self.path is not None
-        path = self.path / MANIFEST_NAME
-        if not path.is_file():
-            raise FormatError(f"{path} not found: not a packed dataset, or its build did not finish")
+        (not a dataset, or its build/upload did not finish) or a folder's cannot be read, RemoteError
+        if storage fails. At most MANIFEST_MAX_BYTES + 1 are read: a huge file is refused, not loaded."""
+        if self._bytes is not None:
+            return self._bytes
+        where = self.where_of(MANIFEST_NAME)
         try:
-            with open(path, "rb") as f:
-                return f.read(MANIFEST_MAX_BYTES + 1)  # never more: a huge file is refused, not loaded
+            self._bytes = read_bytes(self.fs, join(self.root, MANIFEST_NAME), self.attempts, limit=MANIFEST_MAX_BYTES)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise FormatError(f"{where} not found: not a packed dataset, or its "
+                              f"{'build/upload' if self.remote else 'build'} did not finish") from None
         except OSError as e:
-            raise FormatError(f"{path}: cannot read ({e.strerror})") from None
-
-    def _read_remote_manifest(self) -> bytes:
-        try:
-            return read_bytes(self.fs, join(self.root, MANIFEST_NAME), self.attempts, limit=MANIFEST_MAX_BYTES)
-        except FileNotFoundError:
-            raise FormatError(f"{self.where_of(MANIFEST_NAME)} not found: not a packed dataset, "
-                              "or its build/upload did not finish") from None
+            if self.path is not None:
+                raise FormatError(f"{where}: cannot read ({e.strerror or e})") from None
+            raise RemoteError(f"cannot read {where}: {redact(str(e), self.storage_options)}") from None
         except Exception as e:
-            raise RemoteError(f"cannot read {self.where_of(MANIFEST_NAME)}: "
-                              f"{redact(str(e), self.storage_options)}") from None
+            raise RemoteError(f"cannot read {where}: {redact(str(e), self.storage_options)}") from None
+        return self._bytes
 
     def manifest(self) -> Manifest:
         """The validated manifest (FormatError naming the location if it is absent or invalid)."""
@@ -113,12 +114,35 @@ class DatasetLocation:
     def local(self, rel: str | None) -> Iterator[Path | None]:
         """`rel` as a local file for the block: the file itself in a folder, a temporary download
         of a URL's (removed afterwards); None when `rel` is None or the file is absent."""
-        if self.path is not None:
-            p = self.path / rel if rel else None
+        if self.path is not None or rel is None:
+            p = self.path / rel if self.path is not None and rel else None
             yield p if p is not None and p.is_file() else None
             return
-        with fetched(self.fs, self.root, rel) as p:
-            yield p
+        with tempfile.TemporaryDirectory(prefix="packer-fetch-") as d:
+            yield self._fetch(rel, Path(d))
+
+    @contextlib.contextmanager
+    def local_shard(self, sh: ShardInfo, *, checked: bool = False) -> Iterator[tuple[Path | None, Path | None]]:
+        """(shard, index file) as local files for the block, the index next to its shard where the
+        readers look for it: in place for a folder, temporary downloads of a URL's (with `checked`,
+        ChecksumError unless the shard's size and sha256 equal the manifest's). None where absent."""
+        if self.path is not None:
+            with self.local(sh.path) as path, self.local(sh.index) as idx:
+                yield path, idx
+            return
+        with tempfile.TemporaryDirectory(prefix="packer-fetch-") as d:
+            path = self._fetch(sh.path, Path(d), sh if checked else None)
+            yield path, self._fetch(sh.index, Path(d)) if sh.index else None
+
+    def _fetch(self, rel: str, folder: Path, sh: ShardInfo | None = None) -> Path | None:
+        """Download `rel` into `folder` (checked against `sh`'s size and sha256 if given); None if absent."""
+        dest = folder / rel.rsplit("/", 1)[-1]
+        try:
+            retry(lambda: download(self.fs, join(self.root, rel), dest, sha256=sh.sha256 if sh else None,
+                                   size=sh.bytes if sh else None), attempts=self.attempts)
+        except FileNotFoundError:
+            return None
+        return dest
 
 
 def open_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Manifest:
