@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
-from trainer.data.common import DataError, default_cache_dir, default_device, open_split
+from trainer.data.common import DataError, SplitData, default_cache_dir, default_device, open_split
 from trainer.data.split import SplitError, batches_per_rank, check_args
 from trainer.data.transforms import AugmentConfig, AugmentError
 
@@ -111,26 +111,36 @@ def make_loader(
     check_args(data.info.num_samples, world_size, rank, batch)
     batches_per_rank(data.info.num_samples, world_size, batch, train=train)  # a clear error now, not a hang later
     dev = default_device(device, rank)
-    fmt = data.fmt
     reason = "asked for"
     if loader == "auto":
-        loader, reason = auto_choice(fmt, dev, cache)
+        loader, reason = auto_choice(data.fmt, dev, cache)
         log.info("loader auto: %s (%s)", loader, reason)
-    if cache is not None and loader == "dali":
-        raise LoaderError("the decoded cache feeds the torch loader: use loader='torch' (or 'auto') with a cache")
+    common = dict(imgsz=imgsz, batch=batch, train=train, rank=rank, world_size=world_size, seed=seed,
+                  workers=workers, device=dev, augment=augment)
     if loader == "dali":
-        if fmt == "lmdb":
-            raise LoaderError("DALI has no LMDB reader: use loader='torch' (or 'auto') for LMDB shards")
-        if not dali_available():
-            raise LoaderError("nvidia-dali is not installed: use loader='torch'")
-        if torch_kwargs:
-            raise LoaderError(f"options {sorted(torch_kwargs)} apply to the torch loader only")
-        from trainer.data.dali_loader import DaliLoader
+        ld = _dali(data, cache, torch_kwargs, **common)
+    else:
+        ld = _torch(data, cache, cache_dir, torch_kwargs, **common)
+    ld.reason = reason
+    return ld
 
-        ld = DaliLoader(data, imgsz=imgsz, batch=batch, train=train, rank=rank, world_size=world_size,
-                        seed=seed, workers=workers, device=dev, augment=augment)
-        ld.reason = reason
-        return ld
+
+def _dali(data: SplitData, cache: str | None, torch_kwargs: dict, **common: Any) -> Loader:
+    if cache is not None:
+        raise LoaderError("the decoded cache feeds the torch loader: use loader='torch' (or 'auto') with a cache")
+    if data.fmt == "lmdb":
+        raise LoaderError("DALI has no LMDB reader: use loader='torch' (or 'auto') for LMDB shards")
+    if not dali_available():
+        raise LoaderError("nvidia-dali is not installed: use loader='torch'")
+    if torch_kwargs:
+        raise LoaderError(f"options {sorted(torch_kwargs)} apply to the torch loader only")
+    from trainer.data.dali_loader import DaliLoader
+
+    return DaliLoader(data, **common)
+
+
+def _torch(data: SplitData, cache: str | None, cache_dir: str | Path | None, torch_kwargs: dict,
+           **common: Any) -> Loader:
     from trainer.data.torch_loader import TorchLoader
 
     dc = None
@@ -141,10 +151,7 @@ def make_loader(
             dc = open_cache(data, cache, cache_dir)
         except CacheError as e:
             raise LoaderError(str(e)) from None
-    ld = TorchLoader(data, imgsz=imgsz, batch=batch, train=train, rank=rank, world_size=world_size, seed=seed,
-                     workers=workers, device=dev, augment=augment, cache=dc, **torch_kwargs)
-    ld.reason = reason
-    return ld
+    return TorchLoader(data, cache=dc, **common, **torch_kwargs)
 
 
 def auto_choice(fmt: str, device: torch.device, cache: str | None = None) -> tuple[str, str]:
