@@ -23,6 +23,8 @@ demo: $(STAMP)
 	$(BIN)/packer info $(DEMO)/shards
 	$(BIN)/packer verify $(DEMO)/shards
 	$(BIN)/python -m trainer.run $(DEMO)/shards --epochs 2 --imgsz 256 --batch 8 --out $(DEMO)/run --exist-ok
+	$(BIN)/packer preview $(DEMO)/shards -n 16 -o $(DEMO)/preview.jpg
+	@echo "look at: $(DEMO)/preview.jpg (packed samples) and $(DEMO)/run/train_batch0.jpg (what the model saw)"
 
 test: $(STAMP)
 	$(BIN)/ruff check .
