@@ -1,8 +1,8 @@
 """Temporary: importers switch to packer.storage / trainer.data.shard_cache.
 
-The names trainer/*, benchmarks/* and packer/preview.py import from here today, re-exported
-from where they now live. The shard cache belongs to the trainer and is loaded only on first
-use (importing trainer.data pulls in torch, which packer itself never needs).
+Exactly the names trainer/* and packer/preview.py import from here today (benchmarks/* import
+none), re-exported from where they now live. The shard cache belongs to the trainer and is
+loaded only on first use (importing trainer.data pulls in torch, which packer never needs).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from packer.storage.fs import (
 )
 from packer.storage.location import fetch_labels, open_manifest
 
-_SHARD_CACHE = ("CacheFullError", "cache_shards", "url_key")
+_SHARD_CACHE = ("cache_shards", "url_key")
 
 __all__ = ["CHUNK", "ChecksumError", "RemoteError", "display_url", "download", "fetch_labels", "get_fs",
            "hash_remote", "is_url", "join", "open_manifest", "open_stream", "parse_storage_options", "read_bytes",
