@@ -30,6 +30,9 @@ from torch import distributed as dist
 
 from trainer.offline import setup_offline
 
+# The one import-time call: the classes below subclass ultralytics', so ultralytics is imported
+# here, and this module is the user's entry point into it (`from trainer.ultralytics import
+# ShardsTrainer`); its import-time checks must already see the offline settings.
 setup_offline()
 
 from ultralytics.engine import trainer as _ul_trainer  # noqa: E402
