@@ -49,13 +49,13 @@ class WriterLock:
         raise LockError(f"cannot take the lock {self.path}: it keeps changing; retry")
 
     def _try_lock(self, fd: int) -> bool:
-        """True once flock(2) is held; False where the file system has no flock; OutputError if busy."""
+        """True once flock(2) is held; False where the file system has no flock; LockError if busy."""
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
         except BlockingIOError:
             raise LockError(f"{self.path.parent} is being written by another packer run ({_holder(fd)}); "
-                              "wait for it to finish, or choose another -o") from None
+                            "wait for it to finish, or choose another -o") from None
         except OSError as e:  # a file system without flock: the pid check in _take decides
             if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 return False
@@ -75,10 +75,10 @@ class WriterLock:
             host, pid = old.get("host"), old.get("pid")
             if host != socket.gethostname():
                 raise LockError(f"{self.path} was left by pid {pid} on host {host}; if no packer runs there, "
-                                  "delete that file and rerun")
+                                "delete that file and rerun")
             if not flocked and isinstance(pid, int) and _alive(pid) and pid != os.getpid():
                 raise LockError(f"{self.path.parent} is being written by another packer run "
-                                  f"(pid {pid} on host {host}); wait for it to finish, or choose another -o")
+                                f"(pid {pid} on host {host}); wait for it to finish, or choose another -o")
             self.note = f"took over the lock of an interrupted run (pid {pid} on this host, no longer running)"
             log.warning(self.note)
         info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
