@@ -98,7 +98,7 @@ def test_corrupt_entropy_data_is_counted_and_substituted(tmp_path, caplog):
     assert cv2.imdecode(np.frombuffer(damaged, np.uint8), cv2.IMREAD_COLOR) is not None  # OpenCV says nothing
     with pytest.raises(CorruptImage):
         decode_rgb(damaged)
-    for kw in ({}, {"fast_decode": False}):
+    for kw in ({}, {"fast_decode": False}, {"cache": "disk", "cache_dir": tmp_path / "cache"}):
         ld = make_loader(root, "train", loader="torch", imgsz=64, batch=4, workers=0, device="cpu",
                          augment=AugmentConfig.off(), **kw)
         with caplog.at_level(logging.WARNING, logger="trainer.data"):
@@ -107,3 +107,4 @@ def test_corrupt_entropy_data_is_counted_and_substituted(tmp_path, caplog):
         valid = [k for b in batches for k, v in zip(b["keys"], b["valid"].tolist(), strict=True) if v]
         assert key not in valid and len(valid) == 11
         assert "corrupt" in caplog.text
+        caplog.clear()
