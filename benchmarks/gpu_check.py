@@ -42,7 +42,7 @@ def prepare_data(source: Path, out: Path, min_images: int = 1024) -> Path:
     n = len(_json.loads(ann.read_text())["images"])
     k = max(1, -(-min_images // max(n, 1)))
     src = replicate_coco(source, out / f"src-x{k}", k)
-    build_dataset(src, shards, fmt="wds", size=640, overwrite=True, progress=False)
+    build_dataset(src, shards, fmt="wds", size=640, overwrite=True, progress=False, follow_symlinks=True)
     return shards
 
 

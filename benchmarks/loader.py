@@ -87,7 +87,8 @@ def _pack(src: Path, shards: Path, fmt: str, imgsz: int, workers: int) -> Path:
     from packer.build import build_dataset
 
     if not (shards / "manifest.json").is_file():
-        build_dataset(src, shards, fmt=fmt, size=imgsz, overwrite=True, workers=workers, progress=False)
+        build_dataset(src, shards, fmt=fmt, size=imgsz, overwrite=True, workers=workers, progress=False,
+                      follow_symlinks=True)  # the copies are symlinks to the source
     return shards
 
 
