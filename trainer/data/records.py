@@ -34,6 +34,8 @@ from packer.format import (
 from trainer.data.common import SplitData
 from trainer.data.split import Segment
 
+MAX_OPEN_SHARDS = 64  # shard files a process keeps open for reads by index (least recently used closed)
+
 
 class LmdbRecords(Dataset):
     """Map-style access to a packed LMDB split: ``ds[i]`` is the Record of sample i."""
@@ -176,11 +178,17 @@ class RecordSource:
         """The image bytes of record `pos` of shard `shard` (local data; any damage raises)."""
         if self.fmt != "wds" or self.stream:
             return self.read(shard, pos).jpeg
-        got = self._jpeg_index.get(shard)
-        if got is None or got[0] < 0:
+        got = self._jpeg_index.pop(shard, None)  # re-inserted last: the dict is an LRU of open shards
+        if got is None:
+            if len(self._jpeg_index) >= MAX_OPEN_SHARDS:  # never run out of file descriptors
+                os.close(self._jpeg_index.pop(next(iter(self._jpeg_index)))[0])
             fd = os.open(self.paths[shard], os.O_RDONLY)
-            got = (fd, _wds_jpeg_index(self.index_paths[shard].read_text()))
-            self._jpeg_index[shard] = got
+            try:
+                got = (fd, _wds_jpeg_index(self.index_paths[shard].read_text()))
+            except BaseException:
+                os.close(fd)
+                raise
+        self._jpeg_index[shard] = got
         off, size = (int(v) for v in got[1][pos])
         if off < 0:
             raise FormatError(f"{self.paths[shard]}: record {pos} has no .{WDS_IMAGE} member")
