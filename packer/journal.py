@@ -196,8 +196,8 @@ class BuildJournal:
         """A finished shard's labels (npz) or problems (json); JournalError if damaged."""
         path = self.piece(split, i, ext)
         try:
-            if ext == "npz":
-                return LabelArrays.load(path)
+            if ext == "npz":  # shard i's own labels: shard numbers are i
+                return LabelArrays.load(path, num_classes=len(self.fingerprint["names"]), num_shards=i + 1)
             problems = json.loads(path.read_bytes())
             if not isinstance(problems, list) or not all(isinstance(p, dict) for p in problems):
                 raise ValueError("not a list of problems")

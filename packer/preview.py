@@ -16,16 +16,17 @@ grey 114); boxes in ultralytics' class colours.
 from __future__ import annotations
 
 import math
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from packer.format import FormatError, Manifest, Record, ShardInfo, atomic_write_bytes, read_manifest
+from packer.format import FormatError, Manifest, Record, ShardInfo, atomic_write_bytes
+from packer.storage.fs import RemoteError, display_url, redact
+from packer.storage.location import DatasetLocation
 from packer.writers import open_reader
 
 __all__ = ["GAP", "MAX_SIZE", "PALETTE", "PreviewDataError", "PreviewError", "pick_samples", "tile_layout",
@@ -83,11 +84,9 @@ def write_preview(shards: str, out: str = "preview.jpg", *, split: str | None = 
 
 
 def _manifest(shards: str, storage_options: dict | None) -> Manifest:
-    from packer.remote import display_url, is_url, open_manifest, redact
-
     try:
-        return open_manifest(str(shards), storage_options) if is_url(shards) else read_manifest(shards)
-    except (FormatError, OSError) as e:
+        return DatasetLocation(shards, storage_options).manifest()
+    except (FormatError, RemoteError, OSError) as e:
         msg = redact(str(e), storage_options)
         raise PreviewError(msg.replace(str(shards), display_url(str(shards)))) from None
 
@@ -143,21 +142,15 @@ def _read_records(shards: str, m: Manifest, split: str, n: int, seed: int,
 @contextmanager
 def _local_shard(shards: str, sh: ShardInfo, storage_options: dict | None) -> Iterator[Path]:
     """The shard (and its index) as local files: in place for a folder, a checked temp copy for a URL."""
-    from packer.remote import display_url, download, get_fs, is_url, join, redact, retry
-
-    if not is_url(shards):
-        yield Path(shards) / sh.path
-        return
-    fs, root = get_fs(shards, storage_options)
-    with tempfile.TemporaryDirectory(prefix="packer-preview-") as d:
-        local = Path(d) / Path(sh.path).name
+    where = f"{display_url(shards)}/{sh.path}"
+    with ExitStack() as stack:
         try:
-            retry(lambda: download(fs, join(root, sh.path), local, sha256=sh.sha256, size=sh.bytes))
-            if sh.index:
-                retry(lambda: download(fs, join(root, sh.index), Path(f"{local}.idx")))
-        except (OSError, ValueError) as e:
-            raise PreviewDataError(f"{display_url(shards)}/{sh.path}: {redact(str(e), storage_options)}") from None
-        yield local
+            path, _ = stack.enter_context(DatasetLocation(shards, storage_options).local_shard(sh, checked=True))
+        except (OSError, ValueError) as e:  # RemoteError, ChecksumError: unreachable or corrupt
+            raise PreviewDataError(f"{where}: {redact(str(e), storage_options)}") from None
+        if path is None:
+            raise PreviewDataError(f"{where}: not found")
+        yield path
 
 
 # ----------------------------------------------------------------------------- drawing (OpenCV)

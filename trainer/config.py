@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-from packer.remote import redact
+from packer.storage.fs import redact
 
 OPTIMIZERS = ("auto", "SGD", "AdamW", "Adam", "MuSGD")
 # A resumed run may change these (they do not change what is learned); everything else comes from the checkpoint.

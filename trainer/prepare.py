@@ -18,8 +18,9 @@ import torch
 from torch import nn
 from ultralytics.utils.torch_utils import EarlyStopping, ModelEMA
 
-from packer.format import FormatError, LabelArrays, read_manifest
-from packer.remote import RemoteError, display_url, fetch_labels, is_url, open_manifest, redact
+from packer.format import FormatError
+from packer.storage.fs import RemoteError, display_url, is_url, redact
+from packer.storage.location import DatasetLocation
 from trainer.config import (
     RESUME_OVERRIDABLE,
     TrainConfig,
@@ -102,7 +103,8 @@ class PreparedRun:
             raise TrainError("no SHARDS folder given")
         self.where = display_url(cfg.shards) if is_url(cfg.shards) else cfg.shards
         try:
-            m = open_manifest(cfg.shards, cfg.storage_options) if is_url(cfg.shards) else read_manifest(cfg.shards)
+            self.location = DatasetLocation(cfg.shards, cfg.storage_options)
+            m = self.location.manifest()
         except (FormatError, RemoteError) as e:
             raise TrainError(redact(str(e), cfg.storage_options)) from None
         self.manifest = m
@@ -186,10 +188,7 @@ class PreparedRun:
             return
         cfg = self.cfg
         try:
-            if is_url(cfg.shards):
-                la = fetch_labels(cfg.shards, self.train_name, cfg.storage_options, self.manifest)
-            else:
-                la = LabelArrays.load(Path(cfg.shards) / self.manifest.splits[self.train_name].labels)
+            la = self.location.labels(self.train_name)
         except (OSError, FormatError, RemoteError) as e:
             self.log(f"warning: could not draw labels.jpg: {redact(str(e), cfg.storage_options)}")
             return

@@ -15,7 +15,7 @@ import click
 from click.core import ParameterSource
 
 from packer.cli import ByteSize
-from packer.remote import parse_storage_options, redact
+from packer.storage.fs import parse_storage_options, redact
 from trainer.config import OPTIMIZERS, TrainConfig
 from trainer.offline import setup_offline
 

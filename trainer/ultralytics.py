@@ -43,7 +43,9 @@ from ultralytics.utils import DEFAULT_CFG, LOGGER  # noqa: E402
 from ultralytics.utils.plotting import plot_labels  # noqa: E402
 from ultralytics.utils.torch_utils import unwrap_model  # noqa: E402
 
-from packer.format import FormatError, LabelArrays, Manifest, read_manifest  # noqa: E402
+from packer.format import FormatError, LabelArrays  # noqa: E402
+from packer.storage.fs import display_url, is_url  # noqa: E402
+from packer.storage.location import DatasetLocation  # noqa: E402
 from trainer.data import AugmentConfig, make_loader  # noqa: E402
 
 __all__ = ["ShardsLoader", "ShardsTrainer", "ShardsValidator", "shards_data"]
@@ -58,23 +60,20 @@ _LOADER_OPTIONS = ("loader", "cache_dir", "cache_max_bytes", "verify")
 
 def _storage_options() -> dict[str, Any] | None:
     """fsspec options from $PACKER_STORAGE_OPTIONS (JSON or @file), as `packer` and `trainer.run` read them."""
-    from packer.remote import parse_storage_options
+    from packer.storage.fs import parse_storage_options
 
     return parse_storage_options(os.environ.get("PACKER_STORAGE_OPTIONS")) or None
 
 
-def _manifest(shards: str) -> Manifest:
-    from packer.remote import is_url, open_manifest
-
+def _location(shards: str) -> DatasetLocation:
+    """The packed dataset at `shards` (folder or URL; a URL's credentials come from the environment)."""
     if not is_url(shards):
-        return read_manifest(shards)
+        return DatasetLocation(shards)
     _refuse_url_credentials(shards)
-    return open_manifest(shards, _storage_options())
+    return DatasetLocation(shards, _storage_options())
 
 
 def _refuse_url_credentials(data: Any) -> None:
-    from packer.remote import display_url, is_url
-
     if isinstance(data, str) and is_url(data) and display_url(data) != data:  # user:password@ or a signed query
         raise FormatError(f"{display_url(data)}: give credentials through the environment or "
                           "$PACKER_STORAGE_OPTIONS, not in the URL (ultralytics saves `data` in args.yaml and checkpoints)")
@@ -94,7 +93,7 @@ def shards_data(shards: str, split: str | None = "val") -> dict[str, Any]:
     `path` holds the folder or URL; the loaders take it with a split name. Without a `split`
     split (e.g. coco128, train2017 only) validation uses the train split, as coco128.yaml does.
     """
-    m = _manifest(str(shards))
+    m = _location(str(shards)).manifest()
     only = next(iter(m.splits)) if len(m.splits) == 1 else None
     train = _pick(m.splits, "train", only)
     if train is None:
@@ -110,11 +109,7 @@ def shards_data(shards: str, split: str | None = "val") -> dict[str, Any]:
 
 
 def _label_arrays(shards: str, split: str) -> LabelArrays:
-    from packer.remote import fetch_labels, is_url
-
-    if is_url(shards):
-        return fetch_labels(shards, split, _storage_options())
-    return LabelArrays.load(os.path.join(shards, read_manifest(shards).splits[split].labels))
+    return _location(shards).labels(split)
 
 
 # ----------------------------------------------------------------------------- the loader adapter
@@ -329,8 +324,6 @@ class ShardsTrainer(DetectionTrainer):
             super()._setup_train()
 
     def get_dataset(self) -> dict[str, Any]:
-        from packer.remote import display_url
-
         try:
             data = shards_data(str(self.args.data), self.args.split)
         except (FormatError, OSError) as e:  # ultralytics reports dataset problems as RuntimeError
