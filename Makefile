@@ -45,6 +45,15 @@ check-light:
 	rm -rf build
 	@du -sh $(LIGHT) | awk '{print "base install (venv):", $$1}'
 
+# On a GPU machine: the gpu-marked tests plus a loader->yolov8n throughput table (< 8 min).
+# Uses the machine's own CUDA torch (--system-site-packages) and installs only the rest.
+GPUVENV := .venv-gpu
+gpu-check:
+	@command -v nvidia-smi >/dev/null || { echo "gpu-check: no NVIDIA GPU here (nvidia-smi not found)"; exit 2; }
+	test -x $(GPUVENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(GPUVENV)
+	$(GPUVENV)/bin/pip install -q -e . ultralytics==8.4.190 nvidia-dali-cuda120==2.4.0 webdataset==1.0.2 pytest==9.2.0
+	$(GPUVENV)/bin/python benchmarks/gpu_check.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
