@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from packer.format import TF_BBOX, TF_CLASS, TF_IMAGE, TF_KEY, WDS_BOX, WDS_CLASS, WDS_IMAGE, WDS_META
+from packer.writers import trim_index
 from trainer.data.common import SplitData, build_batch, default_workers
 from trainer.data.split import Segment, batches_per_rank, dali_reader_batches, rank_segments
 from trainer.data.transforms import (
@@ -98,16 +99,6 @@ class _ParamSource:
             for lst, v in zip(out, vals, strict=True):
                 lst.append(np.asarray(v))
         return out
-
-
-def trimmed_index(fmt: str, index: Path, start: int, stop: int) -> bytes:
-    """The index of records ``[start, stop)`` of a shard only: the DALI readers then read just
-    those records of the file (offsets stay absolute)."""
-    lines = index.read_text().splitlines()
-    if fmt == "wds":  # "<version> <count>" then one line per sample
-        body = lines[1:][start:stop]
-        return (f"{lines[0].split()[0]} {len(body)}\n" + "".join(b + "\n" for b in body)).encode()
-    return "".join(b + "\n" for b in lines[start:stop]).encode()
 
 
 def _build_pipeline(data: SplitData, *, imgsz: int, batch: int, train: bool, augment: bool, rank: int,
@@ -240,7 +231,7 @@ class DaliLoader:
         files = []
         for s in segs:
             idx = Path(self._tmp) / f"{s.shard:06d}.idx"
-            idx.write_bytes(trimmed_index(self.data.fmt, self.data.index_path(s.shard), s.start, s.stop))
+            idx.write_bytes(trim_index(self.data.fmt, self.data.index_path(s.shard), s.start, s.stop))
             files.append((str(self.data.shard_path(s.shard)), str(idx)))
         self._files = files
         self._shard_id, self._num_shards = 0, 1
