@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from packer import __version__, parts
+from packer.errors import DATA
 from packer.format import (
     FORMATS,
     LABELS_NAME,
@@ -44,6 +45,7 @@ from packer.format import (
 from packer.images import DEFAULT_MAX_PIXELS
 from packer.journal import BuildJournal, ShardRoller, write_report
 from packer.output import BuildError, OutputFolder, manifest_files, output_folder
+from packer.progress import progress_bar
 from packer.sample import ProcessOptions, SampleResult, process_candidate
 from packer.sources.base import Candidate, safe_text
 from packer.sources.detect import Source, detect_source
@@ -56,7 +58,9 @@ CHUNK = 4  # candidates per task sent to a worker: amortizes IPC without hurting
 
 
 class StrictFailure(BuildError):
-    """--strict and the input had problems; `problems` lists them."""
+    """--strict and the input had problems; `problems` lists them (exit 1)."""
+
+    exit_code = DATA
 
     def __init__(self, message: str, problems: list[dict[str, Any]]):
         super().__init__(message)
@@ -313,7 +317,8 @@ class _Run:
 def _pack_all(run: _Run, source: Source, part_info: dict[str, Any] | None,
               progress: bool) -> tuple[dict[str, SplitInfo], int, int]:
     """Pack every split in turn: (split infos, shards kept from the journal, input bytes)."""
-    run.bar = _progress_bar(sum(len(c) for c in source.splits.values()), progress)
+    run.bar = progress_bar(sum(len(c) for c in source.splits.values()), "packing", "img", enabled=progress,
+                           smoothing=0.1)
     if run.workers > 1:
         run.pool = cf.ProcessPoolExecutor(run.workers, mp_context=_mp_context(), initializer=_init_worker)
     splits_info: dict[str, SplitInfo] = {}
@@ -357,9 +362,6 @@ def _size(path: str | None) -> int:
         return 0
 
 
-def _progress_bar(total: int, enabled: bool):  # noqa: ANN202 - tqdm
-    from tqdm import tqdm
-    return tqdm(total=total, unit="img", desc="packing", disable=not enabled, dynamic_ncols=True, smoothing=0.1)
 
 
 def _pack_split(run: _Run, split: str, cands: list[Candidate], kept: list[dict[str, Any]]) -> None:

@@ -14,7 +14,7 @@ import sys
 import click
 
 from packer import __version__
-from packer.format import FORMATS, FormatError
+from packer.format import FORMATS
 
 # Byte sizes are parsed here, not by a library: pydantic.ByteSize accepts the same strings (256MB,
 # 1GiB, 1k, 500000) but adds pydantic + pydantic_core (9.6 MB, 3 packages) to the base install and
@@ -329,51 +329,23 @@ def convert(shards, out, fmt, shard_size, overwrite, check, as_json, progress) -
 @STORAGE_OPTIONS
 def preview(shards, split, n, seed, augment, imgsz, out, storage_options) -> None:
     """Draw packed samples with their boxes and class names into one grid image."""
-    from packer.preview import PreviewDataError, PreviewError, write_preview
+    from packer.preview import write_preview
     from packer.storage.fs import parse_storage_options
 
-    try:
-        path = write_preview(shards, out, split=split, n=n, seed=seed, augment=augment, imgsz=imgsz,
-                             storage_options=parse_storage_options(storage_options))
-    except PreviewDataError as e:
-        raise click.ClickException(str(e)) from None  # data problem: exit 1
-    except PreviewError as e:
-        raise click.UsageError(str(e)) from None
+    # PreviewError exits 2, PreviewDataError (a shard or image that cannot be read) 1
+    path = write_preview(shards, out, split=split, n=n, seed=seed, augment=augment, imgsz=imgsz,
+                         storage_options=parse_storage_options(storage_options))
     click.echo(str(path))
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one readable line and exit 2 for usage errors, 1 for data and disk
-    problems, never a traceback."""
-    from packer.output import BuildError
-    from packer.sources.detect import SourceError
-    from packer.storage.fs import RemoteError, redact
+    problems, never a traceback (`cli_errors.run_one_line`)."""
+    from packer.cli_errors import run_one_line
 
     _log_notes()
-    try:
-        cli.main(args=argv, prog_name="packer", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.UsageError as e:
-        click.echo(f"packer: error: {e.format_message()}", err=True)
-        sys.exit(2)
-    except click.ClickException as e:
-        click.echo(f"packer: error: {e.format_message()}", err=True)
-        sys.exit(e.exit_code)
-    except (BuildError, SourceError, FormatError, RemoteError) as e:
-        click.echo(f"packer: error: {_one_line(redact(str(e)))}", err=True)
-        sys.exit(getattr(e, "exit_code", 2))
-    except (KeyboardInterrupt, click.Abort):
-        click.echo("packer: interrupted; no manifest was written (rerun with --resume to continue)", err=True)
-        sys.exit(130)
-    except OSError as e:  # the environment failed (disk, permissions) outside any output folder
-        where = f": {e.filename}" if e.filename else ""
-        click.echo(f"packer: error: {e.strerror or _one_line(str(e))}{where}", err=True)
-        sys.exit(1)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    run_one_line(cli, argv, "packer", "packer: error: ",
+                 interrupted="packer: interrupted; no manifest was written (rerun with --resume to continue)")
 
 
 def _log_notes() -> None:

@@ -42,6 +42,7 @@ from packer.format import (
 )
 from packer.journal import label_only
 from packer.output import BuildError, OutputError, OutputFolder, is_write_error, output_folder
+from packer.progress import progress_bar
 from packer.storage.location import DatasetLocation
 from packer.writers import ShardWriter, get_writer, open_reader
 
@@ -96,13 +97,11 @@ def convert_dataset(
 
 def _convert_all(src: Path, m: Manifest, folder: OutputFolder, fmt: str, shard_size: int | None, check: bool,
                  progress: bool) -> Manifest:
-    from tqdm import tqdm
-
     out = folder.root
     splits: dict[str, SplitInfo] = {}
     sizes_out: dict[str, list[int]] = {}
     total = sum(s.num_samples for s in m.splits.values())
-    with tqdm(total=total, unit="rec", desc="converting", disable=not progress) as bar:
+    with progress_bar(total, "converting", "rec", enabled=progress) as bar:
         for split in m.splits:
             plan = _plan(m, split, shard_size)
             splits[split] = _convert_split(src, m, split, folder, fmt, plan, check, bar)

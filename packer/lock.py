@@ -17,11 +17,13 @@ import socket
 import time
 from pathlib import Path
 
+from packer.errors import PackerError
+
 LOCK_NAME = ".packer.lock"
 log = logging.getLogger("packer")
 
 
-class LockError(ValueError):
+class LockError(PackerError, ValueError):
     """The folder is being written by another run, or its lock cannot be taken (one line)."""
 
 

@@ -21,6 +21,7 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from packer.errors import DATA, PackerError
 from packer.format import MANIFEST_NAME, REPORT_NAME, FormatError, Manifest, check_relpath, read_manifest
 from packer.lock import LOCK_NAME, LockError, WriterLock
 
@@ -34,9 +35,8 @@ _JOURNAL = re.compile(r"^(state\.json|fingerprint\.json|written\.txt|pull\.json|
 _SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
-class BuildError(Exception):
+class BuildError(PackerError):
     """A run that cannot start or must not finish (one user-facing line; exit 2)."""
-    exit_code = 2
 
 
 class OutputError(BuildError, ValueError):
@@ -45,7 +45,8 @@ class OutputError(BuildError, ValueError):
 
 class WriteFailed(BuildError, OSError):
     """Writing the output failed (disk full, file too large, I/O error): exit 1, nothing published."""
-    exit_code = 1
+
+    exit_code = DATA
 
 
 def is_temp_name(name: str) -> bool:

@@ -24,6 +24,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from packer.errors import DATA, PackerError
 from packer.format import FormatError, Manifest, Record, ShardInfo, atomic_write_bytes
 from packer.storage.fs import RemoteError, display_url, redact
 from packer.storage.location import DatasetLocation
@@ -42,12 +43,14 @@ PALETTE = [(4, 42, 255), (11, 219, 235), (243, 243, 243), (0, 223, 183), (17, 31
 _TRAIN_EXTRA = "--augment needs the training stack: pip install 'packer-trainer[train]'"
 
 
-class PreviewError(ValueError):
+class PreviewError(PackerError, ValueError):
     """The preview cannot be made as asked (bad option, not a packed dataset, missing split): a usage error."""
 
 
 class PreviewDataError(PreviewError):
     """A shard or stored image could not be read (corrupt, checksum mismatch, unreachable): a data error."""
+
+    exit_code = DATA
 
 
 def write_preview(shards: str, out: str = "preview.jpg", *, split: str | None = None, n: int = 16, seed: int = 0,

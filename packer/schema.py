@@ -4,7 +4,7 @@ A manifest or labels.npz may come from anywhere (a download, a bucket, an edited
 nothing in it is used before it has been checked here: size, encoding, nesting, JSON types
 and ranges, names that become folders, paths that must stay inside the dataset, and the
 dtypes, shapes and value ranges of the label arrays. Errors name the field and its JSON type,
-never the file's content. This module imports nothing from `packer`, so `format` can use it.
+never the file's content. This module imports nothing from `packer` but its error base, so `format` can use it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from packer.errors import PackerError
+
 # Split names become folder and file names under the output folder, so they are held to
 # the same safe alphabet as keys: no dots, slashes or empty names can leave `-o`.
 SPLIT_NAME_RULE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -24,7 +26,7 @@ MANIFEST_MAX_BYTES = 64 << 20
 MAX_JSON_DEPTH = 64  # a real manifest nests 6 deep; deeper input would exhaust recursion on rewrite
 
 
-class FormatError(ValueError):
+class FormatError(PackerError, ValueError):
     """A packed folder or record does not follow this contract."""
 
 

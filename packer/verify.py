@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from packer.format import FormatError, LabelArrays, Manifest, sha256_file
+from packer.progress import progress_bar
 from packer.storage.location import DatasetLocation
 from packer.writers import make_index, open_reader
 
@@ -50,10 +51,8 @@ def verify_dataset(
     loc = DatasetLocation(root, storage_options)
     res = VerifyResult(loc.display if loc.remote else Path(root))
     manifest = loc.manifest()
-    from tqdm import tqdm
-
     total = sum(s.num_samples for s in manifest.splits.values())
-    with tqdm(total=total, unit="rec", desc="verifying", disable=not progress) as bar:
+    with progress_bar(total, "verifying", "rec", enabled=progress) as bar:
         for split in manifest.splits:
             _verify_split(loc, manifest, split, deep, res, bar)
     return res

@@ -27,13 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from packer.errors import PackerError
 from trainer.data import AugmentConfig, make_loader
 from trainer.data.common import SplitData, default_workers, open_split
 
 IDLE_CPU_S = 0.01  # a contender is done when its processes use less CPU than this per poll
 
 
-class BenchError(ValueError):
+class BenchError(PackerError, ValueError):
     """Bad benchmark input."""
 
 

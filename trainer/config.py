@@ -13,6 +13,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
+from packer.errors import PackerError
 from packer.storage.fs import redact
 
 OPTIMIZERS = ("auto", "SGD", "AdamW", "Adam", "MuSGD")
@@ -22,7 +23,7 @@ RESUME_OVERRIDABLE = ("device", "workers", "loader", "patience", "verify", "cach
                       "plots", "tensorboard", "epochs")
 
 
-class TrainError(ValueError):
+class TrainError(PackerError, ValueError):
     """Bad options or data for a training run (the CLI turns this into a one-line error, exit 2)."""
 
 

@@ -9,7 +9,6 @@ DDP. `setup` reads the data's manifest and builds model, loaders and optimizer; 
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 import warnings
 from collections.abc import Callable, Collection
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from ultralytics.utils.torch_utils import unwrap_model
 
+from packer.progress import progress_bar
 from trainer.config import TrainConfig, TrainError
 from trainer.evaluate import METRIC_KEYS, Evaluator, run_validation
 from trainer.model import ModelError
@@ -126,10 +126,7 @@ class Run(PreparedRun):
     def _progress_bar(self, epoch: int) -> Any:
         if not self.d.main:
             return None
-        from tqdm import tqdm
-
-        return tqdm(total=self.nb, desc=f"{epoch + 1}/{self.cfg.epochs}", leave=True, dynamic_ncols=True,
-                    file=sys.stderr, bar_format="{l_bar}{bar:10}{r_bar}")
+        return progress_bar(self.nb, f"{epoch + 1}/{self.cfg.epochs}", leave=True, bar_format="{l_bar}{bar:10}{r_bar}")
 
     def _postfix(self, tloss: torch.Tensor) -> str:
         img_s, stall = self.meter.read(self.d.world)

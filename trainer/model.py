@@ -30,6 +30,7 @@ from ultralytics.utils.torch_utils import (
     unwrap_model,
 )
 
+from packer.errors import PackerError
 from packer.format import atomic_write_bytes
 
 __all__ = [
@@ -47,7 +48,7 @@ __all__ = [
 ]
 
 
-class ModelError(ValueError):
+class ModelError(PackerError, ValueError):
     """A model name or weights file the user gave cannot be used."""
 
 

@@ -15,27 +15,20 @@ import click
 from click.core import ParameterSource
 
 from packer.cli import ByteSize
-from packer.storage.fs import parse_storage_options, redact
-from trainer.config import OPTIMIZERS, TrainConfig
+from packer.cli_errors import run_one_line
+from packer.storage.fs import parse_storage_options
+from trainer.config import OPTIMIZERS, TrainConfig, TrainError
 from trainer.offline import setup_offline
 
 _DEFAULT = TrainConfig()
 
 
 class _OneLineCommand(click.Command):
-    """Usage errors as one line on stderr and exit 2 (click's default adds a usage banner)."""
+    """Errors as one line on stderr and their exit status (`packer.cli_errors.run_one_line`; click's
+    default adds a usage banner)."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        try:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.UsageError as e:
-            click.echo(f"Error: {e.format_message()}", err=True)
-            sys.exit(2)
-        except click.ClickException as e:
-            click.echo(f"Error: {e.format_message()}", err=True)
-            sys.exit(e.exit_code)
-        except click.Abort:
-            sys.exit(130)
+        return run_one_line(self, args, prog_name, "Error: ", complete_var=complete_var, **extra)
 
 
 # ultralytics hyperparameters without an option above: --name and --name-with-dashes, both meaning the same
@@ -122,10 +115,8 @@ def main(ctx: click.Context, shards: str | None, **opts: object) -> None:
     (s3://bucket/prefix, https://host/prefix, gs://, file://)."""
     if not shards and not opts["resume"]:
         raise click.UsageError("missing argument SHARDS (a packed folder), or --resume runs/train/weights/last.pt")
-    try:
-        opts["storage_options"] = parse_storage_options(opts["storage_options"]) or None  # type: ignore[arg-type]
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
+    opts["storage_options"] = parse_storage_options(opts["storage_options"]) or None  # type: ignore[arg-type]
+    ctx.ensure_object(dict)["storage_options"] = opts["storage_options"]  # masked in any error message
     explicit = {k for k in opts if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
     if opts.pop("no_mosaic"):
         opts["mosaic"], explicit = 0.0, explicit | {"mosaic"}
@@ -138,11 +129,20 @@ def main(ctx: click.Context, shards: str | None, **opts: object) -> None:
 
     try:
         result = train(cfg, given=explicit | set(from_file))
-    except ValueError as e:  # TrainError, ModelError, FormatError, the loader's input errors: the user's to fix
-        msg = redact(str(e), cfg.storage_options)
-        raise click.UsageError(msg.splitlines()[0] if msg else type(e).__name__) from None
+    except _data_input_errors() as e:  # temporary: PackerErrors (exit 2) once trainer/data's errors subclass it
+        raise TrainError(str(e)) from None
     if result.interrupted:
         sys.exit(130)
+
+
+def _data_input_errors() -> tuple[type[Exception], ...]:
+    """trainer/data's input errors that do not subclass PackerError yet (temporary)."""
+    from trainer.data import LoaderError
+    from trainer.data.decoded_cache import CacheError
+    from trainer.data.split import SplitError
+    from trainer.data.transforms import AugmentError
+
+    return LoaderError, SplitError, AugmentError, CacheError
 
 
 def _read_cfg(path: str | None) -> dict[str, Any]:
@@ -151,10 +151,7 @@ def _read_cfg(path: str | None) -> dict[str, Any]:
         return {}
     from trainer.hyp import ignored_note, read_cfg_file
 
-    try:
-        values, ignored = read_cfg_file(path)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
+    values, ignored = read_cfg_file(path)  # TrainError (exit 2) for a bad file or key
     note = ignored_note(ignored)
     if note:
         click.echo(note, err=True)

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from packer.errors import PackerError
+
 # Named reasons: the report's vocabulary. Images are skipped for IMAGE_REASONS, boxes
 # dropped for BOX_REASONS; FIXES and WARNINGS change nothing that is counted as lost.
 IMAGE_REASONS = (
@@ -70,7 +72,7 @@ class Candidate:
     kpt_shape: tuple[int, int] | None = None
 
 
-class SourceError(ValueError):
+class SourceError(PackerError, ValueError):
     """The source folder cannot be read as a dataset; the message is one readable line."""
 
     def __init__(self, message: str) -> None:

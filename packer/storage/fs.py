@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 import tenacity
 
+from packer.errors import PackerError
+
 DEFAULT_ATTEMPTS = 5
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 READ_ONLY = ("http", "https")
@@ -27,7 +29,7 @@ _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"
 T = TypeVar("T")
 
 
-class RemoteError(ValueError):
+class RemoteError(PackerError, ValueError):
     """A remote location cannot be used: bad URL or options, read-only, unreachable, corrupt."""
 
 

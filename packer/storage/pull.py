@@ -24,10 +24,11 @@ from packer.format import (
     sha256_file,
 )
 from packer.output import STATE_DIR, OutputFolder, is_write_error, output_folder
+from packer.progress import progress_bar
 from packer.storage.files import download, hash_remote, remote_sizes
 from packer.storage.fs import DEFAULT_ATTEMPTS, ChecksumError, RemoteError, join, redact
 from packer.storage.location import DatasetLocation
-from packer.storage.transfer import FileEntry, TransferResult, byte_bar, check_file, dataset_files
+from packer.storage.transfer import FileEntry, TransferResult, check_file, dataset_files
 
 PULL_NAME = "pull.json"  # in the journal folder of an unfinished pull: {"url": where from}
 
@@ -120,7 +121,7 @@ def _pull_files(src: DatasetLocation, local: Path, files: list[FileEntry], res: 
         files = [f for f in files if f.kind != "report"]
         res.files -= 1
     res.bytes_total = sum(remote.get(f.rel, f.bytes or 0) for f in files) + manifest_bytes
-    with byte_bar(res.bytes_total, progress, "pull") as bar:
+    with progress_bar(res.bytes_total, "pull", "B", enabled=progress) as bar:
         for f in files:
             path = local / f.rel
             size = remote.get(f.rel, f.bytes)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from packer.format import MANIFEST_NAME, REPORT_NAME, FormatError, Manifest, sha256_file
+from packer.progress import progress_bar
 from packer.storage.files import hash_remote, remote_sizes, upload, write_bytes
 from packer.storage.fs import (
     DEFAULT_ATTEMPTS,
@@ -30,7 +31,7 @@ from packer.storage.fs import (
     unreachable,
 )
 from packer.storage.location import DatasetLocation
-from packer.storage.transfer import FileEntry, TransferResult, byte_bar, check_file, dataset_files
+from packer.storage.transfer import FileEntry, TransferResult, check_file, dataset_files
 
 
 def push(
@@ -81,7 +82,7 @@ def _push(dst: DatasetLocation, local: Path, m: Manifest, data: bytes, files: li
     res.bytes_total = sum(sizes.values()) + len(data)
     fs, root, attempts = dst.fs, dst.root, dst.attempts
     remote = remote_sizes(fs, root, [f.rel for f in files] + [MANIFEST_NAME], attempts)
-    with byte_bar(res.bytes_total, progress, "push") as bar:
+    with progress_bar(res.bytes_total, "push", "B", enabled=progress) as bar:
         todo = _changed(dst, local, m, files, sizes, remote, res, bar)
         manifest_same = False
         if remote.get(MANIFEST_NAME) == len(data):

@@ -71,14 +71,6 @@ def dataset_files(m: Manifest, with_report: bool = True) -> list[FileEntry]:
     return out
 
 
-def byte_bar(total: int, enabled: bool, desc: str):  # noqa: ANN201 - tqdm
-    """The progress bar of a transfer, in bytes."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not enabled,
-                dynamic_ncols=True)
-
-
 def format_transfer_summary(s: dict[str, Any], verb: str) -> str:
     """The lines printed after push/pull."""
     rate = f", {s['mb_per_s']:.1f} MB/s" if s.get("mb_per_s") else ""
