@@ -12,8 +12,12 @@ Geometry conventions:
 - Letterbox (like ultralytics): resize so the long side is ``S`` (``r = S / max(h, w)``, up
   or down), then pad centred with 114 to ``S x S``.
 - Training pipeline per sample: letterboxed tile -> mosaic of 4 tiles (probability
-  ``mosaic``) -> one affine (rotation ``degrees``, scale ``1 +- scale``, translation
-  ``+- translate``, horizontal flip with probability ``fliplr``) -> HSV jitter.
+  ``mosaic``) -> one warp (ultralytics' RandomPerspective matrix ``T @ Sh @ R @ P @ C``:
+  perspective ``+- perspective``, rotation ``+- degrees`` with scale ``1 +- scale``, shear
+  ``+- shear`` degrees, translation ``+- translate``; then horizontal / vertical flips with
+  probabilities ``fliplr`` / ``flipud`` folded into the same matrix; a perspective warp only
+  when ``perspective > 0``, as ultralytics) -> [mixup, probability ``mixup``: blended at
+  ``r ~ Beta(32, 32)`` with a second sample made the same way, labels of both kept] -> HSV.
 - Mosaic: four letterboxed ``S x S`` tiles meet at a random centre ``(cx, cy)`` drawn in
   ``[S/4, 3S/4]``; each fills one quadrant of the ``S x S`` canvas with the part of its tile
   nearest to that centre (at full scale, as ultralytics' mosaic does before its crop).
@@ -37,7 +41,10 @@ P_PARTNERS = slice(3, 6)  # three uniforms in [0, 1): which samples fill the oth
 P_AFFINE = slice(6, 12)  # 2x3 affine, network-input canvas -> output (row-major)
 P_HUE, P_SAT, P_VAL = 12, 13, 14  # hue shift (degrees), saturation and value gains
 P_FLIP, P_SCALE = 15, 16  # flip flag (already inside the affine); scale factor
-NUM_PARAMS = 17
+P_PROJ = slice(17, 20)  # bottom row of the 3x3 warp matrix: (0, 0, 1) unless perspective
+P_FLIPUD = 20  # vertical flip flag (already inside the matrix)
+P_MIX, P_MIX_PARTNER = 21, 22  # mixup: this sample's weight r (1 = no mixup); a uniform picking the partner
+NUM_PARAMS = 23
 
 
 class AugmentError(ValueError):
@@ -54,24 +61,33 @@ class AugmentConfig:
     degrees: float = 0.0  # rotation range (+- degrees)
     translate: float = 0.1  # translation range (+- fraction of the image size)
     scale: float = 0.5  # scale range (1 +- scale)
+    shear: float = 0.0  # shear range (+- degrees)
+    perspective: float = 0.0  # perspective range (+-), ultralytics suggests <= 0.001
+    flipud: float = 0.0  # vertical flip probability
     fliplr: float = 0.5  # horizontal flip probability
     mosaic: float = 1.0  # mosaic probability; 0 = off
+    mixup: float = 0.0  # mixup probability
 
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
             if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
                 raise AugmentError(f"augmentation {f.name}={v!r}: must be a finite number >= 0")
-        for name in ("fliplr", "mosaic", "hsv_h", "hsv_s", "hsv_v", "translate"):
+        for name in ("fliplr", "flipud", "mosaic", "mixup", "hsv_h", "hsv_s", "hsv_v", "translate"):
             if getattr(self, name) > 1:
                 raise AugmentError(f"augmentation {name}={getattr(self, name)}: must be in [0, 1]")
         if self.scale >= 1:
             raise AugmentError(f"augmentation scale={self.scale}: must be in [0, 1)")
+        if self.shear >= 90:
+            raise AugmentError(f"augmentation shear={self.shear}: must be in [0, 90) degrees")
+        if self.perspective >= 0.1:  # 0.1 folds a 640 px image over itself; ultralytics uses <= 0.001
+            raise AugmentError(f"augmentation perspective={self.perspective}: must be in [0, 0.1)")
 
     @classmethod
     def off(cls) -> AugmentConfig:
         """No augmentation at all (letterbox only)."""
-        return cls(hsv_h=0, hsv_s=0, hsv_v=0, degrees=0, translate=0, scale=0, fliplr=0, mosaic=0)
+        return cls(hsv_h=0, hsv_s=0, hsv_v=0, degrees=0, translate=0, scale=0, shear=0, perspective=0, flipud=0,
+                   fliplr=0, mosaic=0, mixup=0)
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -90,41 +106,72 @@ def identity_params(imgsz: int) -> np.ndarray:
     p[P_CX] = p[P_CY] = imgsz // 2
     p[P_AFFINE] = (1, 0, 0, 0, 1, 0)
     p[P_SAT] = p[P_VAL] = p[P_SCALE] = 1.0
+    p[P_PROJ] = (0, 0, 1)
+    p[P_MIX] = 1.0
     return p
 
 
-def sample_params(rng: np.random.Generator, cfg: AugmentConfig, imgsz: int, *, mosaic: bool = True) -> np.ndarray:
+def warp_matrix(params: np.ndarray) -> np.ndarray:
+    """The 3x3 warp matrix of a parameter vector (network-input canvas -> output)."""
+    return np.vstack([params[P_AFFINE].reshape(2, 3), params[P_PROJ]])
+
+
+def sample_params(rng: np.random.Generator, cfg: AugmentConfig, imgsz: int, *, mosaic: bool = True,
+                  mix: bool = True) -> np.ndarray:
     """Draw one sample's random augmentation parameters (see the P_* layout).
 
-    `mosaic=False` disables mosaic regardless of `cfg.mosaic` (close-mosaic epochs).
+    `mosaic=False` disables mosaic regardless of `cfg.mosaic` (close-mosaic epochs); `mix=False`
+    disables mixup (the mixup partner itself). Options at 0 draw nothing, so their random stream
+    is that of a configuration without them.
     """
-    s_ = float(imgsz)
     p = identity_params(imgsz)
     if mosaic and cfg.mosaic > 0 and rng.random() < cfg.mosaic:
         p[P_MOSAIC] = 1
         p[P_CX], p[P_CY] = rng.integers(imgsz // 4, 3 * imgsz // 4 + 1, size=2)
     p[P_PARTNERS] = rng.random(3)
+    m, scale, flip, flipud = _draw_matrix(rng, cfg, imgsz)
+    p[P_AFFINE], p[P_PROJ] = m[:2].reshape(-1), m[2]
+    p[P_FLIP], p[P_FLIPUD], p[P_SCALE] = float(flip), float(flipud), scale
+    g = rng.uniform(-1, 1, 3) * (cfg.hsv_h, cfg.hsv_s, cfg.hsv_v)
+    p[P_HUE], p[P_SAT], p[P_VAL] = g[0] * 360.0, 1 + g[1], 1 + g[2]
+    if mix and cfg.mixup > 0 and rng.random() < cfg.mixup:
+        p[P_MIX], p[P_MIX_PARTNER] = rng.beta(32.0, 32.0), rng.random()
+    return p
+
+
+def _draw_matrix(rng: np.random.Generator, cfg: AugmentConfig, imgsz: int) -> tuple[np.ndarray, float, bool, bool]:
+    """(3x3 warp, scale, fliplr, flipud): ultralytics' ``T @ Sh @ R @ P @ C``, then the flips."""
+    s_ = float(imgsz)
+    persp = rng.uniform(-cfg.perspective, cfg.perspective, size=2) if cfg.perspective > 0 else np.zeros(2)
     angle = rng.uniform(-cfg.degrees, cfg.degrees)
     scale = rng.uniform(1 - cfg.scale, 1 + cfg.scale)
+    shear = np.tan(np.radians(rng.uniform(-cfg.shear, cfg.shear, size=2))) if cfg.shear > 0 else np.zeros(2)
     tx, ty = (0.5 + rng.uniform(-cfg.translate, cfg.translate, size=2)) * s_
     flip = cfg.fliplr > 0 and rng.random() < cfg.fliplr
-    if angle == 0:
+    flipud = cfg.flipud > 0 and rng.random() < cfg.flipud
+    if angle == 0 and not shear.any() and not persp.any():
         # snap to whole output pixels (scale to D/S, integer shift): the warp is then an exact
         # resize + paste, several times cheaper than a general warpAffine on the CPU
         d = max(1, round(scale * imgsz))
         scale = d / imgsz
         tx, ty = np.round(np.array([tx, ty]) - d / 2) + d / 2
-    # ultralytics' order: move the centre to the origin, rotate+scale, translate; then flip
     c = np.array([[1, 0, -s_ / 2], [0, 1, -s_ / 2], [0, 0, 1]])
+    pm = np.eye(3)
+    pm[2, :2] = persp
     r = np.eye(3)
     r[:2] = cv2.getRotationMatrix2D(angle=angle, center=(0, 0), scale=scale)
+    sh = np.array([[1, shear[0], 0], [shear[1], 1, 0], [0, 0, 1]])
     t = np.array([[1, 0, tx], [0, 1, ty], [0, 0, 1]])
     f = np.array([[-1, 0, s_], [0, 1, 0], [0, 0, 1]]) if flip else np.eye(3)
-    p[P_AFFINE] = (f @ t @ r @ c)[:2].reshape(-1)
-    p[P_FLIP], p[P_SCALE] = float(flip), scale
-    g = rng.uniform(-1, 1, 3) * (cfg.hsv_h, cfg.hsv_s, cfg.hsv_v)
-    p[P_HUE], p[P_SAT], p[P_VAL] = g[0] * 360.0, 1 + g[1], 1 + g[2]
-    return p
+    fu = np.array([[1, 0, 0], [0, -1, s_], [0, 0, 1]]) if flipud else np.eye(3)
+    return fu @ f @ t @ sh @ r @ pm @ c, scale, flip, flipud
+
+
+def mix_partner(params: np.ndarray, own: int, pool: int) -> int | None:
+    """Index (into a pool of `pool` samples) of this sample's mixup partner; None without mixup."""
+    if params[P_MIX] >= 1:
+        return None
+    return min(int(params[P_MIX_PARTNER] * pool), pool - 1)
 
 
 def partner_ids(params: np.ndarray, own: int, pool: int) -> list[int]:
@@ -200,7 +247,8 @@ def norm_to_tile_many(boxes: np.ndarray, h: np.ndarray, w: np.ndarray, imgsz: in
 
 
 def affine_boxes(xyxy: np.ndarray, a: np.ndarray) -> np.ndarray:
-    """Transform boxes by a 2x3 affine: the enclosing box of the four transformed corners."""
+    """Transform boxes by a 2x3 affine or 3x3 perspective matrix: the enclosing box of the four
+    transformed corners (ultralytics' apply_bboxes)."""
     if len(xyxy) == 0:
         return np.zeros((0, 4))
     x1, y1, x2, y2 = xyxy.T
@@ -208,6 +256,9 @@ def affine_boxes(xyxy: np.ndarray, a: np.ndarray) -> np.ndarray:
     ys = np.stack([y1, y1, y2, y2], 1)
     tx = a[0, 0] * xs + a[0, 1] * ys + a[0, 2]
     ty = a[1, 0] * xs + a[1, 1] * ys + a[1, 2]
+    if a.shape[0] == 3 and (a[2, 0] != 0 or a[2, 1] != 0):
+        tz = a[2, 0] * xs + a[2, 1] * ys + a[2, 2]
+        tx, ty = tx / tz, ty / tz
     return np.stack([tx.min(1), ty.min(1), tx.max(1), ty.max(1)], 1)
 
 
@@ -223,15 +274,27 @@ def _area(b: np.ndarray) -> np.ndarray:
 
 
 def augment_boxes(
-    tiles: list[tuple[np.ndarray, np.ndarray]], params: np.ndarray, imgsz: int
+    tiles: list[tuple[np.ndarray, np.ndarray]], params: np.ndarray, imgsz: int,
+    mix: tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Labels of one output sample from its four tiles' labels ``(cls (n,), xyxy (n,4) in the tile)``.
 
-    Applies the mosaic placement (or takes tile 0 alone), the affine, clipping and the
-    candidate filter; returns ``(cls (m,), xyxy (m,4))`` in output pixels.
+    Applies the mosaic placement (or takes tile 0 alone), the warp, clipping and the
+    candidate filter; returns ``(cls (m,), xyxy (m,4))`` in output pixels. mix: the mixup
+    partner's (tiles' labels, params): its labels follow (mixup keeps both samples' labels).
     """
+    c, b = _warped_boxes(tiles, params, imgsz)
+    if mix is None:
+        return c, b
+    c2, b2 = _warped_boxes(*mix, imgsz)
+    return np.concatenate([c, c2]), np.concatenate([b, b2])
+
+
+def _warped_boxes(
+    tiles: list[tuple[np.ndarray, np.ndarray]], params: np.ndarray, imgsz: int
+) -> tuple[np.ndarray, np.ndarray]:
     s = imgsz
-    a = params[P_AFFINE].reshape(2, 3)
+    a = warp_matrix(params)
     cls_parts, box_parts, ref_parts = [], [], []
     if params[P_MOSAIC]:
         quads = mosaic_quadrants(int(params[P_CX]), int(params[P_CY]), s)
@@ -313,8 +376,15 @@ def mosaic_image(tiles: list[np.ndarray], cx: int, cy: int, imgsz: int) -> np.nd
 
 
 def warp(img: np.ndarray, a: np.ndarray, imgsz: int) -> np.ndarray:
-    """Apply the 2x3 affine `a` (continuous coordinates) to an S x S image; 114 outside."""
-    a = np.asarray(a, dtype=np.float64).reshape(2, 3)
+    """Apply the 2x3 affine or 3x3 perspective matrix `a` (continuous coordinates) to an S x S
+    image; 114 outside. A perspective warp (cv2.warpPerspective) only when the matrix has one."""
+    a = np.asarray(a, dtype=np.float64)
+    if a.shape == (3, 3) and (a[2, 0] != 0 or a[2, 1] != 0):
+        # pixel centres: index = continuous - 0.5, so the matrix on indices is T(-.5) @ a @ T(+.5)
+        half = np.array([[1, 0, 0.5], [0, 1, 0.5], [0, 0, 1]])
+        m = np.linalg.inv(half) @ a @ half
+        return cv2.warpPerspective(img, m, (imgsz, imgsz), flags=cv2.INTER_LINEAR, borderValue=(FILL, FILL, FILL))
+    a = a.reshape(-1)[:6].reshape(2, 3)  # the 2x3 part (a 3x3 here has no perspective)
     (a00, a01, a02), (a10, a11, a12) = a.tolist()
     d = a11 * imgsz
     bx = a02 if a00 > 0 else imgsz - a02  # x offset before the flip
@@ -365,9 +435,18 @@ def hsv_jitter(img: np.ndarray, hue_deg: float, sat: float, val: float, out: np.
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
 
 
-def augment_image(tiles: list[np.ndarray], params: np.ndarray, imgsz: int, out: np.ndarray | None = None) -> np.ndarray:
+def augment_image(tiles: list[np.ndarray], params: np.ndarray, imgsz: int, out: np.ndarray | None = None,
+                  mix: tuple[list[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """Pixels of one output sample from its four letterboxed tiles (RGB, S x S), written into
-    `out` (a contiguous S x S x 3 array, e.g. a batch slot) when given."""
-    img = mosaic_image(tiles, int(params[P_CX]), int(params[P_CY]), imgsz) if params[P_MOSAIC] else tiles[0]
-    img = warp(img, params[P_AFFINE], imgsz)
+    `out` (a contiguous S x S x 3 array, e.g. a batch slot) when given. mix: the mixup partner's
+    (tiles, params), blended in at weight ``1 - params[P_MIX]`` before the HSV jitter."""
+    img = _warped_image(tiles, params, imgsz)
+    if mix is not None:
+        r = float(params[P_MIX])
+        img = cv2.addWeighted(img, r, _warped_image(*mix, imgsz), 1 - r, 0)
     return hsv_jitter(img, params[P_HUE], params[P_SAT], params[P_VAL], out=out)
+
+
+def _warped_image(tiles: list[np.ndarray], params: np.ndarray, imgsz: int) -> np.ndarray:
+    img = mosaic_image(tiles, int(params[P_CX]), int(params[P_CY]), imgsz) if params[P_MOSAIC] else tiles[0]
+    return warp(img, warp_matrix(params), imgsz)
