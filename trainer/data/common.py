@@ -12,7 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from packer.format import FormatError, LabelArrays, Manifest, SplitInfo, read_manifest, sha256_file
+from packer.format import FormatError, LabelArrays, Manifest, SplitInfo
+from packer.storage.files import hash_remote
+from packer.storage.fs import ChecksumError, RemoteError, display_url, is_url, join, redact
+from packer.storage.location import DatasetLocation
+from trainer.config import pick_split
+from trainer.data.shard_cache import cache_shards, url_key
 from trainer.data.transforms import letterbox_geometry
 
 log = logging.getLogger("trainer.data")
@@ -48,8 +53,6 @@ class SplitData:
     @property
     def display(self) -> str:
         """Where the data lives, fit to print (no credentials)."""
-        from packer.remote import display_url
-
         return display_url(self.url) if self.url else str(self.root)
 
     @property
@@ -74,8 +77,6 @@ class SplitData:
         cache, reusing copies already there; nothing to do for local data."""
         if self.url is None:
             return
-        from packer.remote import ChecksumError, RemoteError, cache_shards, display_url, redact
-
         rels = [self.info.shards[i].path for i in sorted(set(shard_ids))]
         if not rels:
             return
@@ -118,46 +119,38 @@ def open_split(
 
     Never scans shards to count: all counts come from the manifest. `shards` may be a URL
     (s3://, gs://, http(s)://, ...: manifest and labels are read remotely, shards are only
-    streamed or fetched later by the loader; file:// is read in place).
+    streamed or fetched later by the loader; file:// is read in place). `split` is picked by
+    the trainer's rule (`trainer.config.pick_split`): the split itself, else the only one
+    starting with it ("train" -> "train2017").
     """
-    from packer.remote import is_url
-
     if is_url(shards) and str(shards).startswith("file://"):
         shards = _file_url_path(str(shards))
-    if is_url(shards):
-        return _open_remote_split(str(shards), split, verify=verify, storage_options=storage_options,
-                                  cache_dir=cache_dir, cache_max_bytes=cache_max_bytes)
-    root = Path(shards)
+    loc = DatasetLocation(shards, storage_options)
     try:
-        manifest = read_manifest(root)
-    except FormatError as e:
-        raise DataError(str(e)) from None
-    split = resolve_split(manifest, split)
-    if split not in manifest.splits:
-        have = ", ".join(sorted(manifest.splits)) or "none"
-        raise DataError(f"{root}: no split {split!r} in the manifest (splits: {have})")
-    info = manifest.splits[split]
-    try:
-        labels = LabelArrays.load(root / info.labels)
-    except (FormatError, FileNotFoundError) as e:
-        raise DataError(f"{root / info.labels}: {e}") from None
-    if len(labels) != info.num_samples:
-        raise DataError(f"{root / info.labels}: {len(labels)} samples but the manifest says {info.num_samples}")
-    for sh in info.shards:
-        for p in [sh.path] + ([sh.index] if sh.index else []):
-            if not (root / p).exists():
-                raise DataError(f"{root / p}: listed in the manifest but missing")
-    if verify:
-        for sh in info.shards:
-            path = root / sh.path
-            digest = _sha256(path)
-            if digest != sh.sha256:
-                raise DataError(
-                    f"{path}: checksum mismatch (sha256 {digest[:12]}..., manifest says {sh.sha256[:12]}...): "
-                    "the shard is corrupt or was changed after packing; re-pack it or run without verify"
-                )
+        manifest = loc.manifest()
+        split = pick_split(manifest.splits, "auto", split) or split
+        if split not in manifest.splits:
+            have = ", ".join(sorted(manifest.splits)) or "none"
+            raise DataError(f"{loc.display}: no split {split!r} in the manifest (splits: {have})")
+        info = manifest.splits[split]
+        labels = loc.labels(split)
+        if loc.path is not None:
+            _check_listed_files(loc.path, info)
+        if verify:  # streams every shard once: the copy there is what the manifest says
+            _verify_shards(loc, info)
+    except DataError:
+        raise
+    except FileNotFoundError as e:
+        raise DataError(f"{loc.display}: not found ({redact(str(e), loc.storage_options)})") from None
+    except (ValueError, OSError) as e:  # FormatError, RemoteError, connection errors
+        raise DataError(redact(str(e), loc.storage_options).replace(loc.where, loc.display)) from None
     key_index = {str(k): i for i, k in enumerate(labels.keys.tolist())}
-    return SplitData(root, manifest, split, info, labels, key_index)
+    if loc.path is not None:
+        return SplitData(loc.path, manifest, split, info, labels, key_index)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return SplitData(cache / url_key(loc.where, loc.storage_options), manifest, split, info, labels, key_index,
+                     url=loc.where, storage_options=loc.storage_options, cache_dir=cache,
+                     cache_max_bytes=cache_max_bytes)
 
 
 def _file_url_path(url: str) -> Path:
@@ -169,68 +162,30 @@ def _file_url_path(url: str) -> Path:
     return Path(unquote(u.path))
 
 
-def _open_remote_split(url: str, split: str, *, verify: bool, storage_options: dict[str, Any] | None,
-                       cache_dir: str | Path | None, cache_max_bytes: int | None) -> SplitData:
-    from packer.remote import (
-        display_url,
-        fetch_labels,
-        get_fs,
-        hash_remote,
-        join,
-        open_manifest,
-        redact,
-        url_key,
-    )
-
-    so = dict(storage_options or {})
-    where = display_url(url)
-    try:
-        manifest = open_manifest(url, so)
-        split = resolve_split(manifest, split)
-        if split not in manifest.splits:
-            have = ", ".join(sorted(manifest.splits)) or "none"
-            raise DataError(f"{where}: no split {split!r} in the manifest (splits: {have})")
-        info = manifest.splits[split]
-        labels = fetch_labels(url, split, so, manifest)
-        if verify:  # streams every shard once: the remote copy is what the manifest says
-            fs, root = get_fs(url, so)
-            for sh in info.shards:
-                if manifest.format == "lmdb":
-                    continue  # an lmdb shard is checked when it is fetched (cache_shards hashes it)
-                digest, _ = hash_remote(fs, join(root, sh.path))
-                if digest != sh.sha256:
-                    raise DataError(f"{where}/{sh.path}: checksum mismatch (sha256 {digest[:12]}..., manifest says "
-                                    f"{sh.sha256[:12]}...): the remote shard is corrupt or was changed after packing")
-    except DataError:
-        raise
-    except FileNotFoundError as e:
-        raise DataError(f"{where}: not found ({redact(str(e), so)})") from None
-    except (ValueError, OSError) as e:  # FormatError, RemoteError, connection errors
-        raise DataError(redact(str(e), so).replace(url, where)) from None
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key_index = {str(k): i for i, k in enumerate(labels.keys.tolist())}
-    return SplitData(cache / url_key(url, so), manifest, split, info, labels, key_index, url=url,
-                     storage_options=so, cache_dir=cache, cache_max_bytes=cache_max_bytes)
+def _check_listed_files(root: Path, info: SplitInfo) -> None:
+    """Every shard and index file the manifest lists for the split is there (local data)."""
+    for sh in info.shards:
+        for p in [sh.path] + ([sh.index] if sh.index else []):
+            if not (root / p).exists():
+                raise DataError(f"{root / p}: listed in the manifest but missing")
 
 
-def resolve_split(manifest: Manifest, split: str) -> str:
-    """`split` itself, or the one split whose name starts with it ("train" -> "train2017")."""
-    if split in manifest.splits:
-        return split
-    matches = [s for s in manifest.splits if s.startswith(split)]
-    return matches[0] if len(matches) == 1 else split
-
-
-def _sha256(path: Path) -> str:
-    if path.is_dir():  # lmdb environment: hash of data.mdb (what the packer records)
-        path = path / "data.mdb"
-    return sha256_file(path)
+def _verify_shards(loc: DatasetLocation, info: SplitInfo) -> None:
+    """DataError unless every shard's sha256 equals the manifest's (each streamed once)."""
+    for sh in info.shards:
+        if loc.remote and loc.manifest().format == "lmdb":
+            continue  # a remote lmdb shard is checked when it is fetched (cache_shards hashes it)
+        digest, _ = hash_remote(loc.fs, join(loc.root, sh.path))
+        if digest != sh.sha256:
+            raise DataError(
+                f"{loc.where_of(sh.path)}: checksum mismatch (sha256 {digest[:12]}..., manifest says {sh.sha256[:12]}...): "
+                "the shard is corrupt or was changed after packing; refusing to train on it (re-pack or re-upload it, "
+                "or run without verify)"
+            )
 
 
 def default_workers() -> int:
     """CPUs per process on this node (LOCAL_WORLD_SIZE processes share them), at most 8."""
-    import os
-
     local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
     return max(1, min((os.cpu_count() or 1) // local, 8))
 
@@ -241,8 +196,6 @@ def default_device(device: str | torch.device, rank: int = 0) -> torch.device:
         return device
     if device == "auto":
         if torch.cuda.is_available():
-            import os
-
             local = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
             return torch.device("cuda", local)
         return torch.device("cpu")

@@ -10,84 +10,22 @@ on network storage, one ranged read per run).
 from __future__ import annotations
 
 import io
-import json
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import IO
 
-import lmdb
 import numpy as np
-from torch.utils.data import Dataset
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from packer.format import (
-    WDS_BOX,
-    WDS_CLASS,
-    WDS_IMAGE,
-    WDS_META,
-    FormatError,
-    Record,
-    decode_lmdb_record,
-    lmdb_key,
-)
+from packer.format import WDS_IMAGE, FormatError, Record
+from packer.storage.files import CHUNK, open_stream, read_bytes
+from packer.storage.fs import get_fs, join, retry
+from packer.writers import ShardReader, open_reader, wds
+from packer.writers.lmdb import Reader as LmdbRecords  # noqa: F401 - torch_loader re-exports the name
 from trainer.data.common import SplitData
 from trainer.data.split import Segment
 
 MAX_OPEN_SHARDS = 64  # shard files a process keeps open for reads by index (least recently used closed)
-
-
-class LmdbRecords(Dataset):
-    """Map-style access to a packed LMDB split: ``ds[i]`` is the Record of sample i."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self._env: lmdb.Environment | None = None
-        self._pid = -1
-
-    def _txn(self) -> lmdb.Transaction:
-        if self._env is None or self._pid != os.getpid():  # never share an environment across fork
-            self._env = lmdb.open(str(self.path), subdir=False, readonly=True, lock=False, readahead=False,
-                                  meminit=False, max_readers=64)
-            self._pid = os.getpid()
-        return self._env.begin(buffers=True)
-
-    def __len__(self) -> int:
-        with self._txn() as t:
-            return int(bytes(t.get(b"__count__")))
-
-    def __getitem__(self, i: int) -> Record:
-        with self._txn() as t:
-            buf = t.get(lmdb_key(i))
-            if buf is None:
-                raise FormatError(f"{self.path}: sample {i} missing")
-            return decode_lmdb_record(buf)
-
-
-def _wds_index(text: str) -> list[tuple[int, int]]:
-    """(header offset of the sample's first member, end of its last member's data) per sample."""
-    lines = text.splitlines()
-    out = []
-    for line in lines[1:]:
-        parts = line.split()
-        offs = [int(parts[i + 1]) for i in range(0, len(parts), 4)]
-        sizes = [int(parts[i + 2]) for i in range(0, len(parts), 4)]
-        out.append((offs[0] - 512, offs[-1] + sizes[-1]))
-    return out
-
-
-def _wds_jpeg_index(text: str) -> np.ndarray:
-    """int64 (n, 2): offset and size of each sample's image member (from the shard's index file)."""
-    out = []
-    for line in text.splitlines()[1:]:
-        parts = line.split()
-        for i in range(0, len(parts), 4):
-            if parts[i] == WDS_IMAGE:
-                out.append((int(parts[i + 1]), int(parts[i + 2])))
-                break
-        else:
-            out.append((-1, 0))
-    return np.asarray(out, dtype=np.int64).reshape(-1, 2)
 
 
 class _Window(io.RawIOBase):
@@ -114,15 +52,6 @@ class _Window(io.RawIOBase):
         super().close()
 
 
-def _wds_record(sample: dict) -> Record:
-    meta = json.loads(sample[WDS_META])
-    return Record(
-        key=meta["key"], source=meta["source"], jpeg=sample[WDS_IMAGE], height=meta["height"],
-        width=meta["width"], orig_height=meta["orig_height"], orig_width=meta["orig_width"],
-        cls=np.frombuffer(sample[WDS_CLASS], dtype="<i4"), boxes=np.frombuffer(sample[WDS_BOX], dtype="<f4"),
-    )
-
-
 class RecordSource:
     """Reads records of one split by (shard, position), in whichever format it was packed.
 
@@ -141,36 +70,29 @@ class RecordSource:
             raise ValueError("streaming reads WebDataset shards on network storage only")
         self.url, self.storage_options = data.url, data.storage_options
         self.rels = [(sh.path, sh.index) for sh in data.info.shards]
-        self._open: dict[int, object] = {}
+        self.sizes = [sh.bytes for sh in data.info.shards]  # what the manifest says each shard holds
+        self._open: dict[int, ShardReader | np.ndarray] = {}
         self._jpeg_index: dict[int, tuple[int, np.ndarray]] = {}  # shard -> (fd, offsets/sizes), per process
         self._fs: tuple[int, object, str] | None = None
 
     def _remote(self) -> tuple[object, str]:
         """This process's filesystem object (never shared across fork: its sessions would be)."""
         if self._fs is None or self._fs[0] != os.getpid():
-            from packer.remote import get_fs
-
             fs, root = get_fs(self.url, self.storage_options)
             self._fs = (os.getpid(), fs, root)
         return self._fs[1], self._fs[2]
 
-    def _reader(self, shard: int):  # noqa: ANN202
+    def _reader(self, shard: int) -> ShardReader | np.ndarray:
+        """The shard's reader (tfrecord, lmdb) or, for wds, its sample ranges (`wds.read_index`)."""
         r = self._open.get(shard)
         if r is None:
-            if self.fmt == "lmdb":
-                r = LmdbRecords(self.paths[shard])
-            elif self.fmt == "wds":
-                if self.stream:
-                    from packer.remote import join, read_bytes
-
-                    fs, root = self._remote()
-                    r = _wds_index(read_bytes(fs, join(root, self.rels[shard][1])).decode())
-                else:
-                    r = _wds_index(self.index_paths[shard].read_text())
+            if self.fmt != "wds":
+                r = open_reader(self.fmt, self.paths[shard])
+            elif self.stream:
+                fs, root = self._remote()
+                r = wds.read_index(read_bytes(fs, join(root, self.rels[shard][1])), self.sizes[shard])
             else:
-                from packer.writers import open_reader
-
-                r = open_reader("tfrecord", self.paths[shard])
+                r = wds.read_index(self.index_paths[shard], os.path.getsize(self.paths[shard]))
             self._open[shard] = r
         return r
 
@@ -184,14 +106,12 @@ class RecordSource:
                 os.close(self._jpeg_index.pop(next(iter(self._jpeg_index)))[0])
             fd = os.open(self.paths[shard], os.O_RDONLY)
             try:
-                got = (fd, _wds_jpeg_index(self.index_paths[shard].read_text()))
+                got = (fd, wds.read_index(self.index_paths[shard], os.fstat(fd).st_size, member=WDS_IMAGE))
             except BaseException:
                 os.close(fd)
                 raise
         self._jpeg_index[shard] = got
         off, size = (int(v) for v in got[1][pos])
-        if off < 0:
-            raise FormatError(f"{self.paths[shard]}: record {pos} has no .{WDS_IMAGE} member")
         data = os.pread(got[0], size, off)
         if len(data) != size:
             raise FormatError(f"{self.paths[shard]}: record {pos} is cut short ({len(data)} of {size} bytes)")
@@ -204,20 +124,15 @@ class RecordSource:
         self._jpeg_index.clear()
 
     def read(self, shard: int, pos: int) -> Record:
-        r = self._reader(shard)
-        if self.fmt == "lmdb":
-            return r[pos]
         if self.fmt == "wds":
             return next(iter(self._wds_stream(shard, pos, pos + 1)))
-        return r.read(pos)
+        return self._reader(shard)[pos]
 
     def _open_at(self, shard: int, offset: int) -> IO[bytes]:
         if not self.stream:
             f = open(self.paths[shard], "rb", buffering=0)  # noqa: SIM115 - closed by _Window
             f.seek(offset)
             return f
-        from packer.remote import CHUNK, join, open_stream, retry
-
         if offset == 0:  # from the start: one streaming GET (http) / sequential ranges (object stores)
             return open_stream(join(self.url, self.rels[shard][0]), self.storage_options)
         fs, root = self._remote()
@@ -227,14 +142,15 @@ class RecordSource:
 
     def _wds_stream(self, shard: int, start: int, stop: int) -> Iterator[Record]:
         idx = self._reader(shard)
-        begin, end = idx[start][0], -(-idx[stop - 1][1] // 512) * 512  # end padded to a block
+        begin, end = int(idx[start, 0]), int(idx[stop - 1].sum())  # sample ranges end on a tar block
         win = _Window(self._open_at(shard, begin), end - begin)
         name = self.rels[shard][0] if self.stream else str(self.paths[shard])
         try:
             stream = io.BufferedReader(win, buffer_size=1 << 20)
             files = tar_file_expander([{"url": name, "stream": stream}])
             for sample in group_by_keys(files):
-                yield _wds_record(sample)
+                key = sample["__key__"]
+                yield wds.decode_sample(sample, key, f"{name}: sample {key}")
         finally:
             win.close()
 
