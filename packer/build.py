@@ -32,7 +32,6 @@ from packer import __version__, parts
 from packer.errors import DATA
 from packer.format import (
     FORMATS,
-    LABELS_NAME,
     MANIFEST_NAME,
     REPORT_NAME,
     LabelArrays,
@@ -391,11 +390,6 @@ def _finish_split(run: _Run, split: str, nc: int) -> SplitInfo:
     entries = run.journal.shards(split)
     # journal entries without a shard (a tail of skipped images) add no samples, so shard ids stay aligned
     labels = LabelArrays.concat([run.journal.load_piece(split, e["number"], "npz") for e in entries])
-    run.folder.claim(f"{split}/{LABELS_NAME}")
-    labels.save(run.out / split / LABELS_NAME)
+    run.folder.save_labels(split, labels)
     shards = [ShardInfo(**e["info"]) for e in entries if e["info"]]
-    counts = np.bincount(labels.cls, minlength=nc)[:nc] if len(labels.cls) else np.zeros(nc, dtype=np.int64)
-    return SplitInfo(
-        num_samples=len(labels), num_boxes=int(len(labels.cls)), class_counts=[int(c) for c in counts],
-        labels=f"{split}/{LABELS_NAME}", shards=shards,
-    )
+    return SplitInfo.of(split, labels, nc, shards)

@@ -25,7 +25,6 @@ from packer import __version__
 from packer.format import (
     FORMATS,
     LABEL_FIELDS,
-    LABELS_NAME,
     MANIFEST_NAME,
     REPORT_NAME,
     FormatError,
@@ -34,7 +33,6 @@ from packer.format import (
     ShardInfo,
     SplitInfo,
     atomic_write_bytes,
-    check_split_name,
     read_manifest,
     sha256_file,
     shard_name,
@@ -81,9 +79,7 @@ def convert_dataset(
     if shard_size is not None and fmt == "lmdb":
         raise ConvertError("--shard-size does not apply to lmdb (one environment per split)")
     src = Path(src).resolve()
-    m = read_manifest(src)
-    for split in m.splits:
-        check_split_name(split)
+    m = read_manifest(src)  # split names checked there (Manifest.validate)
     try:
         with output_folder(out, source=src, hint="free some space (or choose another -o), then convert again") as folder:
             folder.prepare(overwrite=overwrite, verb="replace")
@@ -202,11 +198,8 @@ def _split_info(folder: OutputFolder, split: str, nc: int, labels: LabelArrays, 
     """Write the split's labels.npz (after comparing with the source's) and describe the split."""
     if check_against is not None:
         _check_labels(check_against, labels, split)
-    folder.claim(f"{split}/{LABELS_NAME}")
-    labels.save(folder.root / split / LABELS_NAME)
-    counts = np.bincount(labels.cls, minlength=nc)[:nc] if len(labels.cls) else np.zeros(nc, np.int64)
-    return SplitInfo(num_samples=len(labels), num_boxes=int(len(labels.cls)), class_counts=[int(c) for c in counts],
-                     labels=f"{split}/{LABELS_NAME}", shards=shards)
+    folder.save_labels(split, labels)
+    return SplitInfo.of(split, labels, nc, shards)
 
 
 def _open_writer(folder: OutputFolder, split: str, number: int, fmt: str) -> ShardWriter:

@@ -68,6 +68,7 @@ WDS_CLASS = "cls"  # int32 little-endian, N
 WDS_BOX = "box"  # float32 little-endian, 4N
 WDS_META = "json"  # {"key", "source", "height", "width", "orig_height", "orig_width"}
 WDS_MEMBER_ORDER = (WDS_IMAGE, WDS_CLASS, WDS_BOX, WDS_META)
+META_FIELDS = ("key", "source", "height", "width", "orig_height", "orig_width")  # the .json's keys, in order
 
 # --- LMDB: key = zero-padded sample index (ascii); value = one binary record ---
 LMDB_KEY_DIGITS = 10
@@ -107,15 +108,8 @@ class Record:
         check_key(self.key)
 
     def meta(self) -> dict[str, Any]:
-        """The JSON-able per-sample metadata (WebDataset's `<key>.json`)."""
-        return {
-            "key": self.key,
-            "source": self.source,
-            "height": self.height,
-            "width": self.width,
-            "orig_height": self.orig_height,
-            "orig_width": self.orig_width,
-        }
+        """The JSON-able per-sample metadata (WebDataset's `<key>.json`), keys in `META_FIELDS` order."""
+        return {k: getattr(self, k) for k in META_FIELDS}
 
 
 def make_key(source: str) -> str:
@@ -203,6 +197,12 @@ class SplitInfo:
     class_counts: list[int]  # boxes per class id
     labels: str  # path of the split's labels.npz, relative to the manifest
     shards: list[ShardInfo] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, split: str, labels: LabelArrays, num_classes: int, shards: list[ShardInfo]) -> SplitInfo:
+        """The manifest entry of `split`: its `<split>/labels.npz` holds `labels`, its shards `shards`."""
+        return cls(num_samples=len(labels), num_boxes=len(labels.cls), labels=f"{split}/{LABELS_NAME}",
+                   class_counts=labels.class_counts(num_classes).tolist(), shards=shards)
 
 
 @dataclass
@@ -329,6 +329,10 @@ class LabelArrays:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def class_counts(self, num_classes: int) -> np.ndarray:
+        """int64 (num_classes,): boxes of each class id (ids outside 0..num_classes-1 are not counted)."""
+        return np.bincount(self.cls[(self.cls >= 0) & (self.cls < num_classes)], minlength=num_classes).astype(np.int64)
 
     def labels(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         a, b = self.offsets[i], self.offsets[i + 1]

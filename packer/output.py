@@ -20,10 +20,22 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from packer.errors import DATA, PackerError
-from packer.format import MANIFEST_NAME, REPORT_NAME, FormatError, Manifest, check_relpath, read_manifest
+from packer.format import (
+    LABELS_NAME,
+    MANIFEST_NAME,
+    REPORT_NAME,
+    FormatError,
+    Manifest,
+    check_relpath,
+    read_manifest,
+)
 from packer.lock import LOCK_NAME, LockError, WriterLock
+
+if TYPE_CHECKING:
+    from packer.format import LabelArrays
 
 STATE_DIR = ".packer-state"  # journal of an unfinished run; its presence marks the folder as ours
 WRITTEN_NAME = "written.txt"  # every file a run may create, one relative path per line
@@ -235,6 +247,12 @@ class OutputFolder:
         if new:
             record_written(self.root, new)
             self._owned.update(new)
+
+    def save_labels(self, split: str, labels: LabelArrays) -> None:
+        """Write `<split>/labels.npz` atomically, claimed first (OutputError if a file of the user's is there)."""
+        rel = f"{split}/{LABELS_NAME}"
+        self.claim(rel)
+        labels.save(self.root / rel)
 
     def finish(self) -> None:
         """After the manifest: the journal folder goes (the manifest now lists what packer wrote)."""

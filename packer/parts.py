@@ -42,7 +42,6 @@ from packer.format import (
     ShardInfo,
     SplitInfo,
     atomic_write_bytes,
-    check_split_name,
     dumps_json,
     read_manifest,
     write_manifest,
@@ -184,7 +183,7 @@ def merge_parts(dest: str | os.PathLike, *, check_files: bool = True) -> Manifes
         folder.claim(*(f"{split}/{LABELS_NAME}" for split in merged_labels), REPORT_NAME, MANIFEST_NAME)
         (dest / MANIFEST_NAME).unlink(missing_ok=True)  # a re-merge must not look complete half-way
         for split, labels in merged_labels.items():
-            labels.save(dest / split / LABELS_NAME)
+            folder.save_labels(split, labels)  # claimed above, before the old manifest went
         atomic_write_bytes(dest / REPORT_NAME, dumps_json(report))
         write_manifest(dest, manifest)  # last: its presence means "complete"
         folder.finish()
@@ -198,9 +197,7 @@ def _merged(dest: Path, n: int, folders: list[Path],
     first = manifests[0]
     for i, m in enumerate(manifests[1:], 1):
         _check_same(folders[i], i, n, first, m)
-    splits = list(first.splits)
-    for split in splits:
-        check_split_name(split)
+    splits = list(first.splits)  # names checked by read_manifest (Manifest.validate)
     if PARTS_DIR in splits:
         raise PartsError(f"a split named {PARTS_DIR!r} would clash with the parts folder; rename that split")
     reports = [_read_report(dest, i, n, d) for i, d in enumerate(folders)]
@@ -245,11 +242,7 @@ def _merge_split(dest: Path, split: str, folders: list[Path], manifests: list[Ma
         owner.append(np.full(len(la), i, dtype=np.int64))
     labels = LabelArrays.concat(pieces)
     _check_unique(split, labels, np.concatenate(owner) if owner else np.zeros(0, np.int64))
-    nc = len(manifests[0].names)
-    counts = np.bincount(labels.cls, minlength=nc)[:nc] if len(labels.cls) else np.zeros(nc, np.int64)
-    info = SplitInfo(num_samples=len(labels), num_boxes=int(len(labels.cls)), class_counts=[int(c) for c in counts],
-                     labels=f"{split}/{LABELS_NAME}", shards=shards)
-    return info, labels
+    return SplitInfo.of(split, labels, len(manifests[0].names), shards), labels
 
 
 def _read_part(dest: Path, i: int, n: int, d: Path) -> Manifest:

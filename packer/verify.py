@@ -97,8 +97,7 @@ def _split_labels(loc: DatasetLocation, m: Manifest, split: str, res: VerifyResu
         return None
     if len(labels) != info.num_samples:
         res.errors.append(f"{split}: labels.npz has {len(labels)} samples, manifest says {info.num_samples}")
-    counts = np.bincount(labels.cls, minlength=len(m.names))[: len(m.names)].tolist() if len(labels.cls) else [0] * len(m.names)
-    if counts != info.class_counts or len(labels.cls) != info.num_boxes:
+    if labels.class_counts(len(m.names)).tolist() != info.class_counts or len(labels.cls) != info.num_boxes:
         res.errors.append(f"{split}: class counts in labels.npz differ from the manifest")
     return labels
 

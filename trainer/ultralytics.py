@@ -370,10 +370,9 @@ class ShardsTrainer(DetectionTrainer):
         unwrap_model(self.model).set_head_attr(max_det=self.args.max_det)
 
     def get_class_counts(self) -> np.ndarray:
-        cls = self._labels(self.data["train"]).cls
-        if self.args.single_cls:
-            cls = np.zeros_like(cls)
-        return np.bincount(cls.astype(int), minlength=self.data["nc"]).astype(np.float32)
+        la = self._labels(self.data["train"])
+        counts = np.array([len(la.cls)]) if self.args.single_cls else la.class_counts(self.data["nc"])
+        return counts.astype(np.float32)
 
     def plot_training_labels(self) -> None:
         la = self._labels(self.data["train"])

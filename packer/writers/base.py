@@ -173,21 +173,28 @@ class ShardWriter(ABC):
 class IndexedFileWriter(ShardWriter):
     """A shard file plus its index file, both at hidden temp names until `close`.
 
-    Subclasses write `self._data` in `add` and implement `_finalize` (trailer, index
-    contents; leaves `self._idx` finished) and `_temps` (every temp file they hold).
+    Subclasses write `self._data` in `add`, open index temp files with `_index_temp`, implement
+    `_finalize` (trailer, index contents; leaves `self._idx` finished) and extend `_temps` with
+    any other temp file they hold.
     """
 
-    index: Path
-    _data: TempFile
-    _idx: TempFile | None
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.index = index_path(self.path)
+        self._data = TempFile(self.path)
+        self._idx: TempFile | None = None
 
     @abstractmethod
     def _finalize(self) -> None:
         """Write what ends the shard and its index, fsync both (still at temp names)."""
 
-    @abstractmethod
+    def _index_temp(self) -> TempFile:
+        """A new temp file for the index (not hashed: the manifest records the shard's sha256 only)."""
+        return TempFile(self.index, hashed=False)
+
     def _temps(self) -> list[TempFile | None]:
         """Every temp file this writer holds (removed by abort)."""
+        return [self._data, self._idx]
 
     def close(self) -> WrittenShard:
         if self._result is not None:
@@ -257,3 +264,26 @@ class ShardReader(ABC):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+class IndexedFileReader(ShardReader):
+    """A shard file read through its index file with positional reads (tfrecord, wds).
+
+    Subclasses parse the index in `_load_index`; FormatError if the shard is missing.
+    """
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        if not self.path.is_file():
+            raise FormatError(f"{self.path}: shard not found")
+        self._load_index(index_path(self.path), self.path.stat().st_size)
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    @abstractmethod
+    def _load_index(self, index: Path, shard_size: int) -> None:
+        """Read and check the index file `index` of a shard of `shard_size` bytes."""
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

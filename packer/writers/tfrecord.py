@@ -35,14 +35,7 @@ from packer.format import (
     FormatError,
     Record,
 )
-from packer.writers.base import (
-    IndexedFileWriter,
-    ShardReader,
-    TempFile,
-    index_bytes,
-    index_path,
-    indexed_shard_size,
-)
+from packer.writers.base import IndexedFileReader, IndexedFileWriter, index_bytes, indexed_shard_size
 
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
@@ -158,10 +151,8 @@ class Writer(IndexedFileWriter):
 
     def __init__(self, path: Path):
         super().__init__(path)
-        self.index = index_path(self.path)
-        self._data = TempFile(self.path)
         try:
-            self._idx = TempFile(self.index, hashed=False)
+            self._idx = self._index_temp()
         except BaseException:
             self._data.discard()
             raise
@@ -181,19 +172,12 @@ class Writer(IndexedFileWriter):
         self._data.finish()
         self._idx.finish()
 
-    def _temps(self) -> list[TempFile | None]:
-        return [self._data, self._idx]
 
-
-class Reader(ShardReader):
+class Reader(IndexedFileReader):
     """Reads a TFRecord shard with its `.idx`; checks both CRCs of every record."""
 
-    def __init__(self, path: Path):
-        super().__init__(path)
-        if not self.path.is_file():
-            raise FormatError(f"{self.path}: shard not found")
-        self.index = read_index(index_path(self.path), self.path.stat().st_size)
-        self._fd = os.open(self.path, os.O_RDONLY)
+    def _load_index(self, index: Path, shard_size: int) -> None:
+        self.index = read_index(index, shard_size)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -229,11 +213,6 @@ class Reader(ShardReader):
                 if len(buf) != size:
                     raise FormatError(f"{self.path}: record {pos}: truncated")
                 yield self._parse(buf, pos)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
 
 # ------------------------------------------------------------------------------ index

@@ -19,19 +19,26 @@ from pathlib import Path
 
 import numpy as np
 
-from packer.format import WDS_BOX, WDS_CLASS, WDS_IMAGE, WDS_MEMBER_ORDER, WDS_META, FormatError, Record
+from packer.format import (
+    META_FIELDS,
+    WDS_BOX,
+    WDS_CLASS,
+    WDS_IMAGE,
+    WDS_MEMBER_ORDER,
+    WDS_META,
+    FormatError,
+    Record,
+)
 from packer.writers.base import (
+    IndexedFileReader,
     IndexedFileWriter,
-    ShardReader,
     TempFile,
     index_bytes,
-    index_path,
     indexed_shard_size,
 )
 
 BLOCK = tarfile.BLOCKSIZE
 INDEX_VERSION = "v1.2"
-_META_FIELDS = ("key", "source", "height", "width", "orig_height", "orig_width")
 
 
 def _member(name: str, size: int) -> tarfile.TarInfo:
@@ -57,12 +64,9 @@ class Writer(IndexedFileWriter):
 
     def __init__(self, path: Path):
         super().__init__(path)
-        self.index = index_path(self.path)
-        self._data = TempFile(self.path)
         self._lines: TempFile | None = None
-        self._idx: TempFile | None = None
         try:
-            self._lines = TempFile(self.index, hashed=False)
+            self._lines = self._index_temp()
             self._tar = tarfile.TarFile(
                 fileobj=self._data, mode="w", format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict",
                 copybufsize=1 << 20,
@@ -95,7 +99,7 @@ class Writer(IndexedFileWriter):
         self._data.finish()
         self._lines.finish()
         # the v1.2 header needs the sample count, known only now: header + the streamed lines
-        self._idx = TempFile(self.index, hashed=False)
+        self._idx = self._index_temp()
         self._idx.write(f"{INDEX_VERSION} {self.num_samples}\n".encode())
         with open(self._lines.tmp, "rb") as f:
             while chunk := f.read(1 << 20):
@@ -104,7 +108,7 @@ class Writer(IndexedFileWriter):
         self._lines.discard()
 
     def _temps(self) -> list[TempFile | None]:
-        return [self._data, self._lines, self._idx]
+        return [*super()._temps(), self._lines]
 
 
 def decode_sample(members: Mapping[str, bytes], key: str, where: str = "sample") -> Record:
@@ -119,7 +123,7 @@ def decode_sample(members: Mapping[str, bytes], key: str, where: str = "sample")
         raise FormatError(f"{where}: .cls has {len(cls)} bytes but .box has {len(box)} (want 4x)")
     try:
         meta = json.loads(members[WDS_META])
-        fields = {k: meta[k] for k in _META_FIELDS}
+        fields = {k: meta[k] for k in META_FIELDS}
     except (ValueError, KeyError, TypeError) as e:
         raise FormatError(f"{where}: bad .json metadata ({e})") from None
     if fields["key"] != key:
@@ -133,18 +137,14 @@ def decode_sample(members: Mapping[str, bytes], key: str, where: str = "sample")
         raise FormatError(f"{where}: {e}") from None
 
 
-class Reader(ShardReader):
+class Reader(IndexedFileReader):
     """Reads a wds tar through its index (`tarfile` parses each sample's members); checks every
     member's name, offset and size against the index."""
 
-    def __init__(self, path: Path):
-        super().__init__(path)
-        if not self.path.is_file():
-            raise FormatError(f"{self.path}: shard not found")
-        _, self.keys, self.members = _parse_index(*index_bytes(index_path(self.path)), self.path.stat().st_size)
+    def _load_index(self, index: Path, shard_size: int) -> None:
+        _, self.keys, self.members = _parse_index(*index_bytes(index), shard_size)
         self._ranges = _sample_ranges(self.members).tolist()  # plain ints: read() is per sample
         self._rows = self.members.tolist()
-        self._fd = os.open(self.path, os.O_RDONLY)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -171,11 +171,6 @@ class Reader(ShardReader):
     def __iter__(self) -> Iterator[Record]:
         for pos in range(len(self)):
             yield self.read(pos)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
 
 # ------------------------------------------------------------------------------ index
