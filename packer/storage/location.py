@@ -25,10 +25,21 @@ from packer.format import (
     Manifest,
     ShardInfo,
     parse_manifest,
+    sha256_file,
 )
 from packer.schema import MANIFEST_MAX_BYTES
 from packer.storage.files import download, read_bytes
-from packer.storage.fs import DEFAULT_ATTEMPTS, RemoteError, display_url, get_fs, is_url, join, redact, retry
+from packer.storage.fs import (
+    DEFAULT_ATTEMPTS,
+    ChecksumError,
+    RemoteError,
+    display_url,
+    get_fs,
+    is_url,
+    join,
+    redact,
+    retry,
+)
 
 
 class DatasetLocation:
@@ -124,10 +135,12 @@ class DatasetLocation:
     @contextlib.contextmanager
     def local_shard(self, sh: ShardInfo, *, checked: bool = False) -> Iterator[tuple[Path | None, Path | None]]:
         """(shard, index file) as local files for the block, the index next to its shard where the
-        readers look for it: in place for a folder, temporary downloads of a URL's (with `checked`,
-        ChecksumError unless the shard's size and sha256 equal the manifest's). None where absent."""
+        readers look for it: in place for a folder, temporary downloads of a URL's. With `checked`,
+        ChecksumError unless the shard's size and sha256 equal the manifest's. None where absent."""
         if self.path is not None:
             with self.local(sh.path) as path, self.local(sh.index) as idx:
+                if checked and path is not None and (path.stat().st_size != sh.bytes or sha256_file(path) != sh.sha256):
+                    raise ChecksumError(f"{path}: size or sha256 differs from the manifest")
                 yield path, idx
             return
         with tempfile.TemporaryDirectory(prefix="packer-fetch-") as d:
