@@ -31,6 +31,7 @@ from trainer.data.transforms import (
     AugmentConfig,
     augment_boxes,
     augment_image,
+    mix_partner,
     norm_to_tile_many,
     partner_ids,
     sample_params,
@@ -260,14 +261,27 @@ class _Batch:
             self.pool.append(ds._tile(idx))
             p = sample_params(self.rng, ds.augment, s, mosaic=self.mosaic)
             ids = partner_ids(p, len(self.pool) - 1, len(self.pool))
-            augment_image([self.pool[i][0] for i in ids], p, s, out=slot.numpy())
-            c, b = augment_boxes([(self.pool[i][1], self.pool[i][2]) for i in ids], p, s)
+            mix, mix_boxes = self._mix_partner(p)
+            augment_image([self.pool[i][0] for i in ids], p, s, out=slot.numpy(), mix=mix)
+            c, b = augment_boxes([(self.pool[i][1], self.pool[i][2]) for i in ids], p, s, mix=mix_boxes)
         else:  # letterbox only, straight into the batch; every label kept as is (validation needs all)
             ds._letterbox(idx, slot.numpy())
             c, b = ds._labels(idx)
         self.labels.append((c, xyxy_to_yolo(b, s)))
         self.indices.append(idx)
         self.valid.append(ok)
+
+    def _mix_partner(self, p: np.ndarray) -> tuple[tuple | None, tuple | None]:
+        """mixup: the partner's (tiles, params) and (tiles' labels, params), drawn from the recent
+        tiles and augmented on its own (mosaic and warp, as ultralytics' mixup pre-transform); Nones
+        without mixup."""
+        n = len(self.pool)
+        j = mix_partner(p, n - 1, n)
+        if j is None:
+            return None, None
+        p2 = sample_params(self.rng, self.ds.augment, self.ds.imgsz, mosaic=self.mosaic, mix=False)
+        ids = partner_ids(p2, j, n)
+        return ([self.pool[i][0] for i in ids], p2), ([(self.pool[i][1], self.pool[i][2]) for i in ids], p2)
 
     def put_and_flush(self, idx: int, ok: bool) -> Iterator[dict]:
         self.put(idx, ok)

@@ -52,11 +52,13 @@ from trainer.data.transforms import (
     FILL,
     P_AFFINE,
     P_HUE,
+    P_MIX,
     P_SAT,
     P_VAL,
     AugmentConfig,
     augment_boxes,
     identity_params,
+    mix_partner,
     norm_to_tile,
     partner_ids,
     paste_regions,
@@ -71,106 +73,140 @@ MAX_CONSECUTIVE_ERRORS = 8
 
 
 class _ParamSource:
-    """external_source callback: per-sample augmentation parameters of each batch."""
+    """external_source callback: per-sample augmentation parameters of each batch.
+
+    Outputs per sample: params, mosaic tile ids, paste regions (3), 2x3 matrix, hue, sat, value;
+    with mixup also the partner's params, tile ids, paste regions, matrix, and the weight r (the
+    partner is another sample of the batch, made with its own mosaic and warp; r = 1: no mixup)."""
 
     def __init__(self, cfg: AugmentConfig, imgsz: int, batch: int, seed: list[int]):
         self.cfg, self.imgsz, self.batch = cfg, imgsz, batch
         self.rng = np.random.default_rng(seed)
         self.mosaic = True
+        self.num_outputs = 9 + (7 if cfg.mixup > 0 else 0)
 
     def __call__(self) -> tuple[list[np.ndarray], ...]:
         s = self.imgsz
-        out: tuple[list[np.ndarray], ...] = tuple([] for _ in range(9))
+        out: tuple[list[np.ndarray], ...] = tuple([] for _ in range(self.num_outputs))
         for i in range(self.batch):
             p = sample_params(self.rng, self.cfg, s, mosaic=self.mosaic) if not self.cfg.is_off else identity_params(s)
-            ids = partner_ids(p, i, self.batch)
-            q = paste_regions(p, s)
-            vals = (
-                p,
-                np.asarray(ids, dtype=np.int32),
-                np.ascontiguousarray(q[:, 0]),
-                np.ascontiguousarray(q[:, 1]),
-                np.ascontiguousarray(q[:, 2]),
-                p[P_AFFINE].reshape(2, 3).astype(np.float32),
-                np.float32(p[P_HUE]),
-                np.float32(p[P_SAT]),
-                np.float32(p[P_VAL]),
-            )
+            vals = [*self._paste(p, i), np.float32(p[P_HUE]), np.float32(p[P_SAT]), np.float32(p[P_VAL])]
+            if self.num_outputs > 9:
+                j = mix_partner(p, i, self.batch)
+                p2 = identity_params(s) if j is None else sample_params(self.rng, self.cfg, s, mosaic=self.mosaic,
+                                                                        mix=False)
+                vals += [*self._paste(p2, i if j is None else j), np.float32(p[P_MIX])]
             for lst, v in zip(out, vals, strict=True):
                 lst.append(np.asarray(v))
         return out
 
+    def _paste(self, p: np.ndarray, own: int) -> list[np.ndarray]:
+        """params, tile ids, the three paste-region arrays and the 2x3 matrix of one sample."""
+        q = paste_regions(p, self.imgsz)
+        ids = np.asarray(partner_ids(p, own, self.batch), dtype=np.int32)
+        regions = [np.ascontiguousarray(q[:, k]) for k in range(3)]
+        return [p, ids, *regions, p[P_AFFINE].reshape(2, 3).astype(np.float32)]
 
-def _build_pipeline(data: SplitData, *, imgsz: int, batch: int, train: bool, augment: bool, rank: int,
-                    world_size: int, seed: int, threads: int, device_id: int | None, params: _ParamSource | None,
+
+def _reader(data: SplitData, files: list[tuple[str, str]], common: dict):  # noqa: ANN202 - DALI nodes
+    """(jpeg, key, cls, box (N, 4)) from the split's tfrecord or WebDataset reader."""
+    from nvidia.dali import fn, types
+
+    paths = [p for p, _ in files]
+    idx = [i for _, i in files]
+    if data.fmt == "tfrecord":
+        import nvidia.dali.tfrecord as tfrec
+
+        f = fn.readers.tfrecord(
+            path=paths, index_path=idx,
+            features={
+                TF_IMAGE: tfrec.FixedLenFeature((), tfrec.string, ""),
+                TF_KEY: tfrec.FixedLenFeature((), tfrec.string, ""),
+                TF_CLASS: tfrec.VarLenFeature(tfrec.int64, 0),
+                TF_BBOX: tfrec.VarLenFeature([4], tfrec.float32, 0.0),
+            },
+            **common,
+        )
+        return f[TF_IMAGE], f[TF_KEY], f[TF_CLASS], f[TF_BBOX]
+    jpeg, cls, box, key = fn.readers.webdataset(
+        paths=paths, index_paths=idx, ext=[WDS_IMAGE, WDS_CLASS, WDS_BOX, WDS_META],
+        dtypes=[types.UINT8, types.INT32, types.FLOAT, types.UINT8], **common,
+    )
+    return jpeg, key, cls, fn.reshape(box, shape=[-1, 4])
+
+
+def _letterbox(img, imgsz: int, resize: bool):  # noqa: ANN001, ANN202 - DALI nodes
+    """Letterbox exactly as transforms.letterbox_geometry: long side to S (ceil, like ultralytics),
+    centred 114 pad. resize=False: every stored image is S on its long side (only the pad)."""
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
+
+    s = float(imgsz)
+    hw = fn.cast(img.shape(), dtype=types.FLOAT)
+    h, w = hw[0], hw[1]
+    r = s / dmath.max(h, w)
+    nw = dmath.max(dmath.min(dmath.ceil(w * r - 1e-3), s), 1.0)
+    nh = dmath.max(dmath.min(dmath.ceil(h * r - 1e-3), s), 1.0)
+    if resize:  # some stored images are not S on their long side: resample (as cv2.resize does)
+        img = fn.resize(img, size=fn.stack(nh, nw), antialias=False, interp_type=types.INTERP_LINEAR)
+    # the centred 114 pad is a slice with a negative anchor (exact integers, no resampling)
+    py, px = dmath.floor((s - nh) * 0.5), dmath.floor((s - nw) * 0.5)
+    full = r * 0.0 + s
+    return fn.slice(img, fn.stack(-py, -px), fn.stack(full, full), axes=[0, 1], normalized_anchor=False,
+                    normalized_shape=False, out_of_bounds_policy="pad", fill_values=FILL)
+
+
+def _augment(tiles, params: _ParamSource, imgsz: int):  # noqa: ANN001, ANN202 - DALI nodes
+    """(augmented images, [params, tile ids (, partner params, partner tile ids)]): mosaic
+    (multi_paste of the batch's letterboxed tiles), warp_affine, [mixup blend], HSV."""
+    from nvidia.dali import fn, types
+
+    outs = fn.external_source(source=params, num_outputs=params.num_outputs, batch=True)
+    p, ids, in_a, shapes, out_a, a, hue, sat, val = outs[:9]
+
+    def geometry(ids, in_a, shapes, out_a, a):  # noqa: ANN001, ANN202
+        img = fn.multi_paste(tiles, in_ids=ids, in_anchors=in_a, shapes=shapes, out_anchors=out_a,
+                             output_size=[imgsz, imgsz])
+        return fn.warp_affine(img, matrix=a, size=[imgsz, imgsz], fill_value=FILL, inverse_map=False)
+
+    out = geometry(ids, in_a, shapes, out_a, a)
+    extra = [p, ids]
+    if len(outs) > 9:  # mixup: r * own + (1 - r) * partner, rounded back to uint8
+        p2, ids2, in_a2, shapes2, out_a2, a2, r = outs[9:]
+        other = geometry(ids2, in_a2, shapes2, out_a2, a2)
+        out = fn.cast(out * r + other * (1.0 - r), dtype=types.UINT8)  # cast rounds, as cv2.addWeighted
+        extra += [p2, ids2]
+    return fn.hsv(out, hue=hue, saturation=sat, value=val), extra
+
+
+def _build_pipeline(data: SplitData, *, imgsz: int, batch: int, train: bool, rank: int, world_size: int,
+                    seed: int, threads: int, device_id: int | None, params: _ParamSource | None,
                     files: list[tuple[str, str]] | None = None):
-    """The one pipeline definition (CPU when `device_id` is None, GPU decoding otherwise).
+    """The one pipeline definition (CPU when `device_id` is None, GPU decoding otherwise);
+    augmenting when `params` is given.
 
     files: (shard, index) pairs to read instead of all shards of the split; the caller then
     passes the shard_id/num_shards that apply to them (`rank`, `world_size`)."""
     from nvidia.dali import fn, pipeline_def, types
-    from nvidia.dali import math as dmath
 
     if files is None:
-        n = len(data.info.shards)
-        files = [(str(data.shard_path(i)), str(data.index_path(i))) for i in range(n)]
-    paths = [p for p, _ in files]
-    idx = [i for _, i in files]
+        files = [(str(data.shard_path(i)), str(data.index_path(i))) for i in range(len(data.info.shards))]
     decoder = "cpu" if device_id is None else "mixed"
     # packed at this size (the usual case): the letterbox is only a pad, no resampling at all
     resize = not bool(np.all(data.labels.hw.max(1) == imgsz))
-    s = float(imgsz)
 
     @pipeline_def(batch_size=batch, num_threads=threads, device_id=device_id, seed=seed,
                   prefetch_queue_depth=2)
     def pipe():
         common = dict(shard_id=rank, num_shards=world_size, pad_last_batch=True, stick_to_shard=True,
                       random_shuffle=train, initial_fill=SHUFFLE_FILL, name="Reader")
-        if data.fmt == "tfrecord":
-            import nvidia.dali.tfrecord as tfrec
-
-            f = fn.readers.tfrecord(
-                path=paths, index_path=idx,
-                features={
-                    TF_IMAGE: tfrec.FixedLenFeature((), tfrec.string, ""),
-                    TF_KEY: tfrec.FixedLenFeature((), tfrec.string, ""),
-                    TF_CLASS: tfrec.VarLenFeature(tfrec.int64, 0),
-                    TF_BBOX: tfrec.VarLenFeature([4], tfrec.float32, 0.0),
-                },
-                **common,
-            )
-            jpeg, key, cls, box = f[TF_IMAGE], f[TF_KEY], f[TF_CLASS], f[TF_BBOX]
-        else:
-            jpeg, cls, box, key = fn.readers.webdataset(
-                paths=paths, index_paths=idx, ext=[WDS_IMAGE, WDS_CLASS, WDS_BOX, WDS_META],
-                dtypes=[types.UINT8, types.INT32, types.FLOAT, types.UINT8], **common,
-            )
-            box = fn.reshape(box, shape=[-1, 4])
+        jpeg, key, cls, box = _reader(data, files, common)
         img = fn.decoders.image(jpeg, device=decoder, output_type=types.RGB)
-        # letterbox exactly as transforms.letterbox_geometry: long side to S (ceil, like ultralytics), centred pad
         shp = img.shape()
-        hw = fn.cast(shp, dtype=types.FLOAT)
-        h, w = hw[0], hw[1]
-        r = s / dmath.max(h, w)
-        nw = dmath.max(dmath.min(dmath.ceil(w * r - 1e-3), s), 1.0)
-        nh = dmath.max(dmath.min(dmath.ceil(h * r - 1e-3), s), 1.0)
-        if resize:  # some stored images are not S on their long side: resample (as cv2.resize does)
-            img = fn.resize(img, size=fn.stack(nh, nw), antialias=False, interp_type=types.INTERP_LINEAR)
-        # the centred 114 pad is a slice with a negative anchor (exact integers, no resampling)
-        py, px = dmath.floor((s - nh) * 0.5), dmath.floor((s - nw) * 0.5)
-        full = r * 0.0 + s
-        out = fn.slice(img, fn.stack(-py, -px), fn.stack(full, full), axes=[0, 1], normalized_anchor=False,
-                       normalized_shape=False, out_of_bounds_policy="pad", fill_values=FILL)
+        out = _letterbox(img, imgsz, resize)
         extra = []
-        if augment:
-            assert params is not None
-            p, ids, in_a, shapes, out_a, a, hue, sat, val = fn.external_source(source=params, num_outputs=9,
-                                                                              batch=True)
-            out = fn.multi_paste(out, in_ids=ids, in_anchors=in_a, shapes=shapes, out_anchors=out_a,
-                                 output_size=[imgsz, imgsz])
-            out = fn.warp_affine(out, matrix=a, size=[imgsz, imgsz], fill_value=FILL, inverse_map=False)
-            out = fn.hsv(out, hue=hue, saturation=sat, value=val)
-            extra = [p, ids]
+        if params is not None:
+            out, extra = _augment(out, params, imgsz)
         lab = fn.cat(fn.reshape(fn.cast(cls, dtype=types.FLOAT), shape=[-1, 1]), box, axis=1)  # (N,5)
         count = lab.shape(dtype=types.INT32)[0]
         lab = fn.pad(lab, axes=(0,), fill_value=-1)  # dense (B, max N, 5) for the batch
@@ -199,6 +235,10 @@ class DaliLoader:
 
     def __init__(self, data: SplitData, *, imgsz: int, batch: int, train: bool, rank: int, world_size: int,
                  seed: int, workers: int | None, device: torch.device, augment: AugmentConfig):
+        if train and augment.perspective > 0:
+            from trainer.data import LoaderError
+
+            raise LoaderError("DALI has no perspective warp on the CPU: use loader='torch' for perspective > 0")
         self.data = data
         self.names = list(data.manifest.names)
         self.num_samples = data.info.num_samples
@@ -260,7 +300,7 @@ class DaliLoader:
         if self._params is not None:
             self._params.mosaic = self._mosaic
         self._pipe = _build_pipeline(
-            self.data, imgsz=self.imgsz, batch=self.batch, train=self.train, augment=aug, rank=self._shard_id,
+            self.data, imgsz=self.imgsz, batch=self.batch, train=self.train, rank=self._shard_id,
             world_size=self._num_shards, seed=int(ss.generate_state(1)[0] & 0x7FFFFFFF), threads=self.threads,
             device_id=self.device_id, params=self._params, files=self._files,
         )
@@ -325,15 +365,16 @@ class DaliLoader:
             tiles.append((li[:, 0].astype(np.int64), norm_to_tile(li[:, 1:], shapes[i, 0], shapes[i, 1], s)))
         keys = [self._key(bytes(k).rstrip(b"\0")) for k in keys_raw]
         indices, valid, labels = [], [], []
-        params = np.array(extra[0].as_tensor()) if extra else None
-        ids = np.array(extra[1].as_tensor()) if extra else None
+        # params, tile ids of each sample; then the mixup partner's (absent without mixup)
+        params, ids, params2, ids2 = [np.array(e.as_tensor()) for e in extra] + [None] * (4 - len(extra))
         for i, k in enumerate(keys):
             idx = self.data.key_index.get(k, -1)
             indices.append(max(idx, 0))
             valid.append(idx >= 0 and k not in seen)
             seen.add(k)
             if params is not None:
-                c, b = augment_boxes([tiles[j] for j in ids[i]], params[i], s)
+                mix = None if params[i][P_MIX] >= 1 else ([tiles[j] for j in ids2[i]], params2[i])
+                c, b = augment_boxes([tiles[j] for j in ids[i]], params[i], s, mix=mix)
             else:
                 c, b = tiles[i]
             labels.append((c, xyxy_to_yolo(b, s)))

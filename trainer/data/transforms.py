@@ -302,9 +302,13 @@ def _warped_boxes(
             if len(b) == 0 or qh == 0 or qw == 0:
                 continue
             shifted = b + np.array([ox - ix, oy - iy, ox - ix, oy - iy], dtype=np.float64)
-            cls_parts.append(c)
-            ref_parts.append(_area(shifted))
-            box_parts.append(_clip(shifted, ox, oy, ox + qw, oy + qh))
+            clipped = _clip(shifted, ox, oy, ox + qw, oy + qh)
+            # boxes outside their quadrant clip to lines: drop them (ultralytics' remove_zero_area_boxes),
+            # or a rotation would turn a line into a box over nothing
+            seen = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+            cls_parts.append(c[seen])
+            ref_parts.append(_area(shifted[seen]))
+            box_parts.append(clipped[seen])
     else:
         c, b = tiles[0]
         cls_parts.append(c)
