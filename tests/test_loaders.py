@@ -122,6 +122,27 @@ def test_flip_really_flips(packed):
             assert torch.allclose(mirrored, ib[k][1], atol=1e-5)
 
 
+@pytest.mark.parametrize(("loader", "fmt"), [("dali", "tfrecord"), ("dali", "wds"), ("torch", "wds"),
+                                             ("torch", "lmdb")])
+def test_fraction_reads_the_leading_samples_with_equal_steps(packed, records, loader, fmt):
+    """fraction=0.5 of 24 samples in shards [7, 3, 9, 5]: the first 12 (a cut inside the third
+    shard), split over 2 ranks with equal batch counts, each sample once."""
+    first = sorted(r.key for r in records["train"][:12])
+    keys, lens = [], []
+    for rank in (0, 1):
+        ld = make_loader(packed[fmt], "train", loader=loader, imgsz=IMGSZ, batch=2, rank=rank, world_size=2,
+                         device="cpu", workers=1, augment=AugmentConfig.off(), fraction=0.5)
+        assert ld.num_samples == 12
+        batches = _epoch(ld)
+        lens.append((len(ld), len(batches)))
+        keys += [k for b in batches for k, v in zip(b["keys"], b["valid"].tolist(), strict=True) if v]
+        ld.close()
+    assert lens == [(3, 3), (3, 3)]
+    assert sorted(keys) == first
+    with pytest.raises(LoaderError, match="fraction"):
+        make_loader(packed[fmt], "train", loader=loader, imgsz=IMGSZ, batch=2, device="cpu", fraction=0.0)
+
+
 @pytest.mark.parametrize(("loader", "fmt"), [("dali", "wds"), ("torch", "tfrecord")])
 def test_mixup_blends_two_samples_and_keeps_both_labels(packed, loader, fmt):
     """mixup alone: each image is r * its own letterboxed sample + (1 - r) * another's, with

@@ -9,6 +9,7 @@ from trainer.data.split import (
     SplitError,
     batches_per_rank,
     dali_reader_batches,
+    fraction_sizes,
     global_index,
     rank_range,
     shard_order,
@@ -123,3 +124,15 @@ def test_dali_reader_matches_our_arithmetic(tmp_path, n, world, batch):
         assert seen == list(range(a, b)) + [b - 1] * (nb * batch - (b - a))
         # the next epoch starts again at the rank's first sample
         assert int(np.asarray(p.run()[0][0]).reshape(-1)[0]) == a
+
+
+def test_fraction_sizes_take_the_leading_samples():
+    assert fraction_sizes([7, 3, 9, 5], 0.5) == [7, 3, 2, 0]
+    assert fraction_sizes([7, 3, 9, 5], 1.0) == [7, 3, 9, 5]
+    assert fraction_sizes([10, 0, 10], 0.55) == [10, 0, 1]  # round(11.0)
+    assert fraction_sizes([3], 0.1) == [0]  # round(0.3): nothing left; batches_per_rank then refuses
+    sizes = fraction_sizes([16] * 8, 0.3)  # 38 samples: every rank of 3 still gets the same batch count
+    assert sum(sizes) == 38 and [n for _, _, n in _epoch(sizes, 3, 2, 4, True)] == [3, 3, 3]
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(SplitError, match="fraction"):
+            fraction_sizes([4], bad)

@@ -6,6 +6,7 @@ Every loader yields ultralytics' detection-batch dict (see `make_loader`), exact
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from trainer.data.common import DataError, SplitData, default_cache_dir, default_device, open_split
-from trainer.data.split import SplitError, batches_per_rank, check_args
+from trainer.data.split import SplitError, batches_per_rank, check_args, fraction_sizes
 from trainer.data.transforms import AugmentConfig, AugmentError
 
 LOADERS = ("auto", "dali", "torch")
@@ -71,6 +72,7 @@ def make_loader(
     cache_dir: str | Path | None = None,
     cache_max_bytes: int | None = None,
     cache: str | None = None,
+    fraction: float = 1.0,
     **torch_kwargs,
 ) -> Loader:
     """A loader of `split` of the packed dataset at `shards`.
@@ -88,6 +90,9 @@ def make_loader(
     (`decoded_cache`; disk stores under `cache_dir`/decoded) and train from it (torch loader).
     workers: DALI threads or DataLoader workers (None: a default for this machine).
     augment: None = ultralytics' defaults when `train`, none otherwise.
+    fraction: read only the first ``round(N * fraction)`` samples of the split (manifest order),
+    as ultralytics' ``fraction`` (which it applies to the train split); split across ranks like a
+    whole split (equal batch counts).
     torch_kwargs: pin_memory, persistent_workers, prefetch_factor, fast_decode for the torch loader.
 
     shards may be a URL (s3://, gs://, http(s)://, file://, any fsspec URL): the manifest and
@@ -102,12 +107,15 @@ def make_loader(
         raise LoaderError(f"unknown loader {loader!r}: choose one of {', '.join(LOADERS)}")
     if imgsz < 32 or imgsz % 32:
         raise LoaderError(f"imgsz must be a positive multiple of 32, got {imgsz}")
+    if not 0 < fraction <= 1:
+        raise LoaderError(f"fraction must be in (0, 1], got {fraction}")
     if augment is None:
         augment = AugmentConfig() if train else AugmentConfig.off()
     elif not train and not augment.is_off:
         raise LoaderError("augmentation is for training only: pass augment=None with train=False")
-    data = open_split(shards, split, verify=verify, storage_options=storage_options, cache_dir=cache_dir,
+    whole = open_split(shards, split, verify=verify, storage_options=storage_options, cache_dir=cache_dir,
                       cache_max_bytes=cache_max_bytes)
+    data = _leading_share(whole, fraction)
     check_args(data.info.num_samples, world_size, rank, batch)
     batches_per_rank(data.info.num_samples, world_size, batch, train=train)  # a clear error now, not a hang later
     dev = default_device(device, rank)
@@ -120,7 +128,7 @@ def make_loader(
     if loader == "dali":
         ld = _dali(data, cache, torch_kwargs, **common)
     else:
-        ld = _torch(data, cache, cache_dir, torch_kwargs, **common)
+        ld = _torch(data, whole, cache, cache_dir, torch_kwargs, **common)
     ld.reason = reason
     return ld
 
@@ -139,7 +147,7 @@ def _dali(data: SplitData, cache: str | None, torch_kwargs: dict, **common: Any)
     return DaliLoader(data, **common)
 
 
-def _torch(data: SplitData, cache: str | None, cache_dir: str | Path | None, torch_kwargs: dict,
+def _torch(data: SplitData, whole: SplitData, cache: str | None, cache_dir: str | Path | None, torch_kwargs: dict,
            **common: Any) -> Loader:
     from trainer.data.torch_loader import TorchLoader
 
@@ -147,11 +155,21 @@ def _torch(data: SplitData, cache: str | None, cache_dir: str | Path | None, tor
     if cache is not None:
         from trainer.data.decoded_cache import CacheError, open_cache
 
-        try:
-            dc = open_cache(data, cache, cache_dir)
+        try:  # the cache holds the whole split (a `fraction` reads its leading samples)
+            dc = open_cache(whole, cache, cache_dir)
         except CacheError as e:
             raise LoaderError(str(e)) from None
     return TorchLoader(data, cache=dc, **common, **torch_kwargs)
+
+
+def _leading_share(data: SplitData, fraction: float) -> SplitData:
+    """`data` limited to its first ``round(N * fraction)`` samples: shard counts cut (the loaders
+    read by them), labels kept whole (sample indices stay global)."""
+    if fraction == 1:
+        return data
+    sizes = fraction_sizes(data.shard_sizes, fraction)
+    shards = [dataclasses.replace(s, num_samples=n) for s, n in zip(data.info.shards, sizes, strict=True)]
+    return dataclasses.replace(data, info=dataclasses.replace(data.info, num_samples=sum(sizes), shards=shards))
 
 
 def auto_choice(fmt: str, device: torch.device, cache: str | None = None) -> tuple[str, str]:

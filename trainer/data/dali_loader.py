@@ -255,7 +255,7 @@ class DaliLoader:
         self._tmp: str | None = None
         self._shard_id, self._num_shards = rank, world_size
         self.fetched: list[str] = []  # shard files this rank copied from network storage
-        if data.remote:
+        if data.remote or self.num_samples < len(data.labels):  # network storage, or a `fraction` of the split
             self._use_rank_files(rank_segments(data.shard_sizes, rank, world_size))
         self._epoch = 0
         self._pipe = None
@@ -276,7 +276,7 @@ class DaliLoader:
         self._files = files
         self._shard_id, self._num_shards = 0, 1
         self._reader_len = dali_reader_batches(sum(len(s) for s in segs), 1, self.batch)
-        self.fetched = [self.data.info.shards[s.shard].path for s in segs]
+        self.fetched = [self.data.info.shards[s.shard].path for s in segs] if self.data.remote else []
 
     def __len__(self) -> int:
         return self._len

@@ -90,6 +90,21 @@ def batches_per_rank(num_samples: int, world_size: int, batch: int, *, train: bo
     return math.ceil(math.ceil(num_samples / world_size) / batch)
 
 
+def fraction_sizes(shard_sizes: Sequence[int], fraction: float) -> list[int]:
+    """Shard sample counts of the first ``round(N * fraction)`` samples of the split (ultralytics'
+    ``fraction``: the leading share of the samples, in manifest order): whole shards, then one cut
+    shard, then empty ones. Applied before the rank split, so every rank still yields the same
+    number of batches."""
+    if not 0 < fraction <= 1:
+        raise SplitError(f"fraction must be in (0, 1], got {fraction}")
+    left = round(int(sum(shard_sizes)) * fraction)
+    out = []
+    for n in shard_sizes:
+        out.append(min(int(n), left))
+        left -= out[-1]
+    return out
+
+
 def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
     """DALI's sample range of shard ``rank`` of ``world_size``: ``[floor(rN/W), floor((r+1)N/W))``."""
     return (rank * num_samples) // world_size, ((rank + 1) * num_samples) // world_size
