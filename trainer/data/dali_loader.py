@@ -1,12 +1,12 @@
 """DALI loader over packed TFRecord / WebDataset shards, one pipeline for GPU and CPU.
 
-Only the device choice differs: ``decoders.image(device="mixed")`` and
-``device_id=local_rank`` with CUDA, ``device="cpu"`` and ``device_id=None`` without.
+Only the device choice differs: ``decoders.image(device="mixed")`` and ``device_id=local_rank``
+with CUDA, ``device="cpu"`` and ``device_id=None`` without.
 
-Pixels move in DALI: decode -> letterbox (``warp_affine``: resize long side + centred 114
-pad) -> [train] mosaic (``multi_paste`` of four letterboxed tiles) -> affine (scale,
-translate, rotation, flip in one ``warp_affine``) -> HSV (``hsv``) -> CHW. The random
-parameters come from `transforms.sample_params` through an ``external_source`` (the same
+Pixels move in DALI: decode -> letterbox (``resize`` + ``slice`` pad with 114) -> [train] mosaic
+(``multi_paste`` of four letterboxed tiles) -> affine (scale, translate, rotation, shear, flips in
+one ``warp_affine``; no perspective: refused) -> [mixup: a second multi_paste + warp_affine,
+blended by arithmetic] -> HSV (``hsv``) -> CHW. The random parameters come from `transforms.sample_params` through an ``external_source`` (the same
 definition the torch loader uses) and travel with the batch, so the boxes -- read by DALI,
 padded with a count (``fn.pad`` + ``shape()``) -- get exactly the same arithmetic
 (`transforms.augment_boxes`) as in the torch loader before they become the YOLO targets.
@@ -112,8 +112,7 @@ def _reader(data: SplitData, files: list[tuple[str, str]], common: dict):  # noq
     """(jpeg, key, cls, box (N, 4)) from the split's tfrecord or WebDataset reader."""
     from nvidia.dali import fn, types
 
-    paths = [p for p, _ in files]
-    idx = [i for _, i in files]
+    paths, idx = [p for p, _ in files], [i for _, i in files]
     if data.fmt == "tfrecord":
         import nvidia.dali.tfrecord as tfrec
 
@@ -244,8 +243,7 @@ class DaliLoader:
         self.num_samples = data.info.num_samples
         self.imgsz, self.batch, self.train = imgsz, batch, train
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.augment = augment
-        self.device = device
+        self.augment, self.device = augment, device
         self.kind = "dali-gpu" if device.type == "cuda" else "dali-cpu"
         self.device_id = (device.index or 0) if device.type == "cuda" else None
         self.threads = workers or default_workers()
@@ -346,9 +344,7 @@ class DaliLoader:
 
     @staticmethod
     def _substitute(b: dict) -> dict:
-        out = dict(b)
-        out["valid"] = torch.zeros_like(b["valid"])
-        return out
+        return {**b, "valid": torch.zeros_like(b["valid"])}
 
     def _convert(self, outs, seen: set[str]) -> dict:  # noqa: ANN001 - DALI outputs
         img_tl, lab_tl, cnt_tl, key_tl, shp_tl, *extra = outs
@@ -400,4 +396,4 @@ class DaliLoader:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["DaliLoader", "identity_params", "partner_ids"]
+__all__ = ["DaliLoader"]

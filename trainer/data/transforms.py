@@ -356,21 +356,6 @@ def letterbox(img: np.ndarray, imgsz: int) -> np.ndarray:
     return out
 
 
-def letterbox_into(img: np.ndarray, planes: np.ndarray, imgsz: int) -> None:
-    """`letterbox` written straight into a planar (3, S, S) buffer (HWC in, CHW out)."""
-    h, w = img.shape[:2]
-    _, _, px, py, nw, nh = letterbox_geometry(h, w, imgsz)
-    if (nw, nh) != (w, h):
-        img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)
-    if (nw, nh) != (imgsz, imgsz):
-        planes[:, :py] = FILL
-        planes[:, py + nh :] = FILL
-        planes[:, py : py + nh, :px] = FILL
-        planes[:, py : py + nh, px + nw :] = FILL
-    for ch, plane in enumerate(cv2.split(img)):
-        planes[ch, py : py + nh, px : px + nw] = plane
-
-
 def mosaic_image(tiles: list[np.ndarray], cx: int, cy: int, imgsz: int) -> np.ndarray:
     """Paste the four S x S tiles' quadrants around centre (cx, cy)."""
     out = np.empty((imgsz, imgsz, 3), dtype=np.uint8)
