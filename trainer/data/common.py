@@ -121,12 +121,14 @@ def open_split(
     (s3://, gs://, http(s)://, ...: manifest and labels are read remotely, shards are only
     streamed or fetched later by the loader; file:// is read in place). `split` is picked by
     the trainer's rule (`trainer.config.pick_split`): the split itself, else the only one
-    starting with it ("train" -> "train2017").
+    starting with it ("train" -> "train2017"), else for "train" the only split there is.
     """
     if is_url(shards) and str(shards).startswith("file://"):
         shards = _file_url_path(str(shards))
-    loc = DatasetLocation(shards, storage_options)
+    so, where = dict(storage_options or {}), str(shards)
+    shown = display_url(where) if is_url(where) else where
     try:
+        loc = DatasetLocation(where, so)
         manifest = loc.manifest()
         split = pick_split(manifest.splits, "auto", split) or split
         if split not in manifest.splits:
@@ -141,16 +143,15 @@ def open_split(
     except DataError:
         raise
     except FileNotFoundError as e:
-        raise DataError(f"{loc.display}: not found ({redact(str(e), loc.storage_options)})") from None
-    except (ValueError, OSError) as e:  # FormatError, RemoteError, connection errors
-        raise DataError(redact(str(e), loc.storage_options).replace(loc.where, loc.display)) from None
+        raise DataError(f"{shown}: not found ({redact(str(e), so)})") from None
+    except (ValueError, OSError) as e:  # FormatError, RemoteError (no fsspec driver too), connection errors
+        raise DataError(redact(str(e), so).replace(where, shown)) from None
     key_index = {str(k): i for i, k in enumerate(labels.keys.tolist())}
     if loc.path is not None:
         return SplitData(loc.path, manifest, split, info, labels, key_index)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return SplitData(cache / url_key(loc.where, loc.storage_options), manifest, split, info, labels, key_index,
-                     url=loc.where, storage_options=loc.storage_options, cache_dir=cache,
-                     cache_max_bytes=cache_max_bytes)
+    return SplitData(cache / url_key(where, so), manifest, split, info, labels, key_index, url=where,
+                     storage_options=so, cache_dir=cache, cache_max_bytes=cache_max_bytes)
 
 
 def _file_url_path(url: str) -> Path:
