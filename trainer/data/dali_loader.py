@@ -155,9 +155,8 @@ def _letterbox(img, imgsz: int, resize: bool):  # noqa: ANN001, ANN202 - DALI no
                     normalized_shape=False, out_of_bounds_policy="pad", fill_values=FILL)
 
 
-def _augment(tiles, params: _ParamSource, imgsz: int):  # noqa: ANN001, ANN202 - DALI nodes
-    """(augmented images, [params, tile ids (, partner params, partner tile ids)]): mosaic
-    (multi_paste of the batch's letterboxed tiles), warp_affine, [mixup blend], HSV."""
+def _augment(tiles, params: _ParamSource, imgsz: int, gpu: bool):  # noqa: ANN001, ANN202 - DALI nodes
+    """(images, [params, tile ids(, partner's params, tile ids)]): mosaic, warp, [mixup], HSV."""
     from nvidia.dali import fn, types
 
     outs = fn.external_source(source=params, num_outputs=params.num_outputs, batch=True)
@@ -173,6 +172,7 @@ def _augment(tiles, params: _ParamSource, imgsz: int):  # noqa: ANN001, ANN202 -
     if len(outs) > 9:  # mixup: r * own + (1 - r) * partner, rounded back to uint8
         p2, ids2, in_a2, shapes2, out_a2, a2, r = outs[9:]
         other = geometry(ids2, in_a2, shapes2, out_a2, a2)
+        r = r.gpu() if gpu else r  # the weights are a regular input of the blend: on the images' device
         out = fn.cast(out * r + other * (1.0 - r), dtype=types.UINT8)  # cast rounds, as cv2.addWeighted
         extra += [p2, ids2]
     return fn.hsv(out, hue=hue, saturation=sat, value=val), extra
@@ -205,7 +205,7 @@ def _build_pipeline(data: SplitData, *, imgsz: int, batch: int, train: bool, ran
         out = _letterbox(img, imgsz, resize)
         extra = []
         if params is not None:
-            out, extra = _augment(out, params, imgsz)
+            out, extra = _augment(out, params, imgsz, device_id is not None)
         lab = fn.cat(fn.reshape(fn.cast(cls, dtype=types.FLOAT), shape=[-1, 1]), box, axis=1)  # (N,5)
         count = lab.shape(dtype=types.INT32)[0]
         lab = fn.pad(lab, axes=(0,), fill_value=-1)  # dense (B, max N, 5) for the batch
