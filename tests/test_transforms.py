@@ -261,7 +261,7 @@ def test_mixup_blends_and_keeps_both_labels():
     many = np.stack([sample_params(rng, cfg, s) for _ in range(300)])
     assert (many[:, P_MIX] < 1).all() and abs(many[:, P_MIX].mean() - 0.5) < 0.02  # Beta(32, 32)
     p, p2 = many[0], sample_params(rng, cfg, s, mix=False)
-    assert p2[P_MIX] == 1
+    assert p2[P_MIX] == 1 and sample_params(rng, cfg, s, mosaic=False)[P_MIX] == 1  # off with close_mosaic
     a, b = np.zeros((s, s, 3), np.uint8), np.zeros((s, s, 3), np.uint8)
     a[0:20, 0:20], b[30:60, 30:60] = 200, 100
     out = augment_image([a] * 4, p, s, mix=([b] * 4, p2))

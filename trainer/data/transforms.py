@@ -120,8 +120,8 @@ def sample_params(rng: np.random.Generator, cfg: AugmentConfig, imgsz: int, *, m
                   mix: bool = True) -> np.ndarray:
     """Draw one sample's random augmentation parameters (see the P_* layout).
 
-    `mosaic=False` disables mosaic regardless of `cfg.mosaic` (close-mosaic epochs); `mix=False`
-    disables mixup (the mixup partner itself). Options at 0 draw nothing, so their random stream
+    `mosaic=False` disables mosaic and mixup regardless of `cfg` (close-mosaic epochs, as
+    ultralytics' close_mosaic); `mix=False` disables mixup (the mixup partner itself). Options at 0 draw nothing, so their random stream
     is that of a configuration without them.
     """
     p = identity_params(imgsz)
@@ -134,7 +134,7 @@ def sample_params(rng: np.random.Generator, cfg: AugmentConfig, imgsz: int, *, m
     p[P_FLIP], p[P_FLIPUD], p[P_SCALE] = float(flip), float(flipud), scale
     g = rng.uniform(-1, 1, 3) * (cfg.hsv_h, cfg.hsv_s, cfg.hsv_v)
     p[P_HUE], p[P_SAT], p[P_VAL] = g[0] * 360.0, 1 + g[1], 1 + g[2]
-    if mix and cfg.mixup > 0 and rng.random() < cfg.mixup:
+    if mix and mosaic and cfg.mixup > 0 and rng.random() < cfg.mixup:
         p[P_MIX], p[P_MIX_PARTNER] = rng.beta(32.0, 32.0), rng.random()
     return p
 
