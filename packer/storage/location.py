@@ -25,13 +25,11 @@ from packer.format import (
     Manifest,
     ShardInfo,
     parse_manifest,
-    sha256_file,
 )
 from packer.schema import MANIFEST_MAX_BYTES
 from packer.storage.files import download, read_bytes
 from packer.storage.fs import (
     DEFAULT_ATTEMPTS,
-    ChecksumError,
     RemoteError,
     display_url,
     get_fs,
@@ -135,12 +133,11 @@ class DatasetLocation:
     @contextlib.contextmanager
     def local_shard(self, sh: ShardInfo, *, checked: bool = False) -> Iterator[tuple[Path | None, Path | None]]:
         """(shard, index file) as local files for the block, the index next to its shard where the
-        readers look for it: in place for a folder, temporary downloads of a URL's. With `checked`,
-        ChecksumError unless the shard's size and sha256 equal the manifest's. None where absent."""
+        readers look for it: in place for a folder (read as it is: the readers check each record),
+        temporary downloads of a URL's (with `checked`, ChecksumError unless the shard's size and
+        sha256 equal the manifest's: a download is the moment to check). None where absent."""
         if self.path is not None:
             with self.local(sh.path) as path, self.local(sh.index) as idx:
-                if checked and path is not None and (path.stat().st_size != sh.bytes or sha256_file(path) != sh.sha256):
-                    raise ChecksumError(f"{path}: size or sha256 differs from the manifest")
                 yield path, idx
             return
         with tempfile.TemporaryDirectory(prefix="packer-fetch-") as d:
