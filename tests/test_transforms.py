@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from trainer.data.pixels import augment_image, hsv_jitter, letterbox, mosaic_image, warp
 from trainer.data.transforms import (
     FILL,
     P_AFFINE,
@@ -17,18 +18,13 @@ from trainer.data.transforms import (
     AugmentError,
     affine_boxes,
     augment_boxes,
-    augment_image,
     box_candidates,
-    hsv_jitter,
     identity_params,
-    letterbox,
     letterbox_geometry,
-    mosaic_image,
     mosaic_quadrants,
     norm_to_tile,
     paste_regions,
     sample_params,
-    warp,
     warp_matrix,
     xyxy_to_yolo,
 )
@@ -185,7 +181,7 @@ def test_resize_paste_flips_like_a_whole_canvas_flip():
     """Flipping only the visible part, pasted at the mirrored place, is the flip of the pasted canvas."""
     import cv2
 
-    from trainer.data.transforms import _resize_paste
+    from trainer.data.pixels import _resize_paste
 
     img = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     for d, bx, by in [(40, 5, 9), (90, -20, -7), (64, 10, 0), (30, 50, 50), (64, -64, 0)]:

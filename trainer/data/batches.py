@@ -25,12 +25,12 @@ from torch.utils.data import IterableDataset, get_worker_info
 from packer.format import FormatError
 from trainer.data.common import SplitData, build_batch
 from trainer.data.decode import decode_rgb, letterbox_image, letterbox_slot, paste_letterbox, reduce_target
+from trainer.data.pixels import augment_image
 from trainer.data.records import RecordSource
 from trainer.data.split import global_index, worker_plan
 from trainer.data.transforms import (
     AugmentConfig,
     augment_boxes,
-    augment_image,
     mix_partner,
     norm_to_tile_many,
     partner_ids,
