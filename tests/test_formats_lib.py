@@ -201,7 +201,7 @@ def test_wds_decode_sample_takes_webdatasets_samples(shards: dict[str, Path], re
 
 
 def _trimmed_index_reference(fmt: str, text: str, start: int, stop: int) -> bytes:
-    """trainer.data.dali_loader.trimmed_index as it was (the semantics trim_index keeps)."""
+    """An independent restatement of what `packer.writers.trim_index` must return for records [start, stop)."""
     lines = text.splitlines()
     if fmt == "wds":
         body = lines[1:][start:stop]
