@@ -21,7 +21,6 @@ from packer.format import WDS_IMAGE, FormatError, Record
 from packer.storage.files import CHUNK, open_stream, read_bytes
 from packer.storage.fs import get_fs, join, retry
 from packer.writers import ShardReader, open_reader, wds
-from packer.writers.lmdb import Reader as LmdbRecords  # noqa: F401 - torch_loader re-exports the name
 from trainer.data.common import SplitData
 from trainer.data.split import Segment
 

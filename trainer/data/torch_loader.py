@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from trainer.data.batches import ShardBatches
 from trainer.data.common import SplitData, default_device, default_workers, to_device
-from trainer.data.records import LmdbRecords, RecordSource
+from trainer.data.records import RecordSource
 from trainer.data.split import batches_per_rank, epoch_shards
 from trainer.data.transforms import AugmentConfig
 
@@ -27,7 +27,7 @@ log = logging.getLogger("trainer.data")
 # workers (a forked worker can hang in it), and workers are the parallelism anyway.
 cv2.setNumThreads(0)
 
-__all__ = ["LmdbRecords", "RecordSource", "TorchLoader"]
+__all__ = ["RecordSource", "TorchLoader"]
 
 
 class TorchLoader:
