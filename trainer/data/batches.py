@@ -31,6 +31,7 @@ from trainer.data.split import global_index, worker_plan
 from trainer.data.transforms import (
     AugmentConfig,
     augment_boxes,
+    letterbox_geometry,
     mix_partner,
     norm_to_tile_many,
     partner_ids,
@@ -106,6 +107,10 @@ class ShardBatches(IterableDataset):
         self._tile_boxes: np.ndarray | None = None
         self._cls: np.ndarray | None = None
         self._streamed: dict[int, bytes] = {}  # streamed JPEG bytes waiting to be decoded
+        # recent (tile, cls, xyxy, letterbox geometry) mosaic partners: this worker's own, kept across
+        # epochs (persistent workers) like ultralytics' buffer, so an epoch's first mosaics have partners
+        self.pool: deque[tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int, int, int]]] = deque(
+            maxlen=MOSAIC_POOL)
 
     # ------------------------------------------------------------------ the epoch
 
@@ -217,13 +222,15 @@ class ShardBatches(IterableDataset):
             return
         letterbox_slot(self._jpeg(idx), slot, h, w, self.imgsz, fast=self.fast)
 
-    def _tile(self, idx: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _tile(self, idx: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int, int, int]]:
+        """(letterboxed tile, cls, xyxy in the tile, (px, py, nw, nh) its letterbox geometry)."""
         h, w = (int(v) for v in self.data.labels.hw[idx])
         if self.cache is not None:
             img = self.cache.image(idx)
         else:
             img = decode_rgb(self._jpeg(idx), fast=self.fast, min_hw=reduce_target(h, w, self.imgsz))
-        return (letterbox_image(img, h, w, self.imgsz), *self._labels(idx))
+        geom = letterbox_geometry(h, w, self.imgsz)[2:]
+        return (letterbox_image(img, h, w, self.imgsz), *self._labels(idx), geom)
 
     def _jpeg(self, idx: int) -> bytes:
         if idx in self._streamed:
@@ -240,7 +247,7 @@ class _Batch:
         self.ds, self.worker, self.in_worker, self.rng = ds, worker, in_worker, rng
         self.augment = ds.train and not ds.augment.is_off
         self.mosaic = bool(ds.mosaic.value)
-        self.pool: deque[tuple[np.ndarray, np.ndarray, np.ndarray]] = deque(maxlen=MOSAIC_POOL)
+        self.pool = ds.pool
         self.corrupt = 0
         self._new()
 
@@ -262,8 +269,9 @@ class _Batch:
             p = sample_params(self.rng, ds.augment, s, mosaic=self.mosaic)
             ids = partner_ids(p, len(self.pool) - 1, len(self.pool))
             mix, mix_boxes = self._mix_partner(p)
-            augment_image([self.pool[i][0] for i in ids], p, s, out=slot.numpy(), mix=mix)
-            c, b = augment_boxes([(self.pool[i][1], self.pool[i][2]) for i in ids], p, s, mix=mix_boxes)
+            augment_image([self.pool[i][0] for i in ids], p, s, out=slot.numpy(), mix=mix,
+                          geoms=[self.pool[i][3] for i in ids])
+            c, b = augment_boxes([self.pool[i][1:] for i in ids], p, s, mix=mix_boxes)
         else:  # letterbox only, straight into the batch; every label kept as is (validation needs all)
             ds._letterbox(idx, slot.numpy())
             c, b = ds._labels(idx)
@@ -281,7 +289,8 @@ class _Batch:
             return None, None
         p2 = sample_params(self.rng, self.ds.augment, self.ds.imgsz, mosaic=self.mosaic, mix=False)
         ids = partner_ids(p2, j, n)
-        return ([self.pool[i][0] for i in ids], p2), ([(self.pool[i][1], self.pool[i][2]) for i in ids], p2)
+        return (([self.pool[i][0] for i in ids], p2, [self.pool[i][3] for i in ids]),
+                ([self.pool[i][1:] for i in ids], p2))
 
     def put_and_flush(self, idx: int, ok: bool) -> Iterator[dict]:
         self.put(idx, ok)

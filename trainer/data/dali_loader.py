@@ -3,8 +3,10 @@
 Only the device choice differs: ``decoders.image(device="mixed")`` and ``device_id=local_rank``
 with CUDA, ``device="cpu"`` and ``device_id=None`` without.
 
-Pixels move in DALI: decode -> letterbox (``resize`` + ``slice`` pad with 114) -> [train] mosaic
-(``multi_paste`` of four letterboxed tiles) -> affine (scale, translate, rotation, shear, flips in
+Pixels move in DALI: decode -> letterbox (``resize`` + ``slice`` pad with 114) -> [train] five
+S x S versions of each image side by side (``slice`` pads + ``cat``: the resized image in each
+corner, and the centred letterbox) -> mosaic (``multi_paste`` of one version block per tile onto
+the 2S x 2S canvas, `transforms.paste_regions`: ultralytics' layout) -> affine (scale, translate, rotation, shear, flips in
 one ``warp_affine``; no perspective: refused) -> [mixup: a second multi_paste + warp_affine,
 blended by arithmetic] -> HSV (``hsv``) -> CHW. The random parameters come from `transforms.sample_params` through an ``external_source`` (the same
 definition the torch loader uses) and travel with the batch, so the boxes -- read by DALI,
@@ -50,14 +52,15 @@ from trainer.data.common import SplitData, build_batch, default_workers
 from trainer.data.split import Segment, batches_per_rank, dali_reader_batches, rank_segments
 from trainer.data.transforms import (
     FILL,
-    P_AFFINE,
     P_HUE,
     P_MIX,
     P_SAT,
     P_VAL,
     AugmentConfig,
     augment_boxes,
+    canvas_matrix,
     identity_params,
+    letterbox_geometry,
     mix_partner,
     norm_to_tile,
     partner_ids,
@@ -105,7 +108,7 @@ class _ParamSource:
         q = paste_regions(p, self.imgsz)
         ids = np.asarray(partner_ids(p, own, self.batch), dtype=np.int32)
         regions = [np.ascontiguousarray(q[:, k]) for k in range(3)]
-        return [p, ids, *regions, p[P_AFFINE].reshape(2, 3).astype(np.float32)]
+        return [p, ids, *regions, canvas_matrix(p, self.imgsz).astype(np.float32)]
 
 
 def _reader(data: SplitData, files: list[tuple[str, str]], common: dict):  # noqa: ANN202 - DALI nodes
@@ -134,9 +137,11 @@ def _reader(data: SplitData, files: list[tuple[str, str]], common: dict):  # noq
     return jpeg, key, cls, fn.reshape(box, shape=[-1, 4])
 
 
-def _letterbox(img, imgsz: int, resize: bool):  # noqa: ANN001, ANN202 - DALI nodes
+def _letterbox(img, imgsz: int, resize: bool, versions: bool = False):  # noqa: ANN001, ANN202 - DALI nodes
     """Letterbox exactly as transforms.letterbox_geometry: long side to S (ceil, like ultralytics),
-    centred 114 pad. resize=False: every stored image is S on its long side (only the pad)."""
+    centred 114 pad. resize=False: every stored image is S on its long side (only the pad).
+    versions: the (S, 5S) strip of `transforms.paste_regions` instead (the resized image in the
+    bottom-right, bottom-left, top-right, top-left corner of an S x S block, then the letterbox)."""
     from nvidia.dali import fn, types
     from nvidia.dali import math as dmath
 
@@ -148,11 +153,20 @@ def _letterbox(img, imgsz: int, resize: bool):  # noqa: ANN001, ANN202 - DALI no
     nh = dmath.max(dmath.min(dmath.ceil(h * r - 1e-3), s), 1.0)
     if resize:  # some stored images are not S on their long side: resample (as cv2.resize does)
         img = fn.resize(img, size=fn.stack(nh, nw), antialias=False, interp_type=types.INTERP_LINEAR)
-    # the centred 114 pad is a slice with a negative anchor (exact integers, no resampling)
+    # the 114 pads are slices with a negative anchor (exact integers, no resampling)
     py, px = dmath.floor((s - nh) * 0.5), dmath.floor((s - nw) * 0.5)
     full = r * 0.0 + s
-    return fn.slice(img, fn.stack(-py, -px), fn.stack(full, full), axes=[0, 1], normalized_anchor=False,
-                    normalized_shape=False, out_of_bounds_policy="pad", fill_values=FILL)
+    zero = r * 0.0
+
+    def pad(ay, ax):  # noqa: ANN001, ANN202
+        return fn.slice(img, fn.stack(ay, ax), fn.stack(full, full), axes=[0, 1], normalized_anchor=False,
+                        normalized_shape=False, out_of_bounds_policy="pad", fill_values=FILL)
+
+    centred = pad(-py, -px)
+    if not versions:
+        return centred
+    dy, dx = nh - s, nw - s  # anchors that put the image at the block's bottom / right edge
+    return fn.cat(pad(dy, dx), pad(dy, zero), pad(zero, dx), pad(zero, zero), centred, axis=1)
 
 
 def _augment(tiles, params: _ParamSource, imgsz: int, gpu: bool):  # noqa: ANN001, ANN202 - DALI nodes
@@ -161,10 +175,13 @@ def _augment(tiles, params: _ParamSource, imgsz: int, gpu: bool):  # noqa: ANN00
 
     outs = fn.external_source(source=params, num_outputs=params.num_outputs, batch=True)
     p, ids, in_a, shapes, out_a, a, hue, sat, val = outs[:9]
+    ones = fn.cast(tiles * 0 + 1, dtype=types.UINT8)  # marks what the pastes cover
 
     def geometry(ids, in_a, shapes, out_a, a):  # noqa: ANN001, ANN202
-        img = fn.multi_paste(tiles, in_ids=ids, in_anchors=in_a, shapes=shapes, out_anchors=out_a,
-                             output_size=[imgsz, imgsz])
+        kw = dict(in_ids=ids, in_anchors=in_a, shapes=shapes, out_anchors=out_a, output_size=[2 * imgsz, 2 * imgsz])
+        # multi_paste leaves 0 where nothing is pasted; the canvas' fill there is 114, as ultralytics'
+        img = fn.multi_paste(tiles, **kw)
+        img = fn.cast(img + (1 - fn.multi_paste(ones, **kw)) * FILL, dtype=types.UINT8)
         return fn.warp_affine(img, matrix=a, size=[imgsz, imgsz], fill_value=FILL, inverse_map=False)
 
     out = geometry(ids, in_a, shapes, out_a, a)
@@ -202,7 +219,7 @@ def _build_pipeline(data: SplitData, *, imgsz: int, batch: int, train: bool, ran
         jpeg, key, cls, box = _reader(data, files, common)
         img = fn.decoders.image(jpeg, device=decoder, output_type=types.RGB)
         shp = img.shape()
-        out = _letterbox(img, imgsz, resize)
+        out = _letterbox(img, imgsz, resize, versions=params is not None)
         extra = []
         if params is not None:
             out, extra = _augment(out, params, imgsz, device_id is not None)
@@ -358,7 +375,8 @@ class DaliLoader:
         tiles = []
         for i in range(len(counts)):
             li = lab[i, : counts[i]]
-            tiles.append((li[:, 0].astype(np.int64), norm_to_tile(li[:, 1:], shapes[i, 0], shapes[i, 1], s)))
+            geom = letterbox_geometry(int(shapes[i, 0]), int(shapes[i, 1]), s)[2:]
+            tiles.append((li[:, 0].astype(np.int64), norm_to_tile(li[:, 1:], shapes[i, 0], shapes[i, 1], s), geom))
         keys = [self._key(bytes(k).rstrip(b"\0")) for k in keys_raw]
         indices, valid, labels = [], [], []
         # params, tile ids of each sample; then the mixup partner's (absent without mixup)
@@ -372,7 +390,7 @@ class DaliLoader:
                 mix = None if params[i][P_MIX] >= 1 else ([tiles[j] for j in ids2[i]], params2[i])
                 c, b = augment_boxes([tiles[j] for j in ids[i]], params[i], s, mix=mix)
             else:
-                c, b = tiles[i]
+                c, b = tiles[i][:2]
             labels.append((c, xyxy_to_yolo(b, s)))
         batch = build_batch(img, labels, indices, valid, self.data, s, self.train)
         if self.device.type != "cpu":

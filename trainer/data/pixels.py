@@ -22,7 +22,8 @@ from trainer.data.transforms import (
     P_SAT,
     P_VAL,
     letterbox_geometry,
-    mosaic_quadrants,
+    mosaic_layout,
+    tile_geometry,
     warp_matrix,
 )
 
@@ -40,17 +41,23 @@ def letterbox(img: np.ndarray, imgsz: int) -> np.ndarray:
     return out
 
 
-def mosaic_image(tiles: list[np.ndarray], cx: int, cy: int, imgsz: int) -> np.ndarray:
-    """Paste the four S x S tiles' quadrants around centre (cx, cy)."""
-    out = np.empty((imgsz, imgsz, 3), dtype=np.uint8)
-    for t, ((iy, ix), (qh, qw), (oy, ox)) in zip(tiles, mosaic_quadrants(cx, cy, imgsz), strict=True):
-        out[oy : oy + qh, ox : ox + qw] = t[iy : iy + qh, ix : ix + qw]
+def mosaic_image(tiles: list[np.ndarray], cx: int, cy: int, imgsz: int,
+                 geoms: list[tuple[int, int, int, int] | None] | None = None) -> np.ndarray:
+    """The 2S x 2S mosaic canvas (114 fill) of four letterboxed S x S tiles: each tile's image (its
+    (px, py, nw, nh) letterbox geometry in `geoms`; None: the image fills the tile) placed by
+    `mosaic_layout` around (cx, cy), without its letterbox bands."""
+    gs = [tile_geometry(None if geoms is None else g, imgsz) for g in (geoms or [None] * 4)]
+    out = np.full((2 * imgsz, 2 * imgsz, 3), FILL, dtype=np.uint8)
+    lay = mosaic_layout(cx, cy, [(g[2], g[3]) for g in gs], imgsz)
+    for t, (px, py, _, _), (x1a, y1a, x2a, y2a, x1b, y1b, x2b, y2b) in zip(tiles, gs, lay, strict=True):
+        out[y1a:y2a, x1a:x2a] = t[py + y1b : py + y2b, px + x1b : px + x2b]
     return out
 
 
 def warp(img: np.ndarray, a: np.ndarray, imgsz: int) -> np.ndarray:
-    """Apply the 2x3 affine or 3x3 perspective matrix `a` (continuous coordinates) to an S x S
-    image; 114 outside. A perspective warp (cv2.warpPerspective) only when the matrix has one."""
+    """Apply the 2x3 affine or 3x3 perspective matrix `a` (continuous coordinates) to a square
+    canvas (S x S tile or 2S x 2S mosaic), giving S x S; 114 outside. A perspective warp
+    (cv2.warpPerspective) only when the matrix has one."""
     a = np.asarray(a, dtype=np.float64)
     if a.shape == (3, 3) and (a[2, 0] != 0 or a[2, 1] != 0):
         # pixel centres: index = continuous - 0.5, so the matrix on indices is T(-.5) @ a @ T(+.5)
@@ -59,7 +66,7 @@ def warp(img: np.ndarray, a: np.ndarray, imgsz: int) -> np.ndarray:
         return cv2.warpPerspective(img, m, (imgsz, imgsz), flags=cv2.INTER_LINEAR, borderValue=(FILL, FILL, FILL))
     a = a.reshape(-1)[:6].reshape(2, 3)  # the 2x3 part (a 3x3 here has no perspective)
     (a00, a01, a02), (a10, a11, a12) = a.tolist()
-    d = a11 * imgsz
+    d = a11 * img.shape[0]  # the scaled size of the input canvas (S or 2S), not of the output
     bx = a02 if a00 > 0 else imgsz - a02  # x offset before the flip
     if a01 == a10 == 0 and abs(a00) == a11 > 0 and all(abs(v - round(v)) < 1e-6 for v in (d, bx, a12)):
         return _resize_paste(img, round(d), round(bx), round(a12), a00 < 0, imgsz)
@@ -70,11 +77,12 @@ def warp(img: np.ndarray, a: np.ndarray, imgsz: int) -> np.ndarray:
 
 
 def _resize_paste(img: np.ndarray, d: int, bx: int, by: int, flip: bool, imgsz: int) -> np.ndarray:
-    """The axis-aligned affine x' = (d/S) x + b (then optional flip) as resize + paste: exact.
-    Only the visible part is flipped (pasted at the mirrored place), never the whole canvas."""
-    if d == imgsz and bx == by == 0:
+    """The axis-aligned affine x' = (d/n) x + b on an n x n canvas (then optional flip) as resize +
+    paste: exact. Only the visible part is flipped (pasted at the mirrored place), never the whole canvas."""
+    n = img.shape[0]
+    if d == n == imgsz and bx == by == 0:
         return cv2.flip(img, 1) if flip else img
-    r = img if d == imgsz else cv2.resize(img, (d, d), interpolation=cv2.INTER_LINEAR)
+    r = img if d == n else cv2.resize(img, (d, d), interpolation=cv2.INTER_LINEAR)
     out = np.full((imgsz, imgsz, 3), FILL, dtype=np.uint8)
     x0, y0, x1, y1 = max(bx, 0), max(by, 0), min(bx + d, imgsz), min(by + d, imgsz)
     if x0 < x1 and y0 < y1:
@@ -99,6 +107,7 @@ def hsv_jitter(img: np.ndarray, hue_deg: float, sat: float, val: float, out: np.
     lut[0, :, 0] = (x + hue_deg / 2) % 180  # OpenCV hue is 0..180 (2 degrees per step)
     lut[0, :, 1] = np.clip(x * sat, 0, 255)
     lut[0, :, 2] = np.clip(x * val, 0, 255)
+    lut[0, 0, 1] = 0  # saturation 0 stays 0: grey/white never gains a colour (ultralytics >= 8.3.79)
     hsv = cv2.LUT(cv2.cvtColor(img, cv2.COLOR_RGB2HSV), lut)
     if out is not None:
         res = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB, dst=out)
@@ -109,17 +118,22 @@ def hsv_jitter(img: np.ndarray, hue_deg: float, sat: float, val: float, out: np.
 
 
 def augment_image(tiles: list[np.ndarray], params: np.ndarray, imgsz: int, out: np.ndarray | None = None,
-                  mix: tuple[list[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+                  mix: tuple | None = None, geoms: list | None = None) -> np.ndarray:
     """Pixels of one output sample from its four letterboxed tiles (RGB, S x S), written into
-    `out` (a contiguous S x S x 3 array, e.g. a batch slot) when given. mix: the mixup partner's
-    (tiles, params), blended in at weight ``1 - params[P_MIX]`` before the HSV jitter."""
-    img = _warped_image(tiles, params, imgsz)
+    `out` (a contiguous S x S x 3 array, e.g. a batch slot) when given. geoms: the tiles'
+    (px, py, nw, nh) letterbox geometry (None: the images fill their tiles). mix: the mixup
+    partner's (tiles, params[, geoms]), blended in at weight ``1 - params[P_MIX]`` before the HSV jitter."""
+    img = _warped_image(tiles, params, imgsz, geoms)
     if mix is not None:
         r = float(params[P_MIX])
-        img = cv2.addWeighted(img, r, _warped_image(*mix, imgsz), 1 - r, 0)
+        img = cv2.addWeighted(img, r, _warped_image(*mix, imgsz) if len(mix) == 2 else
+                              _warped_image(mix[0], mix[1], imgsz, mix[2]), 1 - r, 0)
     return hsv_jitter(img, params[P_HUE], params[P_SAT], params[P_VAL], out=out)
 
 
-def _warped_image(tiles: list[np.ndarray], params: np.ndarray, imgsz: int) -> np.ndarray:
-    img = mosaic_image(tiles, int(params[P_CX]), int(params[P_CY]), imgsz) if params[P_MOSAIC] else tiles[0]
+def _warped_image(tiles: list[np.ndarray], params: np.ndarray, imgsz: int, geoms: list | None = None) -> np.ndarray:
+    if params[P_MOSAIC]:
+        img = mosaic_image(tiles, int(params[P_CX]), int(params[P_CY]), imgsz, geoms)
+    else:
+        img = tiles[0]
     return warp(img, warp_matrix(params), imgsz)

@@ -19,9 +19,13 @@ Geometry conventions:
   probabilities ``fliplr`` / ``flipud`` folded into the same matrix; a perspective warp only
   when ``perspective > 0``, as ultralytics) -> [mixup, probability ``mixup``: blended at
   ``r ~ Beta(32, 32)`` with a second sample made the same way, labels of both kept] -> HSV.
-- Mosaic: four letterboxed ``S x S`` tiles meet at a random centre ``(cx, cy)`` drawn in
-  ``[S/4, 3S/4]``; each fills one quadrant of the ``S x S`` canvas with the part of its tile
-  nearest to that centre (at full scale, as ultralytics' mosaic does before its crop).
+- Mosaic (ultralytics' Mosaic._mosaic4): a ``2S x 2S`` canvas filled with 114; the four images,
+  resized to long side ``S`` without letterbox padding, each touch the centre ``(cx, cy)``
+  (drawn in ``[S/2, 3S/2)``) with one corner (top-left image: its bottom-right corner, ...),
+  clipped to the canvas (`mosaic_layout`). The warp then maps that canvas to the ``S x S`` output
+  with centre shift ``-S`` (``-S/2`` for a sample without mosaic, whose canvas is its tile).
+  Boxes are clipped to the canvas (zero-area ones dropped) before the warp, and that clipped
+  area times ``scale**2`` is box_candidates' reference, as ultralytics.
 - Boxes are clipped to the visible area and kept when wider and taller than 2 px, with
   aspect ratio < 100 and more than 10 % of their area left (ultralytics' box_candidates).
 """
@@ -39,7 +43,7 @@ FILL = 114  # letterbox / border grey, as ultralytics
 # Layout of the per-sample parameter vector drawn by `sample_params` (float64).
 P_MOSAIC, P_CX, P_CY = 0, 1, 2  # mosaic flag; mosaic centre (pixels)
 P_PARTNERS = slice(3, 6)  # three uniforms in [0, 1): which samples fill the other quadrants
-P_AFFINE = slice(6, 12)  # 2x3 affine, network-input canvas -> output (row-major)
+P_AFFINE = slice(6, 12)  # 2x3 affine, canvas (2S mosaic / S tile) -> S output (row-major)
 P_HUE, P_SAT, P_VAL = 12, 13, 14  # hue shift (degrees), saturation and value gains
 P_FLIP, P_SCALE = 15, 16  # flip flag (already inside the affine); scale factor
 P_PROJ = slice(17, 20)  # bottom row of the 3x3 warp matrix: (0, 0, 1) unless perspective
@@ -128,9 +132,9 @@ def sample_params(rng: np.random.Generator, cfg: AugmentConfig, imgsz: int, *, m
     p = identity_params(imgsz)
     if mosaic and cfg.mosaic > 0 and rng.random() < cfg.mosaic:
         p[P_MOSAIC] = 1
-        p[P_CX], p[P_CY] = rng.integers(imgsz // 4, 3 * imgsz // 4 + 1, size=2)
+        p[P_CX], p[P_CY] = rng.integers(imgsz // 2, 3 * imgsz // 2, size=2)  # int(U[S/2, 3S/2)), as ultralytics
     p[P_PARTNERS] = rng.random(3)
-    m, scale, flip, flipud = _draw_matrix(rng, cfg, imgsz)
+    m, scale, flip, flipud = _draw_matrix(rng, cfg, imgsz, float(imgsz) if p[P_MOSAIC] else imgsz / 2)
     p[P_AFFINE], p[P_PROJ] = m[:2].reshape(-1), m[2]
     p[P_FLIP], p[P_FLIPUD], p[P_SCALE] = float(flip), float(flipud), scale
     g = rng.uniform(-1, 1, 3) * (cfg.hsv_h, cfg.hsv_s, cfg.hsv_v)
@@ -140,8 +144,10 @@ def sample_params(rng: np.random.Generator, cfg: AugmentConfig, imgsz: int, *, m
     return p
 
 
-def _draw_matrix(rng: np.random.Generator, cfg: AugmentConfig, imgsz: int) -> tuple[np.ndarray, float, bool, bool]:
-    """(3x3 warp, scale, fliplr, flipud): ultralytics' ``T @ Sh @ R @ P @ C``, then the flips."""
+def _draw_matrix(rng: np.random.Generator, cfg: AugmentConfig, imgsz: int,
+                 centre: float) -> tuple[np.ndarray, float, bool, bool]:
+    """(3x3 warp, scale, fliplr, flipud): ultralytics' ``T @ Sh @ R @ P @ C``, then the flips;
+    C shifts by -centre (S on the 2S mosaic canvas, S/2 on a lone S x S tile)."""
     s_ = float(imgsz)
     persp = rng.uniform(-cfg.perspective, cfg.perspective, size=2) if cfg.perspective > 0 else np.zeros(2)
     angle = rng.uniform(-cfg.degrees, cfg.degrees)
@@ -155,8 +161,9 @@ def _draw_matrix(rng: np.random.Generator, cfg: AugmentConfig, imgsz: int) -> tu
         # resize + paste, several times cheaper than a general warpAffine on the CPU
         d = max(1, round(scale * imgsz))
         scale = d / imgsz
-        tx, ty = np.round(np.array([tx, ty]) - d / 2) + d / 2
-    c = np.array([[1, 0, -s_ / 2], [0, 1, -s_ / 2], [0, 0, 1]])
+        off = scale * centre  # d or d/2
+        tx, ty = np.round(np.array([tx, ty]) - off) + off
+    c = np.array([[1, 0, -centre], [0, 1, -centre], [0, 0, 1]])
     pm = np.eye(3)
     pm[2, :2] = persp
     r = np.eye(3)
@@ -197,30 +204,70 @@ def letterbox_geometry(h: int, w: int, imgsz: int) -> tuple[float, float, int, i
     return nw / w, nh / h, px, py, nw, nh
 
 
-def mosaic_quadrants(cx: int, cy: int, imgsz: int) -> np.ndarray:
-    """int32 (4, 3, 2) per tile: in-anchor [y, x], shape [h, w], out-anchor [y, x] (multi_paste's layout).
+def mosaic_layout(xc: int, yc: int, sizes: list[tuple[int, int]], imgsz: int) -> np.ndarray:
+    """int (4, 8) per tile: canvas region ``x1a, y1a, x2a, y2a`` and image region ``x1b, y1b, x2b, y2b``
+    (in the resized image, no letterbox padding) as ultralytics' Mosaic._mosaic4 computes them.
 
-    Tile order: top-left, top-right, bottom-left, bottom-right.
+    sizes: each tile's resized (w, h); tile order top-left, top-right, bottom-left, bottom-right;
+    canvas ``2S x 2S``; each image touches (xc, yc) with its inner corner.
     """
-    s = imgsz
-    return np.array(
-        [
-            [[s - cy, s - cx], [cy, cx], [0, 0]],
-            [[s - cy, 0], [cy, s - cx], [0, cx]],
-            [[0, s - cx], [s - cy, cx], [cy, 0]],
-            [[0, 0], [s - cy, s - cx], [cy, cx]],
-        ],
-        dtype=np.int32,
-    )
+    s2 = 2 * imgsz
+    out = np.zeros((4, 8), dtype=np.int64)
+    for k, (w, h) in enumerate(sizes):
+        if k == 0:
+            x1a, y1a, x2a, y2a = max(xc - w, 0), max(yc - h, 0), xc, yc
+            x1b, y1b, x2b, y2b = w - (x2a - x1a), h - (y2a - y1a), w, h
+        elif k == 1:
+            x1a, y1a, x2a, y2a = xc, max(yc - h, 0), min(xc + w, s2), yc
+            x1b, y1b, x2b, y2b = 0, h - (y2a - y1a), min(w, x2a - x1a), h
+        elif k == 2:
+            x1a, y1a, x2a, y2a = max(xc - w, 0), yc, xc, min(s2, yc + h)
+            x1b, y1b, x2b, y2b = w - (x2a - x1a), 0, w, min(y2a - y1a, h)
+        else:
+            x1a, y1a, x2a, y2a = xc, yc, min(xc + w, s2), min(s2, yc + h)
+            x1b, y1b, x2b, y2b = 0, 0, min(w, x2a - x1a), min(y2a - y1a, h)
+        out[k] = (x1a, y1a, x2a, y2a, x1b, y1b, x2b, y2b)
+    return out
+
+
+def tile_geometry(geom: tuple | None, imgsz: int) -> tuple[int, int, int, int]:
+    """(px, py, nw, nh) of a letterboxed tile: `geom` as given, or (None) a tile the image fills."""
+    return (0, 0, imgsz, imgsz) if geom is None else tuple(int(v) for v in geom)  # type: ignore[return-value]
 
 
 def paste_regions(params: np.ndarray, imgsz: int) -> np.ndarray:
-    """The four (in-anchor, shape, out-anchor) regions that build this sample's canvas:
-    the mosaic quadrants, or (no mosaic) the four quadrants of tile 0 left in place."""
-    q = mosaic_quadrants(int(params[P_CX]), int(params[P_CY]), imgsz)
+    """int32 (4, 3, 2) per tile: in-anchor [y, x], shape [h, w], out-anchor [y, x] (multi_paste's
+    layout) building this sample's 2S x 2S canvas from a (S, 5S) strip of five S x S versions of
+    each image: versions 0-3 the resized image in the corner that touches the mosaic centre
+    (bottom-right, bottom-left, top-right, top-left), version 4 the centred letterbox.
+
+    Mosaic: block k of tile k with its inner corner at (cx, cy), clipped to the canvas (the 114
+    around each image is the canvas' own fill, so the pixels are those of `mosaic_layout`).
+    No mosaic: tile 0's version 4 at (S/2, S/2), in four quadrants (see `canvas_matrix`).
+    """
+    s = imgsz
+    q = np.zeros((4, 3, 2), dtype=np.int32)
     if not params[P_MOSAIC]:
-        q[:, 0] = q[:, 2]
+        h = s // 2
+        for k, (y0, x0, hh, ww) in enumerate([(0, 0, h, h), (0, h, h, s - h), (h, 0, s - h, h), (h, h, s - h, s - h)]):
+            q[k] = [[y0, 4 * s + x0], [hh, ww], [h + y0, h + x0]]
+        return q
+    cx, cy = int(params[P_CX]), int(params[P_CY])
+    for k in range(4):
+        oy0, ox0 = (cy - s if k < 2 else cy), (cx - s if k % 2 == 0 else cx)  # block's top-left on the canvas
+        y0, x0 = max(oy0, 0), max(ox0, 0)
+        y1, x1 = min(oy0 + s, 2 * s), min(ox0 + s, 2 * s)
+        q[k] = [[y0 - oy0, k * s + x0 - ox0], [y1 - y0, x1 - x0], [y0, x0]]
     return q
+
+
+def canvas_matrix(params: np.ndarray, imgsz: int) -> np.ndarray:
+    """The 2x3 warp from the 2S canvas `paste_regions` builds to the output: the sample's own
+    matrix, after a -S/2 shift for a lone tile (pasted at (S/2, S/2))."""
+    a = warp_matrix(params)
+    if not params[P_MOSAIC]:
+        a = a @ np.array([[1, 0, -imgsz / 2], [0, 1, -imgsz / 2], [0, 0, 1]])
+    return a[:2]
 
 
 def norm_to_tile(boxes: np.ndarray, h: int, w: int, imgsz: int) -> np.ndarray:
@@ -275,10 +322,11 @@ def _area(b: np.ndarray) -> np.ndarray:
 
 
 def augment_boxes(
-    tiles: list[tuple[np.ndarray, np.ndarray]], params: np.ndarray, imgsz: int,
-    mix: tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray] | None = None,
+    tiles: list[tuple], params: np.ndarray, imgsz: int,
+    mix: tuple[list[tuple], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Labels of one output sample from its four tiles' labels ``(cls (n,), xyxy (n,4) in the tile)``.
+    """Labels of one output sample from its four tiles' labels ``(cls (n,), xyxy (n,4) in the tile
+    [, (px, py, nw, nh) the tile's letterbox geometry])`` (no geometry: the image fills the tile).
 
     Applies the mosaic placement (or takes tile 0 alone), the warp, clipping and the
     candidate filter; returns ``(cls (m,), xyxy (m,4))`` in output pixels. mix: the mixup
@@ -291,38 +339,36 @@ def augment_boxes(
     return np.concatenate([c, c2]), np.concatenate([b, b2])
 
 
-def _warped_boxes(
-    tiles: list[tuple[np.ndarray, np.ndarray]], params: np.ndarray, imgsz: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _warped_boxes(tiles: list[tuple], params: np.ndarray, imgsz: int) -> tuple[np.ndarray, np.ndarray]:
     s = imgsz
     a = warp_matrix(params)
-    cls_parts, box_parts, ref_parts = [], [], []
     if params[P_MOSAIC]:
-        quads = mosaic_quadrants(int(params[P_CX]), int(params[P_CY]), s)
-        for (c, b), ((iy, ix), (qh, qw), (oy, ox)) in zip(tiles, quads, strict=True):
-            if len(b) == 0 or qh == 0 or qw == 0:
-                continue
-            shifted = b + np.array([ox - ix, oy - iy, ox - ix, oy - iy], dtype=np.float64)
-            clipped = _clip(shifted, ox, oy, ox + qw, oy + qh)
-            # boxes outside their quadrant clip to lines: drop them (ultralytics' remove_zero_area_boxes),
-            # or a rotation would turn a line into a box over nothing
-            seen = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
-            cls_parts.append(c[seen])
-            ref_parts.append(_area(shifted[seen]))
-            box_parts.append(clipped[seen])
+        c, b = _mosaic_boxes(tiles, params, s)
+        ref = _area(b)
     else:
-        c, b = tiles[0]
-        cls_parts.append(c)
-        ref_parts.append(_area(b))
-        box_parts.append(_clip(b, 0, 0, s, s))
-    if not box_parts:
+        c, b = tiles[0][0], tiles[0][1]
+        ref = _area(b)
+        b = _clip(b, 0, 0, s, s)
+    if len(b) == 0:
         return np.zeros(0, dtype=np.int64), np.zeros((0, 4))
-    cls = np.concatenate(cls_parts).astype(np.int64)
-    boxes = np.concatenate(box_parts).reshape(-1, 4)
-    ref = np.concatenate(ref_parts) * params[P_SCALE] ** 2
-    out = _clip(affine_boxes(boxes, a), 0, 0, s, s)
-    keep = box_candidates(out, ref)
-    return cls[keep], out[keep]
+    out = _clip(affine_boxes(b, a), 0, 0, s, s)
+    keep = box_candidates(out, ref * params[P_SCALE] ** 2)
+    return c.astype(np.int64)[keep], out[keep]
+
+
+def _mosaic_boxes(tiles: list[tuple], params: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cls, xyxy) of the four tiles on the 2S canvas: shifted by their paste offset, clipped to
+    the canvas, zero-area boxes dropped (ultralytics' _cat_labels + remove_zero_area_boxes)."""
+    geoms = [tile_geometry(t[2] if len(t) > 2 else None, s) for t in tiles]
+    lay = mosaic_layout(int(params[P_CX]), int(params[P_CY]), [(g[2], g[3]) for g in geoms], s)
+    cls_parts, box_parts = [np.zeros(0, dtype=np.int64)], [np.zeros((0, 4))]
+    for t, (px, py, _, _), (x1a, y1a, _, _, x1b, y1b, _, _) in zip(tiles, geoms, lay, strict=True):
+        b = np.asarray(t[1], dtype=np.float64).reshape(-1, 4)
+        cls_parts.append(np.asarray(t[0]).astype(np.int64).reshape(-1))
+        box_parts.append(b + np.array([x1a - x1b - px, y1a - y1b - py] * 2, dtype=np.float64))
+    b = _clip(np.concatenate(box_parts), 0, 0, 2 * s, 2 * s)
+    keep = _area(b) > 0
+    return np.concatenate(cls_parts)[keep], b[keep]
 
 
 def box_candidates(xyxy: np.ndarray, ref_area: np.ndarray, wh_thr: float = 2, ar_thr: float = 100,
