@@ -250,6 +250,26 @@ def test_epochs_reshuffle_and_mosaic_switch(packed):
     ld.close()
 
 
+def test_mosaic_partners_outlive_the_epoch(packed):
+    """The torch worker's pool of mosaic partners (tiles with their letterbox geometry) is the
+    worker's own and carries over to the next epoch, like ultralytics' buffer."""
+    ld = make_loader(packed["wds"], "train", loader="torch", imgsz=IMGSZ, batch=4, workers=0, device="cpu", seed=1)
+    ld.set_epoch(0)
+    _epoch(ld)
+    pool = ld.dataset.pool
+    first = pool[0]
+    assert len(pool) == N_TRAIN < pool.maxlen - 4
+    tile, cls, xyxy, (px, py, nw, nh) = pool[-1]
+    assert tile.shape == (IMGSZ, IMGSZ, 3) and len(cls) == len(xyxy) and 0 < nw <= IMGSZ and 0 < nh <= IMGSZ
+    assert (px, py) == ((IMGSZ - nw) // 2, (IMGSZ - nh) // 2)
+    ld.set_epoch(1)
+    b = next(iter(ld))
+    # the new epoch's first tiles join last epoch's (N_TRAIN < the pool's 64: nothing evicted yet)
+    assert ld.dataset.pool is pool and pool[0] is first and len(pool) == N_TRAIN + 4
+    assert b["img"].shape[0] == 4
+    ld.close()
+
+
 def _corrupt_one_jpeg(shard: Path, fmt: str, pos: int) -> str:
     """Overwrite the start of record `pos`'s JPEG inside the shard file (framing left intact)."""
     with open_reader(fmt, shard) as r:

@@ -6,32 +6,26 @@ with CUDA, ``device="cpu"`` and ``device_id=None`` without.
 Pixels move in DALI: decode -> letterbox (``resize`` + ``slice`` pad with 114) -> [train] five
 S x S versions of each image side by side (``slice`` pads + ``cat``: the resized image in each
 corner, and the centred letterbox) -> mosaic (``multi_paste`` of one version block per tile onto
-the 2S x 2S canvas, `transforms.paste_regions`: ultralytics' layout) -> affine (scale, translate, rotation, shear, flips in
-one ``warp_affine``; no perspective: refused) -> [mixup: a second multi_paste + warp_affine,
-blended by arithmetic] -> HSV (``hsv``) -> CHW. The random parameters come from `transforms.sample_params` through an ``external_source`` (the same
-definition the torch loader uses) and travel with the batch, so the boxes -- read by DALI,
-padded with a count (``fn.pad`` + ``shape()``) -- get exactly the same arithmetic
-(`transforms.augment_boxes`) as in the torch loader before they become the YOLO targets.
+the 2S x 2S canvas, `transforms.paste_regions`: ultralytics' layout) -> affine (scale, translate,
+rotation, shear, flips in one ``warp_affine``; no perspective: refused) -> [mixup: a second
+canvas + warp, blended by arithmetic] -> HSV (``hsv``) -> CHW. The random parameters come from
+`transforms.sample_params` through an ``external_source`` and travel with the batch, so the
+boxes -- read by DALI, padded with a count (``fn.pad`` + ``shape()``) -- get the torch loader's
+arithmetic (`transforms.augment_boxes`) before they become the YOLO targets.
 
 Built once per run (`_ensure_pipeline`): each epoch runs the same pipeline for one more reader
-epoch, so there is no rebuild and no refill of the reader's shuffle buffer between epochs; the
-order of an epoch therefore depends on the epochs before it (reproducible for the same seed).
+epoch (no rebuild, no refill of the shuffle buffer; an epoch's order depends on the ones before).
 
-Sharding: every rank gets every shard file with ``shard_id=rank, num_shards=world_size,
-pad_last_batch=True, stick_to_shard=True``. The loader runs the pipeline itself for exactly
-`split.dali_reader_batches` iterations per epoch (so reader epochs never drift) and yields
-`split.batches_per_rank` of them. (`DALIGenericIterator` cannot continue after an operator
-error, such as a corrupt JPEG, without losing count; running the pipeline directly keeps the
-batch count exact in that case too.)
+Sharding: every rank reads every shard file with ``shard_id=rank, num_shards=world_size,
+pad_last_batch=True, stick_to_shard=True``, for exactly `split.dali_reader_batches` iterations
+per epoch (run directly, not through ``DALIGenericIterator``, which cannot continue after an
+operator error such as a corrupt JPEG), yielding `split.batches_per_rank` of them.
 
 Data on network storage: a rank fetches only the shard files that overlap its sample range
-(`split.rank_segments`) into the shard cache and gives the reader just those files, with index
-files trimmed to the range's records at the two ends, as ``shard_id=0, num_shards=1``. The
-reader then holds exactly the samples ``shard_id=rank, num_shards=world_size`` over all files
-would give it; its epoch has ``ceil(L/B)`` batches (L = the range's length), and where that is
-fewer than `split.batches_per_rank` (validation, a short rank) the loader completes the epoch
-with padding batches (``valid=False``), as DALI's padded shard would. So every rank still yields
-exactly `batches_per_rank` batches.
+(`split.rank_segments`) and reads just those, with index files trimmed to the range, as
+``shard_id=0, num_shards=1`` (the samples ``shard_id=rank`` over all files would give it). Its
+epoch has ``ceil(L/B)`` batches; where that is fewer than `split.batches_per_rank` the loader
+completes the epoch with padding batches (``valid=False``), as DALI's padded shard would.
 """
 
 from __future__ import annotations
@@ -83,9 +77,8 @@ class _ParamSource:
     partner is another sample of the batch, made with its own mosaic and warp; r = 1: no mixup)."""
 
     def __init__(self, cfg: AugmentConfig, imgsz: int, batch: int, seed: list[int]):
-        self.cfg, self.imgsz, self.batch = cfg, imgsz, batch
+        self.cfg, self.imgsz, self.batch, self.mosaic = cfg, imgsz, batch, True
         self.rng = np.random.default_rng(seed)
-        self.mosaic = True
         self.num_outputs = 9 + (7 if cfg.mixup > 0 else 0)
 
     def __call__(self) -> tuple[list[np.ndarray], ...]:
@@ -107,7 +100,7 @@ class _ParamSource:
         """params, tile ids, the three paste-region arrays and the 2x3 matrix of one sample."""
         q = paste_regions(p, self.imgsz)
         ids = np.asarray(partner_ids(p, own, self.batch), dtype=np.int32)
-        regions = [np.ascontiguousarray(q[:, k]) for k in range(3)]
+        regions = [np.ascontiguousarray(q[:, k]) for k in range(3)]  # in-anchors, shapes, out-anchors
         return [p, ids, *regions, canvas_matrix(p, self.imgsz).astype(np.float32)]
 
 
@@ -158,15 +151,11 @@ def _letterbox(img, imgsz: int, resize: bool, versions: bool = False):  # noqa: 
     full = r * 0.0 + s
     zero = r * 0.0
 
-    def pad(ay, ax):  # noqa: ANN001, ANN202
-        return fn.slice(img, fn.stack(ay, ax), fn.stack(full, full), axes=[0, 1], normalized_anchor=False,
-                        normalized_shape=False, out_of_bounds_policy="pad", fill_values=FILL)
-
-    centred = pad(-py, -px)
-    if not versions:
-        return centred
-    dy, dx = nh - s, nw - s  # anchors that put the image at the block's bottom / right edge
-    return fn.cat(pad(dy, dx), pad(dy, zero), pad(zero, dx), pad(zero, zero), centred, axis=1)
+    pad = [fn.slice(img, fn.stack(ay, ax), fn.stack(full, full), axes=[0, 1], normalized_anchor=False,
+                    normalized_shape=False, out_of_bounds_policy="pad", fill_values=FILL)
+           for ay, ax in ([(-py, -px)] + ([(nh - s, nw - s), (nh - s, zero), (zero, nw - s), (zero, zero)]
+                                          if versions else []))]  # centred; image at bottom-right, ...
+    return fn.cat(*pad[1:], pad[0], axis=1) if versions else pad[0]
 
 
 def _augment(tiles, params: _ParamSource, imgsz: int, gpu: bool):  # noqa: ANN001, ANN202 - DALI nodes
@@ -174,24 +163,21 @@ def _augment(tiles, params: _ParamSource, imgsz: int, gpu: bool):  # noqa: ANN00
     from nvidia.dali import fn, types
 
     outs = fn.external_source(source=params, num_outputs=params.num_outputs, batch=True)
-    p, ids, in_a, shapes, out_a, a, hue, sat, val = outs[:9]
+    p, ids, hue, sat, val = outs[0], outs[1], *outs[6:9]  # outs[1:6], outs[10:15]: geometry's arguments
     ones = fn.cast(tiles * 0 + 1, dtype=types.UINT8)  # marks what the pastes cover
 
     def geometry(ids, in_a, shapes, out_a, a):  # noqa: ANN001, ANN202
         kw = dict(in_ids=ids, in_anchors=in_a, shapes=shapes, out_anchors=out_a, output_size=[2 * imgsz, 2 * imgsz])
         # multi_paste leaves 0 where nothing is pasted; the canvas' fill there is 114, as ultralytics'
-        img = fn.multi_paste(tiles, **kw)
-        img = fn.cast(img + (1 - fn.multi_paste(ones, **kw)) * FILL, dtype=types.UINT8)
+        img = fn.cast(fn.multi_paste(tiles, **kw) + (1 - fn.multi_paste(ones, **kw)) * FILL, dtype=types.UINT8)
         return fn.warp_affine(img, matrix=a, size=[imgsz, imgsz], fill_value=FILL, inverse_map=False)
 
-    out = geometry(ids, in_a, shapes, out_a, a)
-    extra = [p, ids]
-    if len(outs) > 9:  # mixup: r * own + (1 - r) * partner, rounded back to uint8
-        p2, ids2, in_a2, shapes2, out_a2, a2, r = outs[9:]
-        other = geometry(ids2, in_a2, shapes2, out_a2, a2)
+    out, extra = geometry(*outs[1:6]), [p, ids]
+    if len(outs) > 9:  # mixup: r * own + (1 - r) * partner (params outs[9], tile ids outs[10]), rounded to uint8
+        other, r = geometry(*outs[10:15]), outs[15]
         r = r.gpu() if gpu else r  # the weights are a regular input of the blend: on the images' device
         out = fn.cast(out * r + other * (1.0 - r), dtype=types.UINT8)  # cast rounds, as cv2.addWeighted
-        extra += [p2, ids2]
+        extra += [outs[9], outs[10]]
     return fn.hsv(out, hue=hue, saturation=sat, value=val), extra
 
 
@@ -199,10 +185,8 @@ def _build_pipeline(data: SplitData, *, imgsz: int, batch: int, train: bool, ran
                     seed: int, threads: int, device_id: int | None, params: _ParamSource | None,
                     files: list[tuple[str, str]] | None = None):
     """The one pipeline definition (CPU when `device_id` is None, GPU decoding otherwise);
-    augmenting when `params` is given.
-
-    files: (shard, index) pairs to read instead of all shards of the split; the caller then
-    passes the shard_id/num_shards that apply to them (`rank`, `world_size`)."""
+    augmenting when `params` is given. files: (shard, index) pairs to read instead of all shards
+    of the split; the caller then passes the shard_id/num_shards that apply to them (`rank`, `world_size`)."""
     from nvidia.dali import fn, pipeline_def, types
 
     if files is None:
@@ -258,9 +242,8 @@ class DaliLoader:
         self.data = data
         self.names = list(data.manifest.names)
         self.num_samples = data.info.num_samples
-        self.imgsz, self.batch, self.train = imgsz, batch, train
+        self.imgsz, self.batch, self.train, self.augment, self.device = imgsz, batch, train, augment, device
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.augment, self.device = augment, device
         self.kind = "dali-gpu" if device.type == "cuda" else "dali-cpu"
         self.device_id = (device.index or 0) if device.type == "cuda" else None
         self.threads = workers or default_workers()
@@ -272,10 +255,8 @@ class DaliLoader:
         self.fetched: list[str] = []  # shard files this rank copied from network storage
         if data.remote or self.num_samples < len(data.labels):  # network storage, or a `fraction` of the split
             self._use_rank_files(rank_segments(data.shard_sizes, rank, world_size))
-        self._epoch = 0
-        self._pipe = None
+        self._epoch, self._pipe, self._mosaic = 0, None, True
         self._params: _ParamSource | None = None
-        self._mosaic = True
         self._last: dict | None = None
         self.stats = {"corrupt_skipped": 0}
 
@@ -360,7 +341,7 @@ class DaliLoader:
             raise RuntimeError("DALI could not read a single batch of this epoch")
 
     @staticmethod
-    def _substitute(b: dict) -> dict:
+    def _substitute(b: dict) -> dict:  # a copy of batch b, every sample valid=False
         return {**b, "valid": torch.zeros_like(b["valid"])}
 
     def _convert(self, outs, seen: set[str]) -> dict:  # noqa: ANN001 - DALI outputs
