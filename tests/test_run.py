@@ -192,3 +192,15 @@ def test_data_stall_meter_warns_when_starved(tmp_path):
     row = _rows(tmp_path / "r" / "results.csv")[0]
     assert float(row["data_stall_pct"]) > 10
     assert any("waiting for data" in ln and "--workers" in ln for ln in lines)
+
+
+def test_cache_disk_trains_from_one_decoded_store(shards, tmp_path):
+    """--cache disk: the loader is fed from the node's decoded store under --cache-dir, recorded in args.yaml."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    p = subprocess.run(train_cmd(shards, out, "--cache", "disk", "--cache-dir", str(cache), "--no-plots", epochs=1),
+                       capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert yaml.safe_load((out / "args.yaml").read_text())["cache"] == "disk"
+    stores = [d for d in (cache / "decoded").iterdir() if d.is_dir()]
+    assert stores and all((d / "meta.json").is_file() for d in stores), stores
+    assert "loader: torch" in p.stdout

@@ -19,7 +19,7 @@ from packer.storage.fs import redact
 OPTIMIZERS = ("auto", "SGD", "AdamW", "Adam", "MuSGD")
 # A resumed run may change these (they do not change what is learned); everything else comes from the checkpoint.
 # `epochs` too: a larger --epochs extends a run (the lr schedule is rebuilt over the new total).
-RESUME_OVERRIDABLE = ("device", "workers", "loader", "patience", "verify", "cache_dir", "cache_max_bytes",
+RESUME_OVERRIDABLE = ("device", "workers", "loader", "patience", "verify", "cache_dir", "cache_max_bytes", "cache",
                       "plots", "tensorboard", "epochs")
 
 
@@ -85,6 +85,7 @@ class TrainConfig:
     storage_options: dict[str, Any] | None = None
     cache_dir: str | None = None  # None = trainer.data.default_cache_dir()
     cache_max_bytes: int | None = None
+    cache: str | None = None  # decoded-pixel cache shared by the node: "ram" | "disk" | None
 
     def __post_init__(self) -> None:
         if isinstance(self.mosaic, bool):
@@ -100,9 +101,10 @@ class TrainConfig:
                 raise TrainError(f"--{name.replace('_', '-')} must be {rule}, got {v!r}")
         if self.imgsz is not None and self.imgsz % 32:
             raise TrainError(f"--imgsz must be a multiple of 32 (the model's largest stride), got {self.imgsz}")
-        for name, allowed in (("amp", AMP_MODES), ("loader", LOADERS), ("optimizer", OPTIMIZERS)):
+        for name, allowed in (("amp", AMP_MODES), ("loader", LOADERS), ("optimizer", OPTIMIZERS),
+                              ("cache", CACHE_KINDS)):
             if getattr(self, name) not in allowed:
-                raise TrainError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+                raise TrainError(f"--{name} must be one of {', '.join(a for a in allowed if a)}, got {getattr(self, name)!r}")
         if self.storage_options is not None and not isinstance(self.storage_options, dict):
             raise TrainError("--storage-options must be a JSON object")
 
@@ -111,6 +113,7 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 AUGMENT_KEYS = ("hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective", "flipud",
                 "fliplr", "mosaic", "mixup")
 LOADERS = ("auto", "dali", "torch")
+CACHE_KINDS = (None, "ram", "disk")
 _OPTIONAL = ("imgsz", "workers", "cache_max_bytes")  # None means "choose for me"
 # (option, test, the rule as the error states it): every number must also be finite (no nan/inf)
 _NUMBER_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (

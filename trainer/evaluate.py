@@ -21,6 +21,8 @@ from ultralytics.utils.metrics import ap_per_class, box_iou
 from ultralytics.utils.nms import non_max_suppression
 from ultralytics.utils.ops import xywh2xyxy
 
+from trainer.data.common import to_device
+
 __all__ = ["IOUV", "METRIC_KEYS", "Evaluator", "to_original", "match_predictions", "run_validation"]
 
 IOUV = torch.linspace(0.5, 0.95, 10)  # ultralytics' IoU thresholds for mAP50-95
@@ -145,7 +147,7 @@ def run_validation(
     ctx = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
            else contextlib.nullcontext())
     for bi, batch in enumerate(loader):
-        batch = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        batch = to_device(batch, device, non_blocking=True)
         batch["img"] = batch["img"].float() / 255
         with ctx:
             preds = model(batch["img"])

@@ -20,6 +20,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from packer.progress import progress_bar
 from trainer.config import TrainConfig, TrainError
+from trainer.data.common import to_device
 from trainer.evaluate import METRIC_KEYS, Evaluator, run_validation
 from trainer.model import ModelError
 from trainer.offline import setup_offline
@@ -136,7 +137,7 @@ class Run(PreparedRun):
     def step(self, batch: dict[str, Any], ni: int) -> torch.Tensor:
         """Forward + backward of one batch, and the optimizer step when it completes an accumulation;
         returns the detached loss items (box, cls, dfl), left on the device (no sync)."""
-        batch = {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        batch = to_device(batch, self.device, non_blocking=True)
         batch["img"] = batch["img"].float() / 255
         ctx = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
                else contextlib.nullcontext())

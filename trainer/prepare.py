@@ -164,6 +164,8 @@ class PreparedRun:
         extra = loader_fraction(cfg, self.make_loader)
         common = dict(loader=cfg.loader, imgsz=cfg.imgsz, rank=self.d.rank, world_size=self.d.world,
                       seed=cfg.seed, workers=cfg.workers, device=self.device, verify=cfg.verify)
+        if cfg.cache:  # only then: a custom loader_factory need not know the decoded cache
+            common.update(cache=cfg.cache, cache_dir=cfg.cache_dir)
         if is_url(cfg.shards):  # network storage: only then (a custom loader_factory need not know these)
             common.update(storage_options=cfg.storage_options, cache_dir=cfg.cache_dir,
                           cache_max_bytes=cfg.cache_max_bytes)
@@ -178,7 +180,8 @@ class PreparedRun:
         self.nb = len(self.train_loader)
         if self.nb == 0:
             raise TrainError(f"the train split has fewer images than one batch ({self.rank_batch})")
-        self.log(f"loader: {self.train_loader.kind}, batch {self.global_batch}"
+        reason = getattr(self.train_loader, "reason", "")
+        self.log(f"loader: {self.train_loader.kind}" + (f" ({reason})" if reason else "") + f", batch {self.global_batch}"
                  + (f" ({self.rank_batch} per rank)" if self.d.ddp else "")
                  + f", {self.nb} steps per epoch" + (f", workers {cfg.workers}" if cfg.workers is not None else ""))
 

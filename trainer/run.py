@@ -17,7 +17,7 @@ from click.core import ParameterSource
 from packer.cli import ByteSize
 from packer.cli_errors import run_one_line
 from packer.storage.fs import parse_storage_options
-from trainer.config import OPTIMIZERS, TrainConfig, TrainError
+from trainer.config import OPTIMIZERS, TrainConfig
 from trainer.offline import setup_offline
 
 _DEFAULT = TrainConfig()
@@ -101,6 +101,9 @@ def _none_or(value: str) -> str | None:
               help="Local cache of shards read from a URL by DALI/tfrecord/LMDB [default: ~/.cache/packer-trainer].")
 @click.option("--cache-max-bytes", default=None, type=ByteSize(),
               help="Size bound of --cache-dir (20GB, 500MiB, ...): least recently used shards are evicted.")
+@click.option("--cache", default=None, type=click.Choice(["ram", "disk"]),
+              help="Decode the packed JPEGs once into one store per node shared by every rank and worker: "
+                   "ram = /dev/shm, disk = --cache-dir/decoded. Refused in one line if it will not fit.")
 @click.option("--cfg", "cfg_file", default=None, type=click.Path(dir_okay=False),
               help="YAML of hyperparameters in ultralytics' default.yaml names (lr0, hsv_h, mosaic, ...); "
                    "command-line options override it.")
@@ -127,22 +130,9 @@ def main(ctx: click.Context, shards: str | None, **opts: object) -> None:
     setup_offline()  # before anything imports ultralytics: nothing is downloaded, no update check
     from trainer.loop import train
 
-    try:
-        result = train(cfg, given=explicit | set(from_file))
-    except _data_input_errors() as e:  # temporary: PackerErrors (exit 2) once trainer/data's errors subclass it
-        raise TrainError(str(e)) from None
+    result = train(cfg, given=explicit | set(from_file))
     if result.interrupted:
         sys.exit(130)
-
-
-def _data_input_errors() -> tuple[type[Exception], ...]:
-    """trainer/data's input errors that do not subclass PackerError yet (temporary)."""
-    from trainer.data import LoaderError
-    from trainer.data.decoded_cache import CacheError
-    from trainer.data.split import SplitError
-    from trainer.data.transforms import AugmentError
-
-    return LoaderError, SplitError, AugmentError, CacheError
 
 
 def _read_cfg(path: str | None) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
+from packer.errors import PackerError
 from trainer.data.common import DataError, SplitData, default_cache_dir, default_device, open_split
 from trainer.data.split import SplitError, batches_per_rank, check_args, fraction_sizes
 from trainer.data.transforms import AugmentConfig, AugmentError
@@ -25,7 +26,7 @@ __all__ = ["LOADERS", "AugmentConfig", "AugmentError", "DataError", "Loader", "L
            "default_cache_dir", "make_loader"]
 
 
-class LoaderError(ValueError):
+class LoaderError(PackerError, ValueError):
     """The requested loader cannot read this data here (e.g. DALI and LMDB)."""
 
 

@@ -42,7 +42,7 @@ import torch
 
 from packer.format import TF_BBOX, TF_CLASS, TF_IMAGE, TF_KEY, WDS_BOX, WDS_CLASS, WDS_IMAGE, WDS_META
 from packer.writers import trim_index
-from trainer.data.common import SplitData, build_batch, default_workers
+from trainer.data.common import SplitData, build_batch, default_workers, to_device
 from trainer.data.split import Segment, batches_per_rank, dali_reader_batches, rank_segments
 from trainer.data.transforms import (
     FILL,
@@ -375,7 +375,7 @@ class DaliLoader:
             labels.append((c, xyxy_to_yolo(b, s)))
         batch = build_batch(img, labels, indices, valid, self.data, s, self.train)
         if self.device.type != "cpu":
-            batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = to_device(batch, self.device, non_blocking=True)
         return batch
 
     def _key(self, raw: bytes) -> str:

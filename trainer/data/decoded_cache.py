@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from packer.errors import PackerError
 from packer.format import atomic_write_bytes
 from trainer.data.common import SplitData, default_cache_dir
 
@@ -45,7 +46,7 @@ MARGIN = 0.10  # of the free space kept free, on top of RESERVE
 RESERVE = 1 << 30  # bytes always left free (RAM for the training processes; disk for everything else)
 
 
-class CacheError(ValueError):
+class CacheError(PackerError, ValueError):
     """The decoded cache cannot be used as asked (does not fit, unknown kind, ...)."""
 
 

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from packer.errors import PackerError
 
-class SplitError(ValueError):
+
+class SplitError(PackerError, ValueError):
     """The split cannot feed the requested world size and batch."""
 
 

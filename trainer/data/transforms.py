@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass, fields
 import cv2
 import numpy as np
 
+from packer.errors import PackerError
+
 FILL = 114  # letterbox / border grey, as ultralytics
 
 # Layout of the per-sample parameter vector drawn by `sample_params` (float64).
@@ -52,7 +54,7 @@ P_MIX, P_MIX_PARTNER = 21, 22  # mixup: this sample's weight r (1 = no mixup); a
 NUM_PARAMS = 23
 
 
-class AugmentError(ValueError):
+class AugmentError(PackerError, ValueError):
     """An augmentation parameter is out of range."""
 
 
