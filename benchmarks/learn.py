@@ -29,21 +29,15 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from _synthetic import SETS, SetSpec, make_set
+
+from trainer.offline import setup_offline
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from trainer.offline import setup_offline  # noqa: E402
-
-setup_offline()
-
-from _synthetic import SETS, SetSpec, make_set  # noqa: E402
 
 MAP = "metrics/mAP50-95(B)"
 CURVE_COLS = ("train/box_loss", "train/cls_loss", "train/dfl_loss", "metrics/mAP50(B)", MAP)
@@ -224,6 +218,7 @@ def _parse() -> argparse.Namespace:
 
 def main() -> None:
     a = _parse()
+    setup_offline()  # before ultralytics is imported: nothing downloaded, no update check
     import torch
 
     out = Path(a.out)

@@ -46,13 +46,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _peers_data as pdata
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import _peers_data as pdata  # noqa: E402
 
 SETS = ("x8", "hires", "x1")
 CASES = ("noaug", "aug")

@@ -21,13 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _epoch(loader) -> tuple[int, float]:  # noqa: ANN001
@@ -71,7 +69,7 @@ def main() -> int:
 
 
 def _run(a, build_dataset, http_files, make_loader) -> int:  # noqa: ANN001
-    from benchmarks.loader import replicate_coco
+    from loader import replicate_coco
 
     out = Path(a.out)
     data = out / f"data-{a.size}-x{a.repeat}"
