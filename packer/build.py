@@ -217,19 +217,13 @@ def build_dataset(
     num_parts: int = 1,
     part: int | None = None,
 ) -> BuildResult:
-    """Pack a COCO or YOLO folder `src` into `out` (see packer.format for the layout).
+    """Pack a COCO or YOLO folder `src` into `out` (layout: packer.format; options: README).
 
-    `workers` processes decode/resize/encode (default: all cores); the output bytes do not
-    depend on it. `resume` keeps shards an interrupted build finished (checksums checked;
-    refused if the source changed); `overwrite` replaces what packer wrote in `out` (see
-    packer.output). With `strict`, any problem in the input fails the build (StrictFailure)
-    after writing report.json, and no manifest is written. Images above `max_pixels` are
-    skipped unread; `follow_symlinks` packs symlinks that lead outside `src`. `on_shard`
-    is called after every finished shard (progress hooks, tests).
-
-    Multi-machine packing: with `num_parts` N and `part` I (0-based), only part I of each
-    split is packed, into `out/parts/part-IIIII-of-NNNNN/`; run every part (same options),
-    then `packer.parts.merge_parts(out)` (see packer/parts.py).
+    Output bytes do not depend on `workers`. `resume` keeps finished shards (refused if the
+    source changed); `overwrite` replaces only what packer wrote (packer.output); `strict`
+    fails on any input problem after writing report.json. `on_shard` is called after every
+    finished shard. With `num_parts` N and `part` I only part I of each split is packed, into
+    `out/parts/part-IIIII-of-NNNNN/`, for `packer.parts.merge_parts(out)`.
     """
     t0 = time.perf_counter()
     if overwrite and resume:

@@ -1,7 +1,22 @@
 """Batches from packed shards: one factory, `make_loader`, over DALI and PyTorch loaders.
 
-Every loader yields ultralytics' detection-batch dict (see `make_loader`), exactly
+Every loader yields ultralytics' detection-batch dict (below), exactly
 `len(loader)` batches per epoch on every rank (computed from the manifest, see `split`).
+
+Batches are dicts: ``img`` uint8 (B,3,S,S) RGB on the device; ``batch_idx`` float32 (N,)
+ascending; ``cls`` float32 (N,1); ``bboxes`` float32 (N,4) normalized cx,cy,w,h of the
+S x S input; ``keys``, ``im_file``, ``ori_shape`` lists; ``ratio_pad`` float32 (B,4)
+(gain_x, gain_y, pad_x, pad_y: input pixel = original pixel * gain + pad; exact when
+``train=False``, zeros in training batches); ``valid`` bool (B,), False for padding and
+substitutes of corrupt samples.
+
+Shards may be a URL (s3://, gs://, http(s)://, file://, any fsspec URL): the manifest and
+labels are read remotely; the torch loader streams WebDataset tars straight from there (each
+rank/worker opens only its own shards); DALI (tfrecord, wds) and the torch loader over
+tfrecord/LMDB first fetch exactly the shard files this rank reads into `cache_dir`
+(default `default_cache_dir()`; checksum-verified, reused across runs, least recently used
+files evicted beyond `cache_max_bytes`). `storage_options` go to fsspec (credentials,
+endpoint); without them fsspec uses the standard environment (AWS_ENDPOINT_URL, ...).
 """
 
 from __future__ import annotations
@@ -78,12 +93,7 @@ def make_loader(
 ) -> Loader:
     """A loader of `split` of the packed dataset at `shards`.
 
-    Batches are dicts: ``img`` uint8 (B,3,S,S) RGB on `device`; ``batch_idx`` float32 (N,)
-    ascending; ``cls`` float32 (N,1); ``bboxes`` float32 (N,4) normalized cx,cy,w,h of the
-    S x S input; ``keys``, ``im_file``, ``ori_shape`` lists; ``ratio_pad`` float32 (B,4)
-    (gain_x, gain_y, pad_x, pad_y: input pixel = original pixel * gain + pad; exact when
-    ``train=False``, zeros in training batches); ``valid`` bool (B,), False for padding and
-    substitutes of corrupt samples.
+    Batches and URLs: see this module's docstring.
 
     loader: "auto" picks DALI with GPU decoding on CUDA (tfrecord, wds) and the PyTorch DataLoader
     otherwise (`auto_choice`; the loader's ``reason`` says why); "dali"/"torch" force one.
@@ -95,25 +105,8 @@ def make_loader(
     as ultralytics' ``fraction`` (which it applies to the train split); split across ranks like a
     whole split (equal batch counts).
     torch_kwargs: pin_memory, persistent_workers, prefetch_factor, fast_decode for the torch loader.
-
-    shards may be a URL (s3://, gs://, http(s)://, file://, any fsspec URL): the manifest and
-    labels are read remotely; the torch loader streams WebDataset tars straight from there (each
-    rank/worker opens only its own shards); DALI (tfrecord, wds) and the torch loader over
-    tfrecord/LMDB first fetch exactly the shard files this rank reads into `cache_dir`
-    (default `default_cache_dir()`; checksum-verified, reused across runs, least recently used
-    files evicted beyond `cache_max_bytes`). `storage_options` go to fsspec (credentials,
-    endpoint); without them fsspec uses the standard environment (AWS_ENDPOINT_URL, ...).
     """
-    if loader not in LOADERS:
-        raise LoaderError(f"unknown loader {loader!r}: choose one of {', '.join(LOADERS)}")
-    if imgsz < 32 or imgsz % 32:
-        raise LoaderError(f"imgsz must be a positive multiple of 32, got {imgsz}")
-    if not 0 < fraction <= 1:
-        raise LoaderError(f"fraction must be in (0, 1], got {fraction}")
-    if augment is None:
-        augment = AugmentConfig() if train else AugmentConfig.off()
-    elif not train and not augment.is_off:
-        raise LoaderError("augmentation is for training only: pass augment=None with train=False")
+    augment = _checked_request(loader, imgsz, fraction, augment, train)
     whole = open_split(shards, split, verify=verify, storage_options=storage_options, cache_dir=cache_dir,
                       cache_max_bytes=cache_max_bytes)
     data = _leading_share(whole, fraction)
@@ -132,6 +125,22 @@ def make_loader(
         ld = _torch(data, whole, cache, cache_dir, torch_kwargs, **common)
     ld.reason = reason
     return ld
+
+
+def _checked_request(loader: str, imgsz: int, fraction: float, augment: AugmentConfig | None,
+                     train: bool) -> AugmentConfig:
+    """One-line LoaderErrors for requests that cannot work; the augmentation to use."""
+    if loader not in LOADERS:
+        raise LoaderError(f"unknown loader {loader!r}: choose one of {', '.join(LOADERS)}")
+    if imgsz < 32 or imgsz % 32:
+        raise LoaderError(f"imgsz must be a positive multiple of 32, got {imgsz}")
+    if not 0 < fraction <= 1:
+        raise LoaderError(f"fraction must be in (0, 1], got {fraction}")
+    if augment is None:
+        augment = AugmentConfig() if train else AugmentConfig.off()
+    elif not train and not augment.is_off:
+        raise LoaderError("augmentation is for training only: pass augment=None with train=False")
+    return augment
 
 
 def _dali(data: SplitData, cache: str | None, torch_kwargs: dict, **common: Any) -> Loader:
