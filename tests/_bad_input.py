@@ -26,6 +26,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 from PIL import Image
 
 RED = (0, 0, 255)  # BGR
@@ -243,3 +244,22 @@ def checked_report(out: Path) -> dict:
         assert t["images"]["found"] == t["images"]["packed"] + sum(t["images"]["skipped"].values()), t
         assert t["boxes"]["found"] == t["boxes"]["packed"] + sum(t["boxes"]["dropped"].values()), t
     return report
+
+
+def checked_build(src: Path, out: Path, **kw) -> dict:
+    """The real build (one process), checked: report reconciles, nothing written outside `out`."""
+    from packer.build import build_dataset
+
+    before = snapshot(out.parent, out)
+    build_dataset(src, out, fmt="wds", size=64, workers=1, **kw)
+    assert snapshot(out.parent, out) == before
+    return checked_report(out)
+
+
+def cli_exit(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """Run the packer CLI in process: (exit code, stderr)."""
+    from packer.cli import main as packer_main
+
+    with pytest.raises(SystemExit) as e:
+        packer_main(argv)
+    return e.value.code, capsys.readouterr().err

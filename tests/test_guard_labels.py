@@ -10,10 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _bad_input import checked_report, snapshot, tiny_jpeg
+from _bad_input import checked_build, cli_exit, tiny_jpeg
 
-from packer.build import build_dataset
-from packer.cli import main as packer_main
 from packer.labels import parse_yolo
 from packer.sample import ProcessOptions, process_candidate
 from packer.sources.detect import SourceError, detect_source
@@ -35,17 +33,6 @@ def _label(ds: Path, split: str, stem: str, text: str) -> Path:
     return p
 
 
-def _build(src: Path, out: Path, **kw) -> dict:
-    before = snapshot(out.parent, out)
-    build_dataset(src, out, fmt="wds", size=64, workers=1, **kw)
-    assert snapshot(out.parent, out) == before
-    return checked_report(out)
-
-
-def _cli(argv: list[str], capsys) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as e:
-        packer_main(argv)
-    return e.value.code, capsys.readouterr().err
 
 
 def _ultralytics_labels(img: Path, lbl: Path, nc: int, nkpt: int, ndim: int, keypoint: bool) -> np.ndarray:
@@ -124,7 +111,7 @@ def test_pose_dataset_detection_carries_kpt_shape(tmp_path):
 
 def test_pose_dataset_builds_every_box(tmp_path):
     n = _pose_dataset(tmp_path / "ds", (17, 3))
-    t = _build(tmp_path / "ds", tmp_path / "out")["totals"]
+    t = checked_build(tmp_path / "ds", tmp_path / "out")["totals"]
     assert t["boxes"] == {"found": n, "packed": n, "dropped": {}}
 
 
@@ -147,7 +134,7 @@ def test_coco_duplicate_image_id_is_one_clear_line(tmp_path, capsys):
     with pytest.raises(SourceError, match="image id 7 "):
         detect_source(tmp_path / "coco")
     out = tmp_path / "out"
-    code, err = _cli(["build", str(tmp_path / "coco"), "-o", str(out), "--workers", "1"], capsys)
+    code, err = cli_exit(["build", str(tmp_path / "coco"), "-o", str(out), "--workers", "1"], capsys)
     assert code == 2 and "image id 7" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
 
@@ -162,7 +149,7 @@ def test_coco_same_file_name_twice_and_orphans_are_counted(tmp_path):
             {"id": 5, "image_id": 99, **box}, {"id": 6, **box},  # orphans: no such image, no image_id
             5]  # not an object
     _coco(tmp_path / "coco", ims, anns)
-    report = _build(tmp_path / "coco", tmp_path / "out")
+    report = checked_build(tmp_path / "coco", tmp_path / "out")
     t = report["totals"]
     assert t["images"] == {"found": 3, "packed": 2, "skipped": {"duplicate_image": 1}}
     assert t["boxes"]["found"] == len(anns)  # reconciles against the json
@@ -225,7 +212,7 @@ def test_broken_data_yaml_in_src_is_one_clear_line(tmp_path, capsys, case):
     assert peak < 32 << 20  # aliases are never expanded into memory
     assert "\n" not in str(e.value) and "data.yaml" in str(e.value)
     out = tmp_path / "out"
-    code, err = _cli(["build", str(ds), "-o", str(out), "--workers", "1"], capsys)
+    code, err = cli_exit(["build", str(ds), "-o", str(out), "--workers", "1"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not out.exists()
 
@@ -239,7 +226,7 @@ def test_data_yaml_without_splits_names_the_folder_classes(tmp_path):
     s = detect_source(ds)
     assert s.layout == "yolo-dirs" and s.names == ["cat", "dog"]
     assert any("hyp.yaml" in n for n in s.notes)
-    t = _build(ds, tmp_path / "out")["totals"]
+    t = checked_build(ds, tmp_path / "out")["totals"]
     assert t["boxes"] == {"found": 1, "packed": 1, "dropped": {}}
 
 
@@ -260,12 +247,12 @@ def _secret_dataset(ds: Path, outside: Path) -> None:
 def test_reports_and_strict_output_never_quote_label_lines(tmp_path, capsys):
     ds = tmp_path / "ds"
     _secret_dataset(ds, tmp_path / "home")
-    report = _build(ds, tmp_path / "out")
+    report = checked_build(ds, tmp_path / "out")
     text = (tmp_path / "out" / "report.json").read_text()
     assert SECRET not in text and "aws_secret" not in text
     details = sorted(p["detail"] for p in report["problems"] if p["source"] == "images/train/a.jpg")
     assert details == ["line 1: not numeric", "line 2: not numeric", "line 3: not numeric", "line 4: not numeric"]
-    code, err = _cli(["build", str(ds), "-o", str(tmp_path / "strict"), "--strict", "--workers", "1"], capsys)
+    code, err = cli_exit(["build", str(ds), "-o", str(tmp_path / "strict"), "--strict", "--workers", "1"], capsys)
     assert code == 1 and "line 2: not numeric" in err and SECRET not in err
     assert SECRET not in (tmp_path / "strict" / "report.json").read_text()
     # followed on purpose, the credentials file is read as labels and still never quoted
@@ -281,7 +268,7 @@ def test_coco_and_yaml_errors_never_quote_the_file(tmp_path, capsys):
             {"id": 2, "image_id": 1, "category_id": SECRET, "bbox": [1, 1, 5, 5]},
             {"id": 3, "image_id": 1, "category_id": [SECRET], "bbox": [1, 1, 5, 5]}]
     _coco(tmp_path / "coco", ims, anns)
-    report = _build(tmp_path / "coco", tmp_path / "out")
+    report = checked_build(tmp_path / "coco", tmp_path / "out")
     assert report["totals"]["boxes"]["dropped"] == {"bad_line": 1, "class_out_of_range": 2}
     assert SECRET not in (tmp_path / "out" / "report.json").read_text()
     ds = tmp_path / "ds"
@@ -290,5 +277,5 @@ def test_coco_and_yaml_errors_never_quote_the_file(tmp_path, capsys):
                 f"train: images/train\nnames: !!python/object:{SECRET} {{}}\n",
                 f"train: images/train\nnames: {{0: a, {SECRET}: b}}\n"):
         (ds / "data.yaml").write_text(bad)
-        code, err = _cli(["build", str(ds), "-o", str(tmp_path / "o2"), "--workers", "1"], capsys)
+        code, err = cli_exit(["build", str(ds), "-o", str(tmp_path / "o2"), "--workers", "1"], capsys)
         assert code == 2 and "data.yaml" in err and SECRET not in err, err

@@ -10,11 +10,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from _bad_input import checked_report, snapshot, tiny_jpeg
+from _bad_input import checked_build, checked_report, cli_exit, snapshot, tiny_jpeg
 from _pack_util import read_samples
 
 from packer.build import build_dataset
-from packer.cli import main as packer_main
 from packer.format import check_key, make_key
 from packer.sources.detect import SourceError, detect_source
 from packer.verify import verify_dataset
@@ -34,18 +33,6 @@ def _img(path: Path, label: str | None = None, seed: int = 0) -> None:
         lp.write_text(label)
 
 
-def _build(src: Path, out: Path, **kw) -> dict:
-    """The real build (one process), checked: report reconciles, nothing written outside `out`."""
-    before = snapshot(out.parent, out)
-    build_dataset(src, out, fmt="wds", size=64, workers=1, **kw)
-    assert snapshot(out.parent, out) == before
-    return checked_report(out)
-
-
-def _cli(argv: list[str], capsys) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as e:
-        packer_main(argv)
-    return e.value.code, capsys.readouterr().err
 
 
 def _linked_dataset(tmp_path: Path) -> tuple[Path, Path]:
@@ -71,7 +58,7 @@ def _linked_dataset(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_symlinks_outside_root_are_skipped_and_counted(tmp_path):
     ds, _ = _linked_dataset(tmp_path)
-    report = _build(ds, tmp_path / "out")
+    report = checked_build(ds, tmp_path / "out")
     t = report["totals"]
     assert t["images"]["packed"] == 2  # a.jpg and sub/c.jpg, once each despite the loop and the alias
     assert t["images"]["skipped"] == {"symlink_outside_root": 3}  # x.jpg, the folder more/, b.jpg
@@ -106,7 +93,7 @@ def test_symlink_loop_is_walked_once(tmp_path):
         got = {c.source: c.reject for c in s.splits["train"]}
         assert got == {"images/train/a.jpg": None, "images/train/a1.jpg": "missing_image",
                        "images/train/a2.jpg": "missing_image"}
-    report = _build(ds, tmp_path / "out")
+    report = checked_build(ds, tmp_path / "out")
     assert report["totals"]["images"] == {"found": 3, "packed": 1, "skipped": {"missing_image": 2}}
 
 
@@ -119,7 +106,7 @@ def test_every_image_behind_an_outside_symlink_is_one_clear_line(tmp_path, capsy
     with pytest.raises(SourceError, match="--follow-symlinks"):
         detect_source(ds)
     assert [c.source for c in detect_source(ds, follow_symlinks=True).splits["train"]] == ["images/train/a.jpg"]
-    code, err = _cli(["build", str(ds), "-o", str(tmp_path / "out"), "--workers", "1"], capsys)
+    code, err = cli_exit(["build", str(ds), "-o", str(tmp_path / "out"), "--workers", "1"], capsys)
     assert code == 2 and "--follow-symlinks" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out" / "manifest.json").exists()
 
@@ -135,7 +122,7 @@ def test_coco_image_symlinked_outside(tmp_path):
     (root / "annotations").mkdir()
     (root / "annotations" / "instances_train.json").write_text(
         json.dumps({"images": ims, "annotations": anns, "categories": [{"id": 1, "name": "a"}]}))
-    report = _build(root, tmp_path / "out")
+    report = checked_build(root, tmp_path / "out")
     t = report["totals"]
     assert t["images"]["skipped"] == {"symlink_outside_root": 1}
     assert t["boxes"] == {"found": 1, "packed": 0, "dropped": {"image_skipped": 1}}
@@ -185,7 +172,7 @@ def test_coco_file_name_with_surrogate_escape_finds_the_file(tmp_path):
     (root / "annotations").mkdir()
     (root / "annotations" / "instances_train.json").write_text(
         json.dumps({"images": ims, "annotations": [], "categories": [{"id": 1, "name": "a\udcff"}]}))
-    report = _build(root, tmp_path / "out")
+    report = checked_build(root, tmp_path / "out")
     assert report["totals"]["images"] == {"found": 3, "packed": 2, "skipped": {"missing_image": 1}}
     assert {p["source"] for p in report["problems"]} == {"train/\\ud800bad.jpg"}
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["names"] == ["a\\xff"]
@@ -207,7 +194,7 @@ def test_coco_split_name_from_json_file_name_is_checked(tmp_path, capsys, name):
     for src in (root, root / "annotations" / name):
         with pytest.raises(SourceError, match="split name"):
             detect_source(src)
-        code, err = _cli(["build", str(src), "-o", str(out), "--workers", "1"], capsys)
+        code, err = cli_exit(["build", str(src), "-o", str(out), "--workers", "1"], capsys)
         assert code == 2 and "split name" in err and len(err.strip().splitlines()) == 1
     assert snapshot(tmp_path, out) == before
 
@@ -227,7 +214,7 @@ def test_odd_entries_never_kill_a_build(tmp_path):
     (ds / "images" / "train" / "dir.jpg").mkdir()  # a folder with an image's name: walked, empty
     (ds / "list.txt").write_text("images/train/a.jpg\nimages/nul\x00.jpg\n" + "x" * 300 + ".jpg\n")
     (ds / "data.yaml").write_text("train: images/train\nval: list.txt\nnames: [a]\n")
-    report = _build(ds, tmp_path / "out")
+    report = checked_build(ds, tmp_path / "out")
     assert report["splits"]["train"]["images"] == {"found": 2, "packed": 1, "skipped": {"missing_image": 1}}
     assert report["splits"]["val"]["images"] == {"found": 3, "packed": 1, "skipped": {"missing_image": 2}}
 
@@ -240,7 +227,7 @@ def test_odd_entries_never_kill_a_build(tmp_path):
     (root / "annotations" / "instances_train.json").write_text(
         json.dumps({"images": ims, "annotations": [{"image_id": [1], "bbox": [1, 1, 2, 2], "category_id": 1}],
                     "categories": [{"id": 1, "name": "a"}]}))
-    report = _build(root, tmp_path / "out2")
+    report = checked_build(root, tmp_path / "out2")
     assert report["totals"]["images"] == {"found": 6, "packed": 2, "skipped": {"missing_image": 4}}
     assert report["totals"]["boxes"] == {"found": 1, "packed": 0, "dropped": {"orphan_annotation": 1}}
 
