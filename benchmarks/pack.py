@@ -26,6 +26,8 @@ import cv2
 import numpy as np
 import psutil
 
+from packer.images import configure_worker
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -43,7 +45,7 @@ def make_flat_copy(src_images: list[Path], dst: Path, repeat: int) -> Path:
 
 def ceiling(images: list[Path], size: int, quality: int) -> float:
     """img/s of bare decode+resize+encode on one core (the per-core upper bound)."""
-    cv2.setNumThreads(1)
+    configure_worker()  # what each packing worker runs with
     blobs = [np.frombuffer(p.read_bytes(), np.uint8) for p in images]
     t0 = time.perf_counter()
     for b in blobs:

@@ -144,10 +144,10 @@ def _process_chunk(chunk: list[Candidate], opts: ProcessOptions) -> list[SampleR
 def _init_worker() -> None:
     import signal
 
-    import cv2
+    from packer.images import configure_worker
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
-    cv2.setNumThreads(1)  # one process per core already; OpenCV threads would oversubscribe
+    configure_worker()  # the one place OpenCV's threads are set: one process per core already
 
 
 def _mp_context() -> mp.context.BaseContext:

@@ -158,13 +158,3 @@ def coco_to_yolo(
         rows.append((int(c), (x + w / 2) / width, (y + h / 2) / height, w / width, h / height, where))
     cls, boxes, more = clean_boxes(rows, nc, source)
     return LabelResult(cls, boxes, problems + more, len(coco_boxes))
-
-
-def format_yolo(cls: np.ndarray, boxes: np.ndarray) -> str:
-    """YOLO label text for (cls, boxes): one `class cx cy w h` line per box."""
-    boxes = np.asarray(boxes, dtype=np.float32)
-    # shortest text that reads back as the same float32
-    return "".join(
-        f"{int(c)} {' '.join(np.format_float_positional(v, trim='-') for v in b)}\n"
-        for c, b in zip(cls, boxes, strict=True)
-    )

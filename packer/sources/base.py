@@ -89,10 +89,6 @@ class Source:
     splits: dict[str, list[Candidate]]  # split -> candidates sorted by .source
     notes: list[str] = field(default_factory=list)  # human notes about the detection
 
-    @property
-    def num_images(self) -> int:
-        return sum(len(c) for c in self.splits.values())
-
 
 def inside_root(root: Path, path: str) -> str | None:
     """Lexically normalized absolute `path` if it stays inside `root`, else None.

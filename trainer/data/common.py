@@ -51,11 +51,6 @@ class SplitData:
         return self.url is not None
 
     @property
-    def display(self) -> str:
-        """Where the data lives, fit to print (no credentials)."""
-        return display_url(self.url) if self.url else str(self.root)
-
-    @property
     def fmt(self) -> str:
         return self.manifest.format
 

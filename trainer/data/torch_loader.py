@@ -12,10 +12,10 @@ import gc
 import logging
 from collections.abc import Iterator
 
-import cv2
 import torch
 from torch.utils.data import DataLoader
 
+from packer.images import configure_worker
 from trainer.data.batches import ShardBatches
 from trainer.data.common import SplitData, default_device, default_workers, to_device
 from trainer.data.records import RecordSource
@@ -23,9 +23,6 @@ from trainer.data.split import batches_per_rank, epoch_shards
 from trainer.data.transforms import AugmentConfig
 
 log = logging.getLogger("trainer.data")
-# As ultralytics does at import: OpenCV's thread pool does not survive the fork of DataLoader
-# workers (a forked worker can hang in it), and workers are the parallelism anyway.
-cv2.setNumThreads(0)
 
 __all__ = ["RecordSource", "TorchLoader"]
 
@@ -41,6 +38,9 @@ class TorchLoader:
                  prefetch_factor: int | None = None, fast_decode: bool | None = None, cache=None):  # noqa: ANN001
         """fast_decode: libjpeg-turbo's fast DCT (None: when training; see `decode`).
         cache: a `decoded_cache.DecodedCache` to read pixels from instead of the shards."""
+        # before any worker forks: OpenCV's thread pool does not survive a fork (a forked worker
+        # can hang in it), and the workers are the parallelism anyway (ultralytics does the same)
+        configure_worker()
         self.data = data
         self.names = list(data.manifest.names)
         self.num_samples = data.info.num_samples
