@@ -243,21 +243,17 @@ def _check_dali(got: list[tuple[np.ndarray, ...]], records: list[Record]) -> Non
 
 def test_dali_reads_tfrecord(shards: dict[str, list[WrittenShard]], records: list[Record]) -> None:
     dali = pytest.importorskip("nvidia.dali")
-    import nvidia.dali.tfrecord as tfrec
     from nvidia.dali import fn
+
+    from packer.writers.tfrecord import dali_features
 
     paths = [str(ws.path) for ws in shards["tfrecord"]]
 
     @dali.pipeline_def(batch_size=4, num_threads=1, device_id=None, seed=0)
     def pipe():  # noqa: ANN202
-        f = fn.readers.tfrecord(
-            path=paths, index_path=[p + ".idx" for p in paths], name="Reader",
-            features={
-                TF_IMAGE: tfrec.FixedLenFeature((), tfrec.string, ""),
-                TF_CLASS: tfrec.VarLenFeature(tfrec.int64, 0),
-                TF_BBOX: tfrec.VarLenFeature([4], tfrec.float32, 0.0),
-            },
-        )
+        # the declaration the trainer's DALI loader uses (packer.writers.tfrecord.dali_features)
+        f = fn.readers.tfrecord(path=paths, index_path=[p + ".idx" for p in paths], name="Reader",
+                                features=dali_features())
         return fn.decoders.image(f[TF_IMAGE], device="cpu"), f[TF_CLASS], f[TF_BBOX]
 
     _check_dali(_dali_run(pipe(), len(records)), records)
@@ -265,16 +261,18 @@ def test_dali_reads_tfrecord(shards: dict[str, list[WrittenShard]], records: lis
 
 def test_dali_reads_webdataset(shards: dict[str, list[WrittenShard]], records: list[Record]) -> None:
     dali = pytest.importorskip("nvidia.dali")
-    from nvidia.dali import fn, types
+    from nvidia.dali import fn
+
+    from packer.writers.wds import dali_members
 
     paths = [str(ws.path) for ws in shards["wds"]]
+    ext, dtypes = dali_members()  # the declaration the trainer's DALI loader uses
 
     @dali.pipeline_def(batch_size=4, num_threads=1, device_id=None, seed=0)
     def pipe():  # noqa: ANN202
-        jpg, cls, box = fn.readers.webdataset(
+        jpg, cls, box, _meta = fn.readers.webdataset(
             paths=paths, index_paths=[p + ".idx" for p in paths], name="Reader",
-            ext=["jpg", "cls", "box"], dtypes=[types.UINT8, types.INT32, types.FLOAT],
-            missing_component_behavior="error",
+            ext=ext, dtypes=dtypes, missing_component_behavior="error",
         )
         return fn.decoders.image(jpg, device="cpu"), cls, fn.reshape(box, shape=[-1, 4])
 

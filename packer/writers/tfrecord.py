@@ -276,3 +276,16 @@ def make_index(path: Path) -> bytes:
             off += rec
             f.seek(off)
     return "".join(lines).encode()
+
+
+def dali_features() -> dict:
+    """The `features` DALI's `fn.readers.tfrecord` needs to read our records (image, key, classes,
+    boxes as N x 4). Imports DALI, so only the trainer side calls it."""
+    import nvidia.dali.tfrecord as tfrec
+
+    return {
+        TF_IMAGE: tfrec.FixedLenFeature((), tfrec.string, ""),
+        TF_KEY: tfrec.FixedLenFeature((), tfrec.string, ""),
+        TF_CLASS: tfrec.VarLenFeature(tfrec.int64, 0),
+        TF_BBOX: tfrec.VarLenFeature([4], tfrec.float32, 0.0),
+    }

@@ -279,3 +279,11 @@ def make_index(path: Path) -> bytes:
         raise FormatError(f"{path}: not a readable tar ({e})") from None
     lines = [f"{INDEX_VERSION} {len(samples)}"] + [" ".join(s) for s in samples]
     return ("\n".join(lines) + "\n").encode()
+
+
+def dali_members() -> tuple[list[str], list]:
+    """`ext` and `dtypes` for DALI's `fn.readers.webdataset`: image bytes, classes (int32), boxes
+    (float32, 4 per box), the json meta (bytes). Imports DALI, so only the trainer side calls it."""
+    from nvidia.dali import types
+
+    return list(WDS_MEMBER_ORDER), [types.UINT8, types.INT32, types.FLOAT, types.UINT8]

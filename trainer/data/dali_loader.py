@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from packer.format import TF_BBOX, TF_CLASS, TF_IMAGE, TF_KEY, WDS_BOX, WDS_CLASS, WDS_IMAGE, WDS_META
-from packer.writers import trim_index
+from packer.format import TF_BBOX, TF_CLASS, TF_IMAGE, TF_KEY
+from packer.writers import tfrecord, trim_index, wds
 from trainer.data.common import SplitData, build_batch, default_workers, to_device
 from trainer.data.split import Segment, batches_per_rank, dali_reader_batches, rank_segments
 from trainer.data.transforms import (
@@ -106,27 +106,14 @@ class _ParamSource:
 
 def _reader(data: SplitData, files: list[tuple[str, str]], common: dict):  # noqa: ANN202 - DALI nodes
     """(jpeg, key, cls, box (N, 4)) from the split's tfrecord or WebDataset reader."""
-    from nvidia.dali import fn, types
+    from nvidia.dali import fn
 
     paths, idx = [p for p, _ in files], [i for _, i in files]
     if data.fmt == "tfrecord":
-        import nvidia.dali.tfrecord as tfrec
-
-        f = fn.readers.tfrecord(
-            path=paths, index_path=idx,
-            features={
-                TF_IMAGE: tfrec.FixedLenFeature((), tfrec.string, ""),
-                TF_KEY: tfrec.FixedLenFeature((), tfrec.string, ""),
-                TF_CLASS: tfrec.VarLenFeature(tfrec.int64, 0),
-                TF_BBOX: tfrec.VarLenFeature([4], tfrec.float32, 0.0),
-            },
-            **common,
-        )
+        f = fn.readers.tfrecord(path=paths, index_path=idx, features=tfrecord.dali_features(), **common)
         return f[TF_IMAGE], f[TF_KEY], f[TF_CLASS], f[TF_BBOX]
-    jpeg, cls, box, key = fn.readers.webdataset(
-        paths=paths, index_paths=idx, ext=[WDS_IMAGE, WDS_CLASS, WDS_BOX, WDS_META],
-        dtypes=[types.UINT8, types.INT32, types.FLOAT, types.UINT8], **common,
-    )
+    ext, dtypes = wds.dali_members()
+    jpeg, cls, box, key = fn.readers.webdataset(paths=paths, index_paths=idx, ext=ext, dtypes=dtypes, **common)
     return jpeg, key, cls, fn.reshape(box, shape=[-1, 4])
 
 
