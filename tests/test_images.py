@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 from _bad_input import _images, exif_rotated_jpeg
+from PIL import Image
 
 from packer import images as I
 
@@ -37,6 +39,21 @@ def test_parse_jpeg_markers(imgs):
     assert I.parse_jpeg(imgs["good.jpg"] + b"trailer\x00\xff").complete
     with pytest.raises(ValueError):
         I.parse_jpeg(b"\x89PNG")
+
+
+def test_marker_walk_sees_what_pil_header_read_does_not(imgs):
+    """Why parse_jpeg is kept over PIL's header read (the comment above images._SOF_MARKERS): PIL reports
+    an extended-sequential (SOF1) JPEG and one cut in its scan data exactly as a good baseline JPEG."""
+    sof1 = imgs["good.jpg"].replace(b"\xff\xc0", b"\xff\xc1", 1)
+    for data in (imgs["good.jpg"], sof1, imgs["truncated.jpg"]):
+        im = Image.open(io.BytesIO(data))
+        assert (im.format, im.mode, im.bits, im.info.get("progressive")) == ("JPEG", "RGB", 8, None)
+    info = I.parse_jpeg(sof1)
+    assert (info.sof, info.complete, I.can_pass_through(info)) == (0xC1, True, False)
+    out = I.process_image(sof1)  # libjpeg reads SOF1; stored re-encoded as baseline, not byte for byte
+    assert not out.passthrough and I.parse_jpeg(out.jpeg).sof == 0xC0
+    with pytest.raises(I.ImageError, match="truncated"):
+        I.process_image(imgs["truncated.jpg"])
 
 
 @pytest.mark.parametrize(
