@@ -20,7 +20,7 @@ def test_torchrun_two_ranks_one_epoch(tmp_path):
     out = tmp_path / "run"
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer.run", str(shards),
            "--epochs", "1", "--imgsz", "128", "--batch", "4", "--model", "yolov8n.yaml", "--out", str(out),
-           "--device", "cpu"]
+           "--device", "cpu", "--no-plots", "--no-tensorboard"]  # plots: tests/test_plots.py
     p = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert "DDP world size 2 (gloo)" in p.stdout
