@@ -196,8 +196,17 @@ def _build(root: Path, data: SplitData, need: int, processes: int | None) -> dic
         if procs == 1:
             bad = _decode_chunk(chunks[0])
         else:
-            with mp.get_context("fork").Pool(procs) as pool:
+            # fork: the workers inherit _BUILD; close + join, not the context manager's terminate(),
+            # which SIGTERMs workers that inherited the trainer's SIGTERM handler and then waits forever
+            pool = mp.get_context("fork").Pool(procs, initializer=_worker_signals)
+            try:
                 bad = [i for part in pool.map(_decode_chunk, chunks) for i in part]
+                pool.close()
+            except BaseException:
+                pool.terminate()
+                raise
+            finally:
+                pool.join()
         os.replace(tmp, root / "store.u8")
     finally:
         _BUILD = None
@@ -207,6 +216,14 @@ def _build(root: Path, data: SplitData, need: int, processes: int | None) -> dic
     if bad:
         log.warning("decoded cache: %d sample(s) did not decode; they are substituted and counted", len(bad))
     return meta
+
+
+def _worker_signals() -> None:
+    """Default signal handling in the build workers (the trainer's stop-flag handler is the parent's)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
 
 
 def _decode_chunk(span: tuple[int, int]) -> list[int]:
