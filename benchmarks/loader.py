@@ -24,16 +24,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _coco_splits(src: Path, dst: Path):  # noqa: ANN202 - a generator of (json path, split, parsed json)
+    """Each `annotations/instances_<split>.json` of `src`, with `dst/<split>/` made for its images."""
+    for ann in sorted((src / "annotations").glob("instances_*.json")):
+        sub = ann.stem.removeprefix("instances_")
+        (dst / sub).mkdir(parents=True, exist_ok=True)
+        yield ann, sub, json.loads(ann.read_text())
+
+
 def replicate_coco(src: Path, dst: Path, k: int) -> Path:
     """A COCO folder with `k` copies of every image of `src` (symlinks) and of its annotations."""
     if k == 1:
         return src
     if (dst / "annotations").is_dir():
         return dst
-    for ann in sorted((src / "annotations").glob("instances_*.json")):
-        sub = ann.stem.removeprefix("instances_")
-        coco = json.loads(ann.read_text())
-        (dst / sub).mkdir(parents=True, exist_ok=True)
+    for ann, sub, coco in _coco_splits(src, dst):
         images, anns, next_ann = [], [], 1
         by_image: dict[int, list[dict]] = {}
         for a in coco["annotations"]:
@@ -59,10 +64,7 @@ def upscale_coco(src: Path, dst: Path, long_side: int = 3000) -> Path:
 
     if (dst / "annotations").is_dir():
         return dst
-    for ann in sorted((src / "annotations").glob("instances_*.json")):
-        sub = ann.stem.removeprefix("instances_")
-        coco = json.loads(ann.read_text())
-        (dst / sub).mkdir(parents=True, exist_ok=True)
+    for ann, sub, coco in _coco_splits(src, dst):
         gain: dict[int, float] = {}
         for im in coco["images"]:
             img = cv2.imread(str(src / sub / im["file_name"]), cv2.IMREAD_COLOR)
