@@ -29,9 +29,6 @@ EVERY = {
     "perspective": 0.0001, "flipud": 0.1, "fliplr": 0.4, "mosaic": 0.8, "mixup": 0.1,
     "seed": 3, "workers": 0, "fraction": 1.0,
 }
-for _k in ("shear", "perspective", "flipud", "mixup"):
-    if _k not in LOADER_AUG:
-        EVERY[_k] = getattr(TrainConfig(), _k)
 
 
 def _cfg(tmp_path: Path, data: dict) -> str:
@@ -106,15 +103,6 @@ def test_command_line_overrides_the_file(tmp_path, flag):
     assert r.exit_code == 2 and key in _error_lines(r)[0] and "manifest" not in r.stderr
     r = CliRunner().invoke(main, [str(tmp_path / "none"), "--cfg", path, flag, "0.5"])
     assert r.exit_code == 2 and "manifest.json not found" in _error_lines(r)[0]
-
-
-@pytest.mark.parametrize("key", ["shear", "perspective", "flipud", "mixup"])
-def test_an_augmentation_the_loaders_lack_is_refused_not_dropped(tmp_path, key):
-    if key in LOADER_AUG:
-        pytest.skip(f"the loaders implement {key}")
-    r = CliRunner().invoke(main, [str(tmp_path / "none"), f"--{key}", "0.1"])
-    assert r.exit_code == 2
-    assert _error_lines(r) == [f"Error: --{key} 0.1: not supported yet by the loaders (keep it at 0.0)"]
 
 
 def test_bad_files_are_one_line_usage_errors(tmp_path):

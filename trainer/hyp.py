@@ -12,7 +12,6 @@ import difflib
 import importlib.util
 import inspect
 from collections.abc import Callable
-from dataclasses import fields
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -86,21 +85,11 @@ def ignored_note(ignored: list[str]) -> str | None:
 
 
 def augment_config(cfg: TrainConfig) -> Any:
-    """The loaders' `AugmentConfig` from the run's augmentation keys (mosaic 0 when it is off).
-
-    A key the loaders do not have yet is refused (TrainError, "not supported yet") if set to anything
-    but the default, and left out otherwise.
-    """
+    """The loaders' `AugmentConfig` from the run's augmentation keys (mosaic 0 when it is off)."""
     from trainer.data.transforms import AugmentConfig, AugmentError
 
-    have = {f.name for f in fields(AugmentConfig)}
-    default = TrainConfig()
-    for k in AUGMENT_KEYS:
-        if k not in have and getattr(cfg, k) != getattr(default, k):
-            raise TrainError(f"--{k} {getattr(cfg, k)}: not supported yet by the loaders (keep it at "
-                             f"{getattr(default, k)})")
     try:
-        return AugmentConfig(**{k: float(getattr(cfg, k)) for k in AUGMENT_KEYS if k in have})
+        return AugmentConfig(**{k: float(getattr(cfg, k)) for k in AUGMENT_KEYS})
     except AugmentError as e:
         raise TrainError(str(e)) from None
 
