@@ -103,5 +103,5 @@ def loader_fraction(cfg: TrainConfig, make_loader: Callable[..., Any]) -> dict[s
     if takes:
         return {"fraction": cfg.fraction}
     if cfg.fraction != 1.0:
-        raise TrainError(f"--fraction {cfg.fraction}: not supported yet by the loaders (keep it at 1.0)")
+        raise TrainError(f"--fraction {cfg.fraction}: this loader factory takes no fraction (keep it at 1.0)")
     return {}
