@@ -28,7 +28,7 @@ from packer.progress import progress_bar
 from packer.storage.files import download, hash_remote, remote_sizes
 from packer.storage.fs import DEFAULT_ATTEMPTS, ChecksumError, RemoteError, join, redact
 from packer.storage.location import DatasetLocation
-from packer.storage.transfer import FileEntry, TransferResult, check_file, dataset_files
+from packer.storage.transfer import FileEntry, TransferResult, TryBytes, check_file, dataset_files
 
 PULL_NAME = "pull.json"  # in the journal folder of an unfinished pull: {"url": where from}
 
@@ -137,16 +137,11 @@ def _pull_files(src: DatasetLocation, local: Path, files: list[FileEntry], res: 
 def _fetch(src: DatasetLocation, local: Path, f: FileEntry, res: TransferResult, bar) -> int:  # noqa: ANN001
     """Download one file, checked against the manifest (retried; the bar goes back on each new
     try); returns its size."""
-    m, path, got = src.manifest(), local / f.rel, [0]
-
-    def on_bytes(n: int) -> None:
-        got[0] += n
-        bar.update(n)
+    m, path, got = src.manifest(), local / f.rel, TryBytes(bar)
 
     def once() -> None:
-        bar.update(-got[0])
-        got[0] = 0
-        download(src.fs, join(src.root, f.rel), path, sha256=f.sha256, size=f.bytes, on_bytes=on_bytes)
+        got.restart()
+        download(src.fs, join(src.root, f.rel), path, sha256=f.sha256, size=f.bytes, on_bytes=got)
         if f.kind != "shard":
             try:
                 check_file(m, local, f, path)
@@ -155,7 +150,7 @@ def _fetch(src: DatasetLocation, local: Path, f: FileEntry, res: TransferResult,
                 raise
 
     res.retrying(src.attempts, once)
-    return got[0]
+    return got.n
 
 
 def _local_same(src: DatasetLocation, local: Path, f: FileEntry, res: TransferResult) -> bool:

@@ -31,7 +31,7 @@ from packer.storage.fs import (
     unreachable,
 )
 from packer.storage.location import DatasetLocation
-from packer.storage.transfer import FileEntry, TransferResult, check_file, dataset_files
+from packer.storage.transfer import FileEntry, TransferResult, TryBytes, check_file, dataset_files
 
 
 def push(
@@ -127,23 +127,18 @@ def _changed(dst: DatasetLocation, local: Path, m: Manifest, files: list[FileEnt
 
 def _send(dst: DatasetLocation, lpath: Path, rel: str, size: int, res: TransferResult, bar) -> None:  # noqa: ANN001
     """Upload one file (retried; the bar goes back on each new try) and check its size there."""
-    sent = [0]
-
-    def on_bytes(n: int) -> None:
-        sent[0] += n
-        bar.update(n)
+    sent = TryBytes(bar)
 
     def once() -> None:
-        bar.update(-sent[0])
-        sent[0] = 0
-        upload(dst.fs, lpath, join(dst.root, rel), on_bytes)
+        sent.restart()
+        upload(dst.fs, lpath, join(dst.root, rel), sent)
         got = dst.fs.info(join(dst.root, rel)).get("size")
         if got != size:
             raise ChecksumError(f"{rel}: uploaded object has {got} bytes, expected {size}")
 
     res.retrying(dst.attempts, once)
-    if sent[0] != size:  # stores that report no progress
-        bar.update(size - sent[0])
+    if sent.n != size:  # stores that report no progress
+        bar.update(size - sent.n)
     res.copied.append(rel)
     res.bytes_copied += size
 

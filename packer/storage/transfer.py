@@ -107,3 +107,19 @@ def check_file(m: Manifest, root: Path, f: FileEntry, path: Path | None = None) 
             raise ChecksumError(f"{f.rel}: {e}") from None
         if len(la) != split.num_samples or len(la.cls) != split.num_boxes:
             raise ChecksumError(f"{f.rel}: sample/box counts differ from the manifest")
+
+
+class TryBytes:
+    """Bytes moved by the current try of a retried transfer, mirrored on a progress bar: each new
+    try (`restart`) takes the previous try's bytes back off the bar."""
+
+    def __init__(self, bar) -> None:  # noqa: ANN001 - a tqdm bar
+        self.bar, self.n = bar, 0
+
+    def __call__(self, n: int) -> None:
+        self.n += n
+        self.bar.update(n)
+
+    def restart(self) -> None:
+        self.bar.update(-self.n)
+        self.n = 0
