@@ -81,33 +81,52 @@ def train_ultralytics(a: argparse.Namespace, data: Path, out: Path, seed: int) -
     return out / "weights" / "best.pt"
 
 
-def run_set(a: argparse.Namespace, spec: SetSpec, out: Path) -> dict:
-    """Every seed of both trainers on one set; medians and the ratio."""
+def prepare_set(a: argparse.Namespace, spec: SetSpec, out: Path) -> Path:
+    """Generate the set (data seed 0) and pack it; returns the raw data folder."""
     from packer.build import build_dataset
 
     data = make_set(out / "data", spec, 0, a.train, a.val)
     build_dataset(data, out / "shards", fmt="tfrecord", size=a.imgsz, overwrite=True)
-    res: dict = {"set": spec.name, "classes": list(spec.classes), "runs": {}}
-    for seed in a.seeds:
-        for who in a.trainers:
-            run_dir = out / f"{who}_s{seed}"
-            t0 = time.time()
-            if who == "ours":
-                best = train_ours(a, out / "shards", run_dir, seed)
-            else:
-                best = train_ultralytics(a, data, run_dir, seed)
-            t_train = time.time() - t0
-            m = val_on_raw(best, data / "data.yaml", a.imgsz, a.batch)
-            res["runs"][f"{who}/{seed}"] = {"train_s": round(t_train, 1), "val": m,
-                                           "curves": read_curves(run_dir / "results.csv")}
-            print(f"[{spec.name}] {who:<11} seed {seed}: mAP50-95 {m[MAP]:.4f}  mAP50 {m['metrics/mAP50(B)']:.4f}"
-                  f"  ({t_train:.0f} s)", flush=True)
+    return data
+
+
+def run_one(a: argparse.Namespace, spec: SetSpec, out: Path, data: Path, who: str, seed: int) -> dict:
+    """One training run of one trainer, scored on the raw val images."""
+    run_dir = out / f"{who}_s{seed}"
+    t0 = time.time()
+    best = train_ours(a, out / "shards", run_dir, seed) if who == "ours" else \
+        train_ultralytics(a, data, run_dir, seed)
+    t_train = time.time() - t0
+    m = val_on_raw(best, data / "data.yaml", a.imgsz, a.batch)
+    print(f"[{spec.name}] {who:<11} seed {seed}: mAP50-95 {m[MAP]:.4f}  mAP50 {m['metrics/mAP50(B)']:.4f}"
+          f"  ({t_train:.0f} s)", flush=True)
+    return {"train_s": round(t_train, 1), "val": m, "curves": read_curves(run_dir / "results.csv")}
+
+
+def summarize(a: argparse.Namespace, res: dict) -> None:
+    """Medians over the seeds done so far and the ratio ours / ultralytics, per set (in place)."""
     for who in a.trainers:
-        vals = [res["runs"][f"{who}/{s}"]["val"][MAP] for s in a.seeds]
-        res[f"{who}_median"] = round(statistics.median(vals), 5)
-    if {"ours", "ultralytics"} <= set(a.trainers) and res["ultralytics_median"] > 0:
+        vals = [r["val"][MAP] for k, r in res["runs"].items() if k.startswith(who + "/")]
+        if vals:
+            res[f"{who}_median"] = round(statistics.median(vals), 5)
+            res[f"{who}_seeds"] = len(vals)
+    if res.get("ultralytics_median") and "ours_median" in res:
         res["ratio"] = round(res["ours_median"] / res["ultralytics_median"], 3)
-    return res
+
+
+def run_all(a: argparse.Namespace, out: Path, res: dict) -> None:
+    """Seed by seed across the sets (so an interrupted run still has every set), writing
+    learn.json after every training run."""
+    data = {name: prepare_set(a, SETS[name], out / name) for name in a.sets}
+    for name in a.sets:
+        res["sets"][name] = {"set": name, "classes": list(SETS[name].classes), "runs": {}}
+    for seed in a.seeds:
+        for name in a.sets:
+            for who in a.trainers:
+                r = res["sets"][name]
+                r["runs"][f"{who}/{seed}"] = run_one(a, SETS[name], out / name, data[name], who, seed)
+                summarize(a, r)
+                (out / "learn.json").write_text(json.dumps(res, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------- --aug-stats
@@ -167,11 +186,9 @@ def _our_epoch(shards: Path, imgsz: int, batch: int, mosaic: bool, loader: str, 
 
 
 def aug_stats(a: argparse.Namespace, spec: SetSpec, out: Path) -> dict:
-    from packer.build import build_dataset
     from trainer.data import dali_available
 
-    data = make_set(out / "data", spec, 0, a.train, a.val)
-    build_dataset(data, out / "shards", fmt="tfrecord", size=a.imgsz, overwrite=True)
+    data = prepare_set(a, spec, out)
     n = a.train or spec.n_train
     res: dict = {}
     loaders = ["torch"] + (["dali"] if dali_available() else [])
@@ -225,10 +242,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     res: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, CPU only",
                  "args": vars(a), "sets": {}}
-    for name in a.sets:
-        spec = SETS[name]
-        res["sets"][name] = aug_stats(a, spec, out / name) if a.aug_stats else run_set(a, spec, out / name)
-        (out / "learn.json").write_text(json.dumps(res, indent=2) + "\n")
+    if a.aug_stats:
+        for name in a.sets:
+            res["sets"][name] = aug_stats(a, SETS[name], out / name)
+            (out / "learn.json").write_text(json.dumps(res, indent=2) + "\n")
+    else:
+        run_all(a, out, res)
     if not a.aug_stats:
         print("\n=== learn benchmark ===")
         print(f"machine: {res['machine']}")
@@ -236,7 +255,7 @@ def main() -> None:
               f"close_mosaic {a.close_mosaic}, seeds {a.seeds}")
         print(f"{'set':<10}" + "".join(f"{t + ' mAP50-95':>24}" for t in a.trainers) + f"{'ratio':>8}")
         for name, r in res["sets"].items():
-            print(f"{name:<10}" + "".join(f"{r[t + '_median']:>24.4f}" for t in a.trainers)
+            print(f"{name:<10}" + "".join(f"{r.get(t + '_median', float('nan')):>24.4f}" for t in a.trainers)
                   + f"{r.get('ratio', float('nan')):>8.3f}")
         ratios = [r["ratio"] for r in res["sets"].values() if "ratio" in r]
         if ratios:
