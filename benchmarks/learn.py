@@ -40,6 +40,8 @@ from trainer.offline import setup_offline
 ROOT = Path(__file__).resolve().parents[1]
 
 MAP = "metrics/mAP50-95(B)"
+TRAINERS = ("ours", "ultralytics", "plugin")
+CURVE_EPOCHS = (1, 5, 10, 15)  # epochs shown in the printed curves table (those that exist)
 CURVE_COLS = ("train/box_loss", "train/cls_loss", "train/dfl_loss", "metrics/mAP50(B)", MAP)
 
 
@@ -81,6 +83,19 @@ def train_ultralytics(a: argparse.Namespace, data: Path, out: Path, seed: int) -
     return out / "weights" / "best.pt"
 
 
+def train_plugin(a: argparse.Namespace, shards: Path, out: Path, seed: int) -> Path:
+    """ultralytics' own trainer fed by our loader: YOLO().train(trainer=ShardsTrainer) on the packed set."""
+    from ultralytics import YOLO
+
+    from trainer.ultralytics import ShardsTrainer
+
+    YOLO(a.model).train(data=str(shards), trainer=ShardsTrainer.options(loader=a.loader), epochs=a.epochs,
+                        imgsz=a.imgsz, batch=a.batch, device="cpu", workers=2, project=str(out.parent), name=out.name,
+                        exist_ok=True, plots=False, amp=False, seed=seed, verbose=False,
+                        mosaic=1.0 if a.mosaic == "on" else 0.0, close_mosaic=a.close_mosaic)
+    return out / "weights" / "best.pt"
+
+
 def prepare_set(a: argparse.Namespace, spec: SetSpec, out: Path) -> Path:
     """Generate the set (data seed 0) and pack it; returns the raw data folder."""
     from packer.build import build_dataset
@@ -94,8 +109,12 @@ def run_one(a: argparse.Namespace, spec: SetSpec, out: Path, data: Path, who: st
     """One training run of one trainer, scored on the raw val images."""
     run_dir = out / f"{who}_s{seed}"
     t0 = time.time()
-    best = train_ours(a, out / "shards", run_dir, seed) if who == "ours" else \
-        train_ultralytics(a, data, run_dir, seed)
+    if who == "ours":
+        best = train_ours(a, out / "shards", run_dir, seed)
+    elif who == "plugin":
+        best = train_plugin(a, out / "shards", run_dir, seed)
+    else:
+        best = train_ultralytics(a, data, run_dir, seed)
     t_train = time.time() - t0
     m = val_on_raw(best, data / "data.yaml", a.imgsz, a.batch)
     print(f"[{spec.name}] {who:<11} seed {seed}: mAP50-95 {m[MAP]:.4f}  mAP50 {m['metrics/mAP50(B)']:.4f}"
@@ -110,8 +129,11 @@ def summarize(a: argparse.Namespace, res: dict) -> None:
         if vals:
             res[f"{who}_median"] = round(statistics.median(vals), 5)
             res[f"{who}_seeds"] = len(vals)
-    if res.get("ultralytics_median") and "ours_median" in res:
-        res["ratio"] = round(res["ours_median"] / res["ultralytics_median"], 3)
+    if res.get("ultralytics_median"):
+        for who in ("ours", "plugin"):
+            if f"{who}_median" in res:
+                key = "ratio" if who == "ours" else f"{who}_ratio"
+                res[key] = round(res[f"{who}_median"] / res["ultralytics_median"], 3)
 
 
 def run_all(a: argparse.Namespace, out: Path, res: dict) -> None:
@@ -144,7 +166,15 @@ def _stats(imgs: list[np.ndarray], nboxes: list[int], areas: list[np.ndarray]) -
             "grey_share": round(float(np.mean(grey)), 4)}
 
 
-def _ultra_epoch(data: Path, imgsz: int, batch: int, mosaic: bool, n: int) -> dict[str, float]:
+def _draw_batch(b: dict, fname: Path, names: dict[int, str]) -> None:
+    """One augmented batch with its boxes, drawn by ultralytics' plot_images (as train_batch0.jpg)."""
+    from ultralytics.utils.plotting import plot_images
+
+    keep = {k: b[k] for k in ("img", "cls", "bboxes", "batch_idx") if k in b}
+    plot_images(labels=keep, fname=fname, names=names, threaded=False)
+
+
+def _ultra_epoch(data: Path, imgsz: int, batch: int, mosaic: bool, n: int, picture: Path) -> dict[str, float]:
     from ultralytics.cfg import get_cfg
     from ultralytics.data import build_yolo_dataset
     from ultralytics.data.utils import check_det_dataset
@@ -155,16 +185,21 @@ def _ultra_epoch(data: Path, imgsz: int, batch: int, mosaic: bool, n: int) -> di
     ds = build_yolo_dataset(cfg, d["train"], batch, d, mode="train", stride=32)
     if not mosaic:
         ds.close_mosaic(cfg)
-    imgs, nb, areas = [], [], []
+    imgs, nb, areas, first = [], [], [], []
     for i in np.random.default_rng(0).permutation(len(ds))[:n]:
         s = ds[int(i)]
+        if len(first) < batch:
+            first.append(s)
+            if len(first) == batch:
+                _draw_batch(ds.collate_fn(first), picture, d["names"])
         imgs.append(s["img"].permute(1, 2, 0).numpy())
         nb.append(len(s["cls"]))
         areas.append((s["bboxes"][:, 2] * s["bboxes"][:, 3]).numpy())
     return _stats(imgs, nb, areas)
 
 
-def _our_epoch(shards: Path, imgsz: int, batch: int, mosaic: bool, loader: str, n: int) -> dict[str, float]:
+def _our_epoch(shards: Path, imgsz: int, batch: int, mosaic: bool, loader: str, n: int,
+               picture: Path) -> dict[str, float]:
     from trainer.data import make_loader
 
     ld = make_loader(shards, "train", loader=loader, imgsz=imgsz, batch=batch, train=True, workers=0 if
@@ -173,6 +208,8 @@ def _our_epoch(shards: Path, imgsz: int, batch: int, mosaic: bool, loader: str, 
     ld.set_mosaic(mosaic)
     imgs, nb, areas = [], [], []
     for b in ld:
+        if not imgs:
+            _draw_batch(b, picture, dict(enumerate(ld.names)))
         img = b["img"].permute(0, 2, 3, 1).numpy()
         for j in range(img.shape[0]):
             sel = (b["batch_idx"] == j).numpy()
@@ -194,13 +231,15 @@ def aug_stats(a: argparse.Namespace, spec: SetSpec, out: Path) -> dict:
     loaders = ["torch"] + (["dali"] if dali_available() else [])
     for mosaic in (True, False):
         tag = "mosaic" if mosaic else "no-mosaic"
-        res[f"ultralytics/{tag}"] = _ultra_epoch(data, a.imgsz, a.batch, mosaic, n)
+        res[f"ultralytics/{tag}"] = _ultra_epoch(data, a.imgsz, a.batch, mosaic, n, out / f"aug_ultralytics_{tag}.jpg")
         for ld in loaders:
-            res[f"ours-{ld}/{tag}"] = _our_epoch(out / "shards", a.imgsz, a.batch, mosaic, ld, n)
+            res[f"ours-{ld}/{tag}"] = _our_epoch(out / "shards", a.imgsz, a.batch, mosaic, ld, n,
+                                                 out / f"aug_ours-{ld}_{tag}.jpg")
     print(f"\n[{spec.name}] one epoch of training augmentation, {n} images at {a.imgsz} px")
     print(f"{'who/mode':<28}{'objects/img':>12}{'median box area':>17}{'grey share':>12}")
     for k, v in res.items():
         print(f"{k:<28}{v['objects_per_image']:>12.2f}{v['median_box_area']:>17.4f}{v['grey_share']:>12.3f}")
+    print(f"first augmented batch of each, side by side: {out}/aug_*.jpg")
     return res
 
 
@@ -212,7 +251,8 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--out", default=str(ROOT / "out" / "learn"))
     ap.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, of: {', '.join(SETS)}")
     ap.add_argument("--seeds", default="0", help="training seeds, comma-separated (0,1,2: median over 3)")
-    ap.add_argument("--trainers", default="ours,ultralytics")
+    ap.add_argument("--trainers", default="ours,ultralytics",
+                    help=f"comma-separated, of: {', '.join(TRAINERS)} (plugin: YOLO().train(trainer=ShardsTrainer))")
     ap.add_argument("--train", type=int, default=None, help="training images (default: the set's, 320)")
     ap.add_argument("--val", type=int, default=None, help="validation images (default: the set's, 64)")
     ap.add_argument("--epochs", type=int, default=15)
@@ -227,10 +267,40 @@ def _parse() -> argparse.Namespace:
     a.sets = [s for s in a.sets.split(",") if s]
     a.seeds = [int(s) for s in a.seeds.split(",") if s]
     a.trainers = [t for t in a.trainers.split(",") if t]
-    bad = [s for s in a.sets if s not in SETS] + [t for t in a.trainers if t not in ("ours", "ultralytics")]
+    bad = [s for s in a.sets if s not in SETS] + [t for t in a.trainers if t not in TRAINERS]
     if bad or not a.seeds or not a.sets or not a.trainers:
         ap.error(f"unknown or empty: {', '.join(bad) or 'sets/seeds/trainers'}")
     return a
+
+
+def print_summary(a: argparse.Namespace, res: dict) -> None:
+    """Median mAP50-95 per trainer and set, the ratios to ultralytics, then the median curves."""
+    print("\n=== learn benchmark ===")
+    print(f"machine: {res['machine']}")
+    print(f"model {a.model}, {a.epochs} epochs, imgsz {a.imgsz}, batch {a.batch}, mosaic {a.mosaic}, "
+          f"close_mosaic {a.close_mosaic}, seeds {a.seeds}")
+    extra = [t for t in a.trainers if t == "plugin"]
+    print(f"{'set':<10}" + "".join(f"{t + ' mAP50-95':>24}" for t in a.trainers) + f"{'ours/ultra':>12}"
+          + "".join(f"{'plugin/ultra':>14}" for _ in extra))
+    for name, r in res["sets"].items():
+        print(f"{name:<10}" + "".join(f"{r.get(t + '_median', float('nan')):>24.4f}" for t in a.trainers)
+              + f"{r.get('ratio', float('nan')):>12.3f}" + "".join(f"{r.get('plugin_ratio', float('nan')):>14.3f}"
+                                                                 for _ in extra))
+    ratios = [r["ratio"] for r in res["sets"].values() if "ratio" in r]
+    if ratios:
+        print(f"target ours/ultralytics >= 1.0 on every set: {'met' if min(ratios) >= 1.0 else 'NOT met'}")
+    print("\nmedian curves over the seeds (train losses, val mAP50-95 by each trainer's own validation):")
+    print(f"{'set':<8}{'trainer':<13}{'column':<22}" + "".join(f"{'ep ' + str(e):>9}" for e in CURVE_EPOCHS))
+    for name, r in res["sets"].items():
+        for who in a.trainers:
+            curves = [v["curves"] for k, v in r["runs"].items() if k.startswith(who + "/") and v["curves"]]
+            for col in CURVE_COLS:
+                rows = [c[col] for c in curves if col in c]
+                if not rows:
+                    continue
+                cells = [statistics.median(row[e - 1] for row in rows if len(row) >= e) if any(
+                    len(row) >= e for row in rows) else float("nan") for e in CURVE_EPOCHS]
+                print(f"{name:<8}{who:<13}{col:<22}" + "".join(f"{v:>9.3f}" for v in cells))
 
 
 def main() -> None:
@@ -248,18 +318,7 @@ def main() -> None:
             (out / "learn.json").write_text(json.dumps(res, indent=2) + "\n")
     else:
         run_all(a, out, res)
-    if not a.aug_stats:
-        print("\n=== learn benchmark ===")
-        print(f"machine: {res['machine']}")
-        print(f"model {a.model}, {a.epochs} epochs, imgsz {a.imgsz}, batch {a.batch}, mosaic {a.mosaic}, "
-              f"close_mosaic {a.close_mosaic}, seeds {a.seeds}")
-        print(f"{'set':<10}" + "".join(f"{t + ' mAP50-95':>24}" for t in a.trainers) + f"{'ratio':>8}")
-        for name, r in res["sets"].items():
-            print(f"{name:<10}" + "".join(f"{r.get(t + '_median', float('nan')):>24.4f}" for t in a.trainers)
-                  + f"{r.get('ratio', float('nan')):>8.3f}")
-        ratios = [r["ratio"] for r in res["sets"].values() if "ratio" in r]
-        if ratios:
-            print(f"target ours/ultralytics >= 1.0 on every set: {'met' if min(ratios) >= 1.0 else 'NOT met'}")
+        print_summary(a, res)
     print(f"figures in {out / 'learn.json'}")
 
 
