@@ -122,10 +122,16 @@ def run_one(a: argparse.Namespace, spec: SetSpec, out: Path, data: Path, who: st
     return {"train_s": round(t_train, 1), "val": m, "curves": read_curves(run_dir / "results.csv")}
 
 
+def _run_of(key: str, who: str, seeds: list[int]) -> bool:
+    """Whether run key "trainer/seed" is one of `who`'s with a seed in `seeds`."""
+    w, seed = key.split("/")
+    return w == who and int(seed) in seeds
+
+
 def summarize(a: argparse.Namespace, res: dict) -> None:
     """Medians over the seeds done so far and the ratio ours / ultralytics, per set (in place)."""
     for who in a.trainers:
-        vals = [r["val"][MAP] for k, r in res["runs"].items() if k.startswith(who + "/")]
+        vals = [r["val"][MAP] for k, r in res["runs"].items() if _run_of(k, who, a.seeds)]
         if vals:
             res[f"{who}_median"] = round(statistics.median(vals), 5)
             res[f"{who}_seeds"] = len(vals)
@@ -136,19 +142,40 @@ def summarize(a: argparse.Namespace, res: dict) -> None:
                 res[key] = round(res[f"{who}_median"] / res["ultralytics_median"], 3)
 
 
+SAME_RUN = ("epochs", "imgsz", "batch", "model", "loader", "mosaic", "close_mosaic", "train", "val")
+
+
+def reusable_runs(a: argparse.Namespace, out: Path) -> dict[str, dict]:
+    """--reuse: the runs of an earlier learn.json in `out` made with the same settings, per set."""
+    f = out / "learn.json"
+    if not a.reuse or not f.exists():
+        return {}
+    old = json.loads(f.read_text())
+    if any(old.get("args", {}).get(k) != getattr(a, k) for k in SAME_RUN):
+        print(f"--reuse: {f} was made with other settings; training everything again", flush=True)
+        return {}
+    return {name: r.get("runs", {}) for name, r in old.get("sets", {}).items()}
+
+
 def run_all(a: argparse.Namespace, out: Path, res: dict) -> None:
     """Seed by seed across the sets (so an interrupted run still has every set), writing
-    learn.json after every training run."""
+    learn.json after every training run; with --reuse, runs already in learn.json are kept."""
+    old = reusable_runs(a, out)
     data = {name: prepare_set(a, SETS[name], out / name) for name in a.sets}
     for name in a.sets:
-        res["sets"][name] = {"set": name, "classes": list(SETS[name].classes), "runs": {}}
+        res["sets"][name] = {"set": name, "classes": list(SETS[name].classes), "runs": dict(old.get(name, {}))}
     for seed in a.seeds:
         for name in a.sets:
             for who in a.trainers:
                 r = res["sets"][name]
+                if f"{who}/{seed}" in r["runs"]:
+                    continue
                 r["runs"][f"{who}/{seed}"] = run_one(a, SETS[name], out / name, data[name], who, seed)
                 summarize(a, r)
                 (out / "learn.json").write_text(json.dumps(res, indent=2) + "\n")
+    for r in res["sets"].values():  # every set, reused runs included
+        summarize(a, r)
+    (out / "learn.json").write_text(json.dumps(res, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------- --aug-stats
@@ -262,6 +289,8 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--loader", default="auto", help="our loader: auto, torch, dali")
     ap.add_argument("--mosaic", choices=("on", "off"), default="on", help="mosaic in both trainers")
     ap.add_argument("--close-mosaic", type=int, default=10, help="both trainers: last N epochs without mosaic")
+    ap.add_argument("--reuse", action="store_true", help="keep the runs of an earlier learn.json in --out "
+                    "made with the same settings; train only the missing (set, trainer, seed)")
     ap.add_argument("--aug-stats", action="store_true", help="compare one epoch of augmentation; no training")
     a = ap.parse_args()
     a.sets = [s for s in a.sets.split(",") if s]
@@ -293,7 +322,7 @@ def print_summary(a: argparse.Namespace, res: dict) -> None:
     print(f"{'set':<8}{'trainer':<13}{'column':<22}" + "".join(f"{'ep ' + str(e):>9}" for e in CURVE_EPOCHS))
     for name, r in res["sets"].items():
         for who in a.trainers:
-            curves = [v["curves"] for k, v in r["runs"].items() if k.startswith(who + "/") and v["curves"]]
+            curves = [v["curves"] for k, v in r["runs"].items() if _run_of(k, who, a.seeds) and v["curves"]]
             for col in CURVE_COLS:
                 rows = [c[col] for c in curves if col in c]
                 if not rows:
