@@ -101,7 +101,7 @@ def prepare_set(a: argparse.Namespace, spec: SetSpec, out: Path) -> Path:
     from packer.build import build_dataset
 
     data = make_set(out / "data", spec, 0, a.train, a.val)
-    build_dataset(data, out / "shards", fmt="tfrecord", size=a.imgsz, overwrite=True)
+    build_dataset(data, out / "shards", fmt="tfrecord", size=a.pack_size or a.imgsz, overwrite=True)
     return data
 
 
@@ -142,7 +142,7 @@ def summarize(a: argparse.Namespace, res: dict) -> None:
                 res[key] = round(res[f"{who}_median"] / res["ultralytics_median"], 3)
 
 
-SAME_RUN = ("epochs", "imgsz", "batch", "model", "loader", "mosaic", "close_mosaic", "train", "val")
+SAME_RUN = ("epochs", "imgsz", "batch", "model", "loader", "mosaic", "close_mosaic", "train", "val", "pack_size")
 
 
 def reusable_runs(a: argparse.Namespace, out: Path) -> dict[str, dict]:
@@ -162,7 +162,7 @@ def run_all(a: argparse.Namespace, out: Path, res: dict) -> None:
     learn.json after every training run; with --reuse, runs already in learn.json are kept."""
     old = reusable_runs(a, out)
     data = {name: prepare_set(a, SETS[name], out / name) for name in a.sets}
-    for name in a.sets:
+    for name in [*old, *(n for n in a.sets if n not in old)]:  # sets not asked for this time stay in learn.json
         res["sets"][name] = {"set": name, "classes": list(SETS[name].classes), "runs": dict(old.get(name, {}))}
     for seed in a.seeds:
         for name in a.sets:
@@ -249,6 +249,19 @@ def _our_epoch(shards: Path, imgsz: int, batch: int, mosaic: bool, loader: str, 
     return _stats(imgs[:n], nb[:n], areas[:n])
 
 
+def side_by_side(pictures: list[Path], dst: Path, height: int = 480) -> None:
+    """The pictures in a row, each scaled to `height`, white gaps between: one file to compare at a glance."""
+    import cv2
+
+    ims = [cv2.imread(str(p)) for p in pictures]
+    ims = [cv2.resize(im, (round(im.shape[1] * height / im.shape[0]), height), interpolation=cv2.INTER_AREA)
+           for im in ims if im is not None]
+    gap = np.full((height, 12, 3), 255, np.uint8)
+    row = [x for im in ims for x in (im, gap)][:-1]
+    if row:
+        cv2.imwrite(str(dst), np.hstack(row), [cv2.IMWRITE_JPEG_QUALITY, 85])
+
+
 def aug_stats(a: argparse.Namespace, spec: SetSpec, out: Path) -> dict:
     from trainer.data import dali_available
 
@@ -258,15 +271,16 @@ def aug_stats(a: argparse.Namespace, spec: SetSpec, out: Path) -> dict:
     loaders = ["torch"] + (["dali"] if dali_available() else [])
     for mosaic in (True, False):
         tag = "mosaic" if mosaic else "no-mosaic"
-        res[f"ultralytics/{tag}"] = _ultra_epoch(data, a.imgsz, a.batch, mosaic, n, out / f"aug_ultralytics_{tag}.jpg")
-        for ld in loaders:
-            res[f"ours-{ld}/{tag}"] = _our_epoch(out / "shards", a.imgsz, a.batch, mosaic, ld, n,
-                                                 out / f"aug_ours-{ld}_{tag}.jpg")
+        pics = [out / f"aug_ultralytics_{tag}.jpg", *(out / f"aug_ours-{ld}_{tag}.jpg" for ld in loaders)]
+        res[f"ultralytics/{tag}"] = _ultra_epoch(data, a.imgsz, a.batch, mosaic, n, pics[0])
+        for ld, pic in zip(loaders, pics[1:], strict=True):
+            res[f"ours-{ld}/{tag}"] = _our_epoch(out / "shards", a.imgsz, a.batch, mosaic, ld, n, pic)
+        side_by_side(pics, out / f"aug_side_by_side_{tag}.jpg")
     print(f"\n[{spec.name}] one epoch of training augmentation, {n} images at {a.imgsz} px")
     print(f"{'who/mode':<28}{'objects/img':>12}{'median box area':>17}{'grey share':>12}")
     for k, v in res.items():
         print(f"{k:<28}{v['objects_per_image']:>12.2f}{v['median_box_area']:>17.4f}{v['grey_share']:>12.3f}")
-    print(f"first augmented batch of each, side by side: {out}/aug_*.jpg")
+    print(f"first augmented batch of each ({', '.join(['ultralytics'] + loaders)}): {out}/aug_side_by_side_*.jpg")
     return res
 
 
@@ -286,6 +300,8 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--imgsz", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--model", default="yolov8n.yaml")
+    ap.add_argument("--pack-size", type=int, default=None,
+                    help="long side the set is packed at (default: --imgsz; larger: no pack-time downscale)")
     ap.add_argument("--loader", default="auto", help="our loader: auto, torch, dali")
     ap.add_argument("--mosaic", choices=("on", "off"), default="on", help="mosaic in both trainers")
     ap.add_argument("--close-mosaic", type=int, default=10, help="both trainers: last N epochs without mosaic")
