@@ -101,7 +101,8 @@ def prepare_set(a: argparse.Namespace, spec: SetSpec, out: Path) -> Path:
     from packer.build import build_dataset
 
     data = make_set(out / "data", spec, 0, a.train, a.val)
-    build_dataset(data, out / "shards", fmt="tfrecord", size=a.pack_size or a.imgsz, overwrite=True)
+    build_dataset(data, out / "shards", fmt="tfrecord", size=a.pack_size or a.imgsz, chroma=a.pack_chroma,
+                  overwrite=True)
     return data
 
 
@@ -142,7 +143,8 @@ def summarize(a: argparse.Namespace, res: dict) -> None:
                 res[key] = round(res[f"{who}_median"] / res["ultralytics_median"], 3)
 
 
-SAME_RUN = ("epochs", "imgsz", "batch", "model", "loader", "mosaic", "close_mosaic", "train", "val", "pack_size")
+SAME_RUN = ("epochs", "imgsz", "batch", "model", "loader", "mosaic", "close_mosaic", "train", "val", "pack_size",
+            "pack_chroma")
 
 
 def reusable_runs(a: argparse.Namespace, out: Path) -> dict[str, dict]:
@@ -151,7 +153,8 @@ def reusable_runs(a: argparse.Namespace, out: Path) -> dict[str, dict]:
     if not a.reuse or not f.exists():
         return {}
     old = json.loads(f.read_text())
-    if any(old.get("args", {}).get(k) != getattr(a, k) for k in SAME_RUN):
+    before = {"pack_chroma": "420"}  # settings that learn.json files older than the setting did not record
+    if any(old.get("args", {}).get(k, before.get(k)) != getattr(a, k) for k in SAME_RUN):
         print(f"--reuse: {f} was made with other settings; training everything again", flush=True)
         return {}
     return {name: r.get("runs", {}) for name, r in old.get("sets", {}).items()}
@@ -302,6 +305,7 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--model", default="yolov8n.yaml")
     ap.add_argument("--pack-size", type=int, default=None,
                     help="long side the set is packed at (default: --imgsz; larger: no pack-time downscale)")
+    ap.add_argument("--pack-chroma", choices=("420", "444"), default="420", help="packer build --chroma")
     ap.add_argument("--loader", default="auto", help="our loader: auto, torch, dali")
     ap.add_argument("--mosaic", choices=("on", "off"), default="on", help="mosaic in both trainers")
     ap.add_argument("--close-mosaic", type=int, default=10, help="both trainers: last N epochs without mosaic")

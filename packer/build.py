@@ -41,7 +41,7 @@ from packer.format import (
     check_split_name,
     write_manifest,
 )
-from packer.images import DEFAULT_MAX_PIXELS
+from packer.images import CHROMA, DEFAULT_MAX_PIXELS
 from packer.journal import BuildJournal, ShardRoller, write_report
 from packer.output import BuildError, OutputFolder, manifest_files, output_folder
 from packer.progress import progress_bar
@@ -83,12 +83,15 @@ class BuildOptions:
     upscale: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     follow_symlinks: bool = False
+    chroma: str = "420"
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
             raise BuildError(f"unknown format {self.fmt!r}; choose one of {', '.join(FORMATS)}")
         if self.size < 32 or not 1 <= self.quality <= 100:
             raise BuildError("--size must be >= 32 and --quality within 1..100")
+        if self.chroma not in CHROMA:
+            raise BuildError(f"--chroma must be one of {', '.join(CHROMA)}")
         if (self.shard_size is not None and self.shard_size < 1) or self.max_pixels < 1:
             raise BuildError("--shard-size and --max-pixels must be >= 1")
         for name in self.splits or ():
@@ -209,6 +212,7 @@ def build_dataset(
     upscale: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     follow_symlinks: bool = False,
+    chroma: str = "420",
     overwrite: bool = False,
     resume: bool = False,
     strict: bool = False,
@@ -229,7 +233,7 @@ def build_dataset(
     if overwrite and resume:
         raise BuildError("--overwrite and --resume exclude each other")
     opts = BuildOptions(fmt, size, quality, shard_size, shard_bytes, max(1, min_shards), shuffle, seed,
-                        tuple(splits) if splits else None, keep_crowd, upscale, max_pixels, follow_symlinks)
+                        tuple(splits) if splits else None, keep_crowd, upscale, max_pixels, follow_symlinks, chroma)
     parts.check_part_args(num_parts, part)
     source = detect_source(src, splits, follow_symlinks=follow_symlinks)
     for name in source.splits:
@@ -243,7 +247,7 @@ def build_dataset(
         journal = BuildJournal(folder, asdict(opts), digest, source)
         journal.resume() if resume else journal.start()
         popts = ProcessOptions(size=size, quality=quality, nc=len(source.names), keep_crowd=keep_crowd,
-                               upscale=upscale, max_pixels=max_pixels)
+                               upscale=upscale, max_pixels=max_pixels, chroma=chroma)
         run = _Run(opts, popts, out, folder, journal, max(1, workers or os.cpu_count() or 1), on_shard,
                    num_parts if part_info else 1)
         manifest, report, resumed_shards, input_bytes = _pack_into(run, source, part_info, progress, strict)

@@ -351,9 +351,15 @@ def resize(img: np.ndarray, size: int, upscale: bool = False) -> np.ndarray:
     return cv2.resize(img, (w, h), interpolation=interp)
 
 
-def encode_jpeg(img: np.ndarray, quality: int = 95) -> bytes:
-    """Baseline (non-progressive) JPEG, deterministic for the same pixels and quality."""
-    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(quality), cv2.IMWRITE_JPEG_PROGRESSIVE, 0])
+CHROMA = {"420": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420, "444": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444}
+
+
+def encode_jpeg(img: np.ndarray, quality: int = 95, chroma: str = "420") -> bytes:
+    """Baseline (non-progressive) JPEG, deterministic for the same pixels, quality and chroma
+    subsampling ("420": colour at half resolution, libjpeg's default; "444": full resolution)."""
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(quality), cv2.IMWRITE_JPEG_PROGRESSIVE, 0,
+              cv2.IMWRITE_JPEG_SAMPLING_FACTOR, CHROMA[chroma]]
+    ok, buf = cv2.imencode(".jpg", img, params)
     if not ok:
         raise RuntimeError("OpenCV failed to encode a JPEG")
     return buf.tobytes()
@@ -374,7 +380,8 @@ def can_pass_through(info: JpegInfo | None) -> bool:
 
 
 def process_image(
-    data: bytes, size: int = 704, quality: int = 95, upscale: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes, size: int = 704, quality: int = 95, upscale: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+    chroma: str = "420",
 ) -> ProcessedImage:
     """Validate, check the header size, decode, orient, resize and encode one image (see module doc).
 
@@ -396,4 +403,5 @@ def process_image(
     if same and not corrupt:
         return ProcessedImage(bytes(data), h0, w0, h0, w0, True, notes)
     out = resize(img, size, upscale)
-    return ProcessedImage(encode_jpeg(out, quality), out.shape[0], out.shape[1], h0, w0, False, notes + corrupt)
+    return ProcessedImage(encode_jpeg(out, quality, chroma), out.shape[0], out.shape[1], h0, w0, False,
+                          notes + corrupt)

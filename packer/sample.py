@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from packer.format import Record, make_key
-from packer.images import DEFAULT_MAX_PIXELS, ImageError, process_image
+from packer.images import CHROMA, DEFAULT_MAX_PIXELS, ImageError, process_image
 from packer.labels import LabelResult, coco_to_yolo, parse_yolo
 from packer.sources.base import Candidate, Problem
 
@@ -25,6 +25,7 @@ class ProcessOptions:
     keep_crowd: bool = False
     upscale: bool = False  # never upscale unless asked
     max_pixels: int = DEFAULT_MAX_PIXELS  # images declaring more pixels are skipped as too_large, undecoded
+    chroma: str = "420"  # chroma subsampling of re-encoded JPEGs (images.CHROMA)
 
     def __post_init__(self) -> None:
         if self.size < 1:
@@ -33,6 +34,8 @@ class ProcessOptions:
             raise ValueError(f"max_pixels must be a positive number of pixels, not {self.max_pixels}")
         if not 1 <= self.quality <= 100:
             raise ValueError(f"JPEG quality must be 1..100, not {self.quality}")
+        if self.chroma not in CHROMA:
+            raise ValueError(f"chroma must be one of {', '.join(CHROMA)}, not {self.chroma!r}")
         if self.nc < 0:
             raise ValueError(f"nc must be >= 0, not {self.nc}")
 
@@ -83,7 +86,7 @@ def process_candidate(c: Candidate, opts: ProcessOptions) -> SampleResult:
     except OSError as e:
         return skipped("unreadable", f"cannot read file: {e.strerror or e}")
     try:
-        img = process_image(data, opts.size, opts.quality, opts.upscale, opts.max_pixels)
+        img = process_image(data, opts.size, opts.quality, opts.upscale, opts.max_pixels, opts.chroma)
     except ImageError as e:
         return skipped(e.reason, e.detail)
     problems.extend(Problem("warning", reason, c.source, detail) for reason, detail in img.warnings)

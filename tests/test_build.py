@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import signal
@@ -238,6 +239,24 @@ def test_cli_exactly_as_typed(tmp_path):
     human = _packer("info", "shards", cwd=tmp_path)
     assert "train2017" in human.stdout and "person" in human.stdout
     assert _packer("verify", "shards", cwd=tmp_path).returncode == 0
+
+
+def test_cli_chroma_444_is_recorded_and_written(tmp_path):
+    """`packer build --chroma 444`: the manifest records it, re-encoded shard JPEGs are 4:4:4 and
+    verify --deep passes; an unknown value is a one-line usage error."""
+    from _pack_util import read_samples
+    from PIL import Image
+
+    r = _packer("build", str(ROOT / "samples" / "coco"), "-o", str(tmp_path / "s"), "--size", "160",
+                "--chroma", "444", "--format", "wds")
+    assert r.returncode == 0, r.stderr
+    m = read_manifest(tmp_path / "s")
+    assert m.options["chroma"] == "444"
+    assert _packer("verify", str(tmp_path / "s"), "--deep").returncode == 0
+    jpegs = [row[-1] for rows in read_samples(tmp_path / "s").values() for row in rows]
+    assert jpegs and all([(h, v) for _, h, v, _ in Image.open(io.BytesIO(j)).layer] == [(1, 1)] * 3 for j in jpegs)
+    bad = _packer("build", str(ROOT / "samples" / "coco"), "-o", str(tmp_path / "b"), "--chroma", "422")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_cli_usage_errors_are_one_line(tmp_path):

@@ -130,6 +130,28 @@ def test_passthrough_keeps_baseline_bytes(imgs):
         assert I.can_pass_through(info)
 
 
+def _sampling(jpeg: bytes) -> list[tuple[int, int]]:
+    """(h, v) sampling factors of each component, as PIL reads them from the frame header."""
+    return [(h, v) for _, h, v, _ in Image.open(io.BytesIO(jpeg)).layer]
+
+
+def test_chroma_444_keeps_colour_at_full_resolution(imgs):
+    """--chroma 444 re-encodes with full-resolution colour (smaller colour error, larger file);
+    420 stays libjpeg's default; a pass-through JPEG keeps its own bytes either way."""
+    rng = np.random.default_rng(0)
+    img = cv2.resize(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8), (640, 480), interpolation=cv2.INTER_NEAREST)
+    data = cv2.imencode(".png", img)[1].tobytes()
+    ref = cv2.cvtColor(cv2.resize(img, (320, 240), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2YCrCb).astype(float)
+    out = {c: I.process_image(data, size=320, quality=95, chroma=c).jpeg for c in ("420", "444")}
+    assert _sampling(out["420"]) == [(2, 2), (1, 1), (1, 1)] and _sampling(out["444"]) == [(1, 1)] * 3
+    err = {c: np.abs(cv2.cvtColor(cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2YCrCb)
+                     - ref)[..., 1:].mean() for c, j in out.items()}
+    assert err["444"] < 0.7 * err["420"] and len(out["444"]) > len(out["420"])
+    assert I.process_image(imgs["good.jpg"], size=704, chroma="444").jpeg == imgs["good.jpg"]
+    with pytest.raises(KeyError):
+        I.encode_jpeg(img, chroma="422")
+
+
 def test_coco128_resize_and_passthrough(coco128):
     files = sorted((coco128 / "train2017").glob("*.jpg"))[:6]
     for f in files:
