@@ -1,6 +1,6 @@
 """Packed JPEG bytes -> RGB pixels, as fast as libjpeg-turbo allows, with corrupt data refused.
 
-The packer stores baseline 8-bit YCbCr JPEGs without EXIF rotation (`packer.images.can_pass_through`),
+The packer stores baseline 8-bit YCbCr JPEGs without EXIF rotation (`packer.markers.can_pass_through`),
 which every libjpeg-turbo front end decodes alike. We decode them with simplejpeg (libjpeg-turbo):
 
 - ``exact`` (validation, the cache): the same pixels as ``cv2.imdecode`` (measured: identical, and
