@@ -159,12 +159,10 @@ def _draw_matrix(rng: np.random.Generator, cfg: AugmentConfig, imgsz: int,
     flip = cfg.fliplr > 0 and rng.random() < cfg.fliplr
     flipud = cfg.flipud > 0 and rng.random() < cfg.flipud
     if angle == 0 and not shear.any() and not persp.any():
-        # snap to whole output pixels (scale to D/S, integer shift): the warp is then an exact
-        # resize + paste, several times cheaper than a general warpAffine on the CPU
-        d = max(1, round(scale * imgsz))
-        scale = d / imgsz
-        off = scale * centre  # d or d/2
-        tx, ty = np.round(np.array([tx, ty]) - off) + off
+        # snap the shift (by < scale/2 output pixels) so that the output's top-left corner lies on
+        # a whole canvas pixel: the warp is then a crop + cv2.resize (pixels.warp), 2-3x cheaper
+        # than warpAffine on the CPU
+        tx, ty = scale * (centre - np.round(centre - np.array([tx, ty]) / scale))
     c = np.array([[1, 0, -centre], [0, 1, -centre], [0, 0, 1]])
     pm = np.eye(3)
     pm[2, :2] = persp
