@@ -354,3 +354,25 @@ def test_batch_buffers_are_reused_not_leaked(packed):
     ld.dataset.slots.poll()
     assert sum(ld.dataset.slots.flags) == 0  # nothing left taken
     ld.close()
+
+
+def test_held_batches_keep_their_pixels(packed):
+    """Batches cross from the workers as slot numbers of buffers mapped before the fork; a slot is
+    written again only once every tensor on it is gone, so batches the consumer still holds (here
+    views of a whole epoch, across two more reshuffled epochs) never change under it."""
+    ld = make_loader(packed["wds"], "train", loader="torch", imgsz=IMGSZ, batch=4, workers=2, device="cpu",
+                     augment=AugmentConfig.off(), seed=3)
+    assert ld.dataset.slots.mapped
+    held, copies = [], []
+    for epoch in range(3):
+        ld.set_epoch(epoch)
+        for b in ld:
+            _check_batch_form(b, 4)
+            if epoch == 0:
+                held.append(b["img"][1:])  # a view keeps the slot
+                copies.append(b["img"][1:].clone())
+    assert all(torch.equal(h, c) for h, c in zip(held, copies, strict=True))
+    assert sum(ld.dataset.slots.flags) > 0
+    del held, b
+    assert sum(ld.dataset.slots.flags) == 0  # every slot free once the last view is dropped
+    ld.close()

@@ -5,9 +5,9 @@ order drawn per epoch from the plan itself (read by index: the first batch of an
 any batch costs; no shuffle buffer to fill), decodes them (`decode`: libjpeg-turbo, DCT-domain
 reduced when the stored image is >= 2x the input), letterboxes straight into the batch tensor or
 augments on top of letterboxed tiles, and yields finished batches. Labels come from the split's
-label arrays. Batch pixels live in a small pool of shared-memory buffers per worker, reused once
-the main process has dropped (or pinned / moved) a batch (`SlotPool`), instead of a fresh 19.7 MB
-shared tensor per batch. ``img`` is (B, 3, S, S) with channels-last strides (a view of the
+label arrays. Batch pixels live in a small pool of shared buffers per worker, mapped before the
+fork and reused once the main process has dropped (or pinned / moved) a batch (`slots`), instead
+of a fresh 19.7 MB shared tensor per batch. ``img`` is (B, 3, S, S) with channels-last strides (a view of the
 (B, S, S, 3) buffer: decoders write HWC, and channels-last is what convolutions prefer).
 """
 
@@ -27,6 +27,7 @@ from trainer.data.common import SplitData, build_batch
 from trainer.data.decode import decode_rgb, letterbox_image, letterbox_slot, paste_letterbox, reduce_target
 from trainer.data.pixels import augment_image
 from trainer.data.records import RecordSource
+from trainer.data.slots import SlotPool
 from trainer.data.split import global_index, worker_plan
 from trainer.data.transforms import (
     AugmentConfig,
@@ -43,48 +44,6 @@ log = logging.getLogger("trainer.data")
 
 SHUFFLE_BUFFER = 256  # records mixed before decoding, for streamed (network) WebDataset only
 MOSAIC_POOL = 64  # recent decoded tiles that mosaic partners are drawn from (as ultralytics' buffer)
-POOL = 5  # shared batch buffers per worker: prefetch (2) + the batch being built + the consumer's + one
-
-
-class SlotPool:
-    """Free/busy flags of every worker's batch buffers, in shared memory (set up before the fork).
-
-    A worker takes a free buffer (or, all busy, allocates an extra one that is not reused); the
-    main process frees a buffer when the batch has been copied (pinned or moved to the GPU) or
-    when its storage is garbage (the consumer dropped it)."""
-
-    def __init__(self, workers: int, per_worker: int = POOL):
-        self.per_worker = per_worker
-        self.flags = mp.get_context().Array("b", max(workers, 1) * per_worker, lock=False)
-        self._pending: list[tuple[object, int]] = []  # (StorageWeakRef, flag) in the main process
-
-    def take(self, worker: int) -> int:
-        base = worker * self.per_worker
-        for k in range(self.per_worker):
-            if not self.flags[base + k]:
-                self.flags[base + k] = 1
-                return k
-        return -1
-
-    def release_when_dropped(self, img: torch.Tensor, worker: int, k: int, copied: bool) -> None:
-        """Main process: `img` came from buffer k of `worker`; free it now (copied) or once dropped."""
-        from torch.multiprocessing.reductions import StorageWeakRef
-
-        flag = worker * self.per_worker + k
-        if copied:
-            self.flags[flag] = 0
-        else:
-            self._pending.append((StorageWeakRef(img.untyped_storage()), flag))
-        self.poll()
-
-    def poll(self) -> None:
-        still = []
-        for ref, flag in self._pending:
-            if ref.expired():  # type: ignore[attr-defined]
-                self.flags[flag] = 0
-            else:
-                still.append((ref, flag))
-        self._pending = still
 
 
 class ShardBatches(IterableDataset):
@@ -92,7 +51,9 @@ class ShardBatches(IterableDataset):
 
     def __init__(self, data: SplitData, *, imgsz: int, batch: int, train: bool, rank: int, world_size: int,
                  seed: int, augment: AugmentConfig, num_workers: int, stream: bool = False,
-                 fast_decode: bool = False, cache=None):  # noqa: ANN001 - a DecodedCache or None
+                 fast_decode: bool = False, cache=None, mapped: bool = True):  # noqa: ANN001 - cache: a DecodedCache
+        """mapped: batch buffers mapped before the fork (`SlotPool`); False when the DataLoader
+        pins batches (it needs torch shared tensors to pin from)."""
         self.data, self.imgsz, self.batch, self.train = data, imgsz, batch, train
         self.stream, self.fast, self.cache = stream, fast_decode, cache
         self.rank, self.world_size, self.seed, self.augment = rank, world_size, seed, augment
@@ -101,9 +62,8 @@ class ShardBatches(IterableDataset):
         # shared with (persistent) workers: set in the main process, read at each epoch start
         self.epoch = ctx.Value("i", 0, lock=False)
         self.mosaic = ctx.Value("b", 1, lock=False)
-        self.slots = SlotPool(num_workers)
+        self.slots = SlotPool(num_workers, (batch, imgsz, imgsz, 3), mapped=mapped)
         self._source: RecordSource | None = None
-        self._bufs: list[torch.Tensor] = []
         self._tile_boxes: np.ndarray | None = None
         self._cls: np.ndarray | None = None
         self._streamed: dict[int, bytes] = {}  # streamed JPEG bytes waiting to be decoded
@@ -199,9 +159,7 @@ class ShardBatches(IterableDataset):
         k = self.slots.take(worker)
         if k < 0:
             return torch.empty(shape, dtype=torch.uint8).share_memory_(), -1
-        while len(self._bufs) <= k:
-            self._bufs.append(torch.empty(shape, dtype=torch.uint8).share_memory_())
-        return self._bufs[k], k
+        return self.slots.buffer(worker, k), k
 
     # ------------------------------------------------------------------ one sample
 
@@ -304,6 +262,11 @@ class _Batch:
         assert self.buf is not None
         out = build_batch(self.buf.permute(0, 3, 1, 2), self.labels, self.indices, self.valid, ds.data, ds.imgsz,
                           ds.train)
+        for k, v in out.items():  # see `from_transit`
+            if k != "img" and torch.is_tensor(v):
+                out[k] = v.numpy()
+        if self.k >= 0 and ds.slots.mapped:
+            out["img"] = None  # the main process maps the slot itself (`SlotPool.received`)
         out["_corrupt"], out["_slot"] = self.corrupt, (self.worker, self.k)
         self.corrupt = 0
         self._new()

@@ -19,6 +19,7 @@ from packer.images import configure_worker
 from trainer.data.batches import ShardBatches
 from trainer.data.common import SplitData, default_device, default_workers, to_device
 from trainer.data.records import RecordSource
+from trainer.data.slots import from_transit
 from trainer.data.split import batches_per_rank, epoch_shards
 from trainer.data.transforms import AugmentConfig
 
@@ -58,17 +59,19 @@ class TorchLoader:
         self._epoch = 0
         self._fetched_epoch: int | None = None
         self.fetched: set[str] = set()  # shard files this rank copied from network storage
+        cuda = self.device.type == "cuda"
+        pin = cuda if pin_memory is None else (pin_memory and cuda)
         self.dataset = ShardBatches(data, imgsz=imgsz, batch=batch, train=train, rank=rank, world_size=world_size,
                                     seed=seed, augment=augment, num_workers=workers, stream=self.stream,
-                                    fast_decode=train if fast_decode is None else fast_decode, cache=cache)
+                                    fast_decode=train if fast_decode is None else fast_decode, cache=cache,
+                                    mapped=not pin)
         self._fetch()  # bad or unreachable data fails here, before training starts
-        cuda = self.device.type == "cuda"
         kw: dict = {}
         if workers > 0:
             kw["persistent_workers"] = True if persistent_workers is None else persistent_workers
             kw["prefetch_factor"] = prefetch_factor or 2
-        self.loader = DataLoader(self.dataset, batch_size=None, num_workers=workers,
-                                 pin_memory=cuda if pin_memory is None else (pin_memory and cuda), **kw)
+        self.loader = DataLoader(self.dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                                 pin_memory=pin, **kw)
         self.stats = {"corrupt_skipped": 0}
 
     def __len__(self) -> int:
@@ -103,10 +106,13 @@ class TorchLoader:
             gc.collect()
         n = 0
         self.dataset.slots.poll()  # batches of the last epoch dropped since: their buffers are free again
-        for b in self.loader:
+        for b in map(from_transit, self.loader):
             self.stats["corrupt_skipped"] += int(b.pop("_corrupt", 0))
             w, k = b.pop("_slot", (0, -1))
             n += 1
+            if b["img"] is None:  # a mapped slot: freed when the consumer drops the batch
+                b["img"] = self.dataset.slots.received(w, k).permute(0, 3, 1, 2)
+                k = -1
             out = to_device(b, self.device, non_blocking=True)
             if k >= 0:  # a pooled buffer: reusable once copied (pinned / on the GPU) or dropped
                 self.dataset.slots.release_when_dropped(b["img"], w, k, copied=out["img"] is not b["img"]
@@ -121,3 +127,9 @@ class TorchLoader:
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
         self.loader = None  # type: ignore[assignment]
+
+
+def _as_is(batch: dict) -> dict:
+    """The DataLoader's collate step for finished batches: keep them as they are (torch's default
+    would turn the label arrays into tensors inside the worker; see `batches.from_transit`)."""
+    return batch
