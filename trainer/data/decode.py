@@ -3,12 +3,13 @@
 The packer stores baseline 8-bit YCbCr JPEGs without EXIF rotation (`packer.markers.can_pass_through`),
 which every libjpeg-turbo front end decodes alike. We decode them with simplejpeg (libjpeg-turbo):
 
-- ``exact`` (validation, the cache): the same pixels as ``cv2.imdecode`` (measured: identical, and
-  about 1.07x its speed on coco128 at 640);
-- ``fast`` (training): libjpeg-turbo's fast integer DCT, about 1.3x ``cv2.imdecode``; measured
-  on coco128's 128 JPEGs the pixels differ from OpenCV's by 1.2 grey levels on average (worst
-  image 2.05), 99 % of pixels within 8 levels (median image: 5), single pixels at sharp edges by
-  up to ~20 -- well inside training's HSV jitter (value +-40 %);
+- exact (the default, training included): the same pixels as ``cv2.imdecode`` (measured:
+  identical, and about 1.07x its speed on coco128 at 640);
+- ``fast`` (opt-in, ``fast_decode=True``): libjpeg-turbo's fast integer DCT. It does not pay:
+  measured same-run on 640-px packed JPEGs it saves 0.8 % (q95 re-encodes) to 4.8 % (coco128's
+  own JPEGs) of decode time, and costs 1.1-1.9 dB of PSNR against the pixels the packer encoded
+  (synthetic shapes at 256, q95); pixels differ from OpenCV's by 1.2 grey levels on average
+  (worst coco128 image 2.05), by up to ~20 at sharp edges -- where small objects are;
 - DCT-domain scaling: a stored image at least twice the wanted size is decoded at 1/2, 1/4 or 1/8
   (the largest reduction that still covers the target), then resized to exactly the letterbox size.
 

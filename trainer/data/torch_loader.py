@@ -36,8 +36,8 @@ class TorchLoader:
     def __init__(self, data: SplitData, *, imgsz: int, batch: int, train: bool, rank: int, world_size: int,
                  seed: int, workers: int | None, device: str | torch.device, augment: AugmentConfig,
                  pin_memory: bool | None = None, persistent_workers: bool | None = None,
-                 prefetch_factor: int | None = None, fast_decode: bool | None = None, cache=None):  # noqa: ANN001
-        """fast_decode: libjpeg-turbo's fast DCT (None: when training; see `decode`).
+                 prefetch_factor: int | None = None, fast_decode: bool = False, cache=None):  # noqa: ANN001
+        """fast_decode: libjpeg-turbo's fast DCT (off by default: it does not pay, see `decode`).
         cache: a `decoded_cache.DecodedCache` to read pixels from instead of the shards."""
         # before any worker forks: OpenCV's thread pool does not survive a fork (a forked worker
         # can hang in it), and the workers are the parallelism anyway (ultralytics does the same)
@@ -63,7 +63,7 @@ class TorchLoader:
         pin = cuda if pin_memory is None else (pin_memory and cuda)
         self.dataset = ShardBatches(data, imgsz=imgsz, batch=batch, train=train, rank=rank, world_size=world_size,
                                     seed=seed, augment=augment, num_workers=workers, stream=self.stream,
-                                    fast_decode=train if fast_decode is None else fast_decode, cache=cache,
+                                    fast_decode=fast_decode, cache=cache,
                                     mapped=not pin)
         self._fetch()  # bad or unreachable data fails here, before training starts
         kw: dict = {}
