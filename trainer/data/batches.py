@@ -262,7 +262,7 @@ class _Batch:
         assert self.buf is not None
         out = build_batch(self.buf.permute(0, 3, 1, 2), self.labels, self.indices, self.valid, ds.data, ds.imgsz,
                           ds.train)
-        for k, v in out.items():  # see `from_transit`
+        for k, v in out.items():  # labels cross as arrays: see `slots.from_transit`
             if k != "img" and torch.is_tensor(v):
                 out[k] = v.numpy()
         if self.k >= 0 and ds.slots.mapped:

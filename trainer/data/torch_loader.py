@@ -131,5 +131,5 @@ class TorchLoader:
 
 def _as_is(batch: dict) -> dict:
     """The DataLoader's collate step for finished batches: keep them as they are (torch's default
-    would turn the label arrays into tensors inside the worker; see `batches.from_transit`)."""
+    would turn the label arrays into tensors inside the worker; see `slots.from_transit`)."""
     return batch
