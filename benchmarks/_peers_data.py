@@ -127,17 +127,23 @@ def yolo_set(name: str, images: list[Path], labels: Path, n: int, names: list[st
     return _build(work / name, make)
 
 
-def packed_set(yolo_dir: Path, imgsz: int, work: Path) -> Path:
-    """`yolo_dir` packed by our packer as WebDataset shards at `imgsz`."""
+def packed_name(yolo_dir: Path, imgsz: int, chroma: str = "auto") -> str:
+    """The work-folder name of a packed set: the options that change its bytes are in it, so a set
+    packed by an earlier version with other options is never reused."""
+    return f"{yolo_dir.name}-wds{imgsz}-{chroma}"
+
+
+def packed_set(yolo_dir: Path, imgsz: int, work: Path, chroma: str = "auto") -> Path:
+    """`yolo_dir` packed by our packer as WebDataset shards at `imgsz` (`chroma`: packer build --chroma)."""
     from packer.build import build_dataset
 
     def make(tmp: Path) -> None:
         # the set's images are symlinks to coco128 outside the folder: packing them is the point
         follow = {"follow_symlinks": True} if "follow_symlinks" in inspect.signature(build_dataset).parameters else {}
         build_dataset(yolo_dir, tmp / "shards", fmt="wds", size=imgsz, workers=os.cpu_count() or 1,
-                      overwrite=True, **follow)
+                      overwrite=True, chroma=chroma, **follow)
 
-    return _build(work / f"{yolo_dir.name}-wds{imgsz}", make) / "shards"
+    return _build(work / packed_name(yolo_dir, imgsz, chroma), make) / "shards"
 
 
 def packed_tars(shards: Path, split: str = "train") -> list[Path]:

@@ -305,7 +305,7 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--model", default="yolov8n.yaml")
     ap.add_argument("--pack-size", type=int, default=None,
                     help="long side the set is packed at (default: --imgsz; larger: no pack-time downscale)")
-    ap.add_argument("--pack-chroma", choices=("420", "444"), default="420", help="packer build --chroma")
+    ap.add_argument("--pack-chroma", choices=("auto", "420", "444"), default="auto", help="packer build --chroma")
     ap.add_argument("--loader", default="auto", help="our loader: auto, torch, dali")
     ap.add_argument("--mosaic", choices=("on", "off"), default="on", help="mosaic in both trainers")
     ap.add_argument("--close-mosaic", type=int, default=10, help="both trainers: last N epochs without mosaic")

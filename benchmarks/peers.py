@@ -77,8 +77,8 @@ def prepare(a: argparse.Namespace, work: Path, set_name: str, need_stream: bool)
     d = {"set": set_name, "images": n, "yolo": yolo, "shards": shards, "names": names,
          "members": pdata.packed_members(shards)}
     if need_stream:
-        d["mds"] = pdata.write_mds(d["members"], work, f"{yolo.name}-wds{a.imgsz}-mds")
-        d["litdata"] = pdata.write_litdata(d["members"], work, f"{yolo.name}-wds{a.imgsz}-litdata")
+        d["mds"] = pdata.write_mds(d["members"], work, f"{pdata.packed_name(yolo, a.imgsz)}-mds")
+        d["litdata"] = pdata.write_litdata(d["members"], work, f"{pdata.packed_name(yolo, a.imgsz)}-litdata")
     return d
 
 

@@ -41,7 +41,7 @@ from packer.format import (
     check_split_name,
     write_manifest,
 )
-from packer.images import CHROMA, DEFAULT_MAX_PIXELS
+from packer.images import CHROMA_CHOICES, DEFAULT_MAX_PIXELS
 from packer.journal import BuildJournal, ShardRoller, write_report
 from packer.output import BuildError, OutputFolder, manifest_files, output_folder
 from packer.progress import progress_bar
@@ -83,15 +83,15 @@ class BuildOptions:
     upscale: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     follow_symlinks: bool = False
-    chroma: str = "420"
+    chroma: str = "auto"
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
             raise BuildError(f"unknown format {self.fmt!r}; choose one of {', '.join(FORMATS)}")
         if self.size < 32 or not 1 <= self.quality <= 100:
             raise BuildError("--size must be >= 32 and --quality within 1..100")
-        if self.chroma not in CHROMA:
-            raise BuildError(f"--chroma must be one of {', '.join(CHROMA)}")
+        if self.chroma not in CHROMA_CHOICES:
+            raise BuildError(f"--chroma must be one of {', '.join(CHROMA_CHOICES)}")
         if (self.shard_size is not None and self.shard_size < 1) or self.max_pixels < 1:
             raise BuildError("--shard-size and --max-pixels must be >= 1")
         for name in self.splits or ():
@@ -212,7 +212,7 @@ def build_dataset(
     upscale: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     follow_symlinks: bool = False,
-    chroma: str = "420",
+    chroma: str = "auto",
     overwrite: bool = False,
     resume: bool = False,
     strict: bool = False,

@@ -59,6 +59,28 @@ class ProcessedImage:
     orig_width: int
     passthrough: bool  # the source bytes were kept unchanged
     warnings: tuple[tuple[str, str], ...] = ()  # (sources.base.WARNINGS reason, detail)
+    chroma: str | None = None  # "420" or "444" when re-encoded; None when passed through
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """An image decoded and resized, before its stored bytes are chosen (`encode`): the labels,
+    which the chroma choice of `--chroma auto` needs, are known only after the decode."""
+
+    source: bytes | None  # the source bytes when they are stored unchanged
+    pixels: np.ndarray | None  # the resized pixels to encode otherwise
+    height: int  # stored size
+    width: int
+    orig_height: int
+    orig_width: int
+    warnings: tuple[tuple[str, str], ...] = ()
+
+    def encode(self, quality: int = 95, chroma: str = "420") -> ProcessedImage:
+        """The stored image: the source bytes, or the pixels as a JPEG (`chroma` "420" or "444")."""
+        sizes = (self.height, self.width, self.orig_height, self.orig_width)
+        if self.source is not None:
+            return ProcessedImage(self.source, *sizes, True, self.warnings)
+        return ProcessedImage(encode_jpeg(self.pixels, quality, chroma), *sizes, False, self.warnings, chroma)
 
 
 @dataclass(frozen=True)
@@ -246,6 +268,22 @@ def resize(img: np.ndarray, size: int, upscale: bool = False) -> np.ndarray:
 
 
 CHROMA = {"420": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420, "444": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444}
+CHROMA_CHOICES = ("auto", *CHROMA)  # what --chroma accepts
+SMALL_OBJECT_AREA = 32 * 32  # COCO's "small" objects: under 32x32 px
+
+
+def pick_chroma(setting: str, boxes: np.ndarray, height: int, width: int) -> str:
+    """The chroma subsampling to re-encode one image with. "auto": 4:4:4 when most of its boxes
+    (normalized xywh, as stored in a record) are small in the stored `height` x `width` image,
+    by COCO's definition: 4:2:0 keeps one colour sample per 2x2 pixels, so the colour of an
+    object a few pixels wide bleeds into its background. Otherwise 4:2:0, 1.33x smaller and
+    1.46x faster to decode (README: the packer's `--chroma`)."""
+    if setting != "auto":
+        return setting
+    if len(boxes) == 0:
+        return "420"
+    areas = boxes[:, 2] * boxes[:, 3] * (height * width)
+    return "444" if float(np.median(areas)) < SMALL_OBJECT_AREA else "420"
 
 
 def encode_jpeg(img: np.ndarray, quality: int = 95, chroma: str = "420") -> bytes:
@@ -259,11 +297,9 @@ def encode_jpeg(img: np.ndarray, quality: int = 95, chroma: str = "420") -> byte
     return buf.tobytes()
 
 
-def process_image(
-    data: bytes, size: int = 704, quality: int = 95, upscale: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
-    chroma: str = "420",
-) -> ProcessedImage:
-    """Validate, check the header size, decode, orient, resize and encode one image (see module doc).
+def load_image(data: bytes, size: int = 704, upscale: bool = False,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """Validate, check the header size, decode, orient and resize one image (see module doc).
 
     The bytes are always decoded (to validate them and learn the true size). A baseline 3-channel
     JPEG needing no resize nor re-orientation, that libjpeg decodes without warning, is kept byte
@@ -281,7 +317,14 @@ def process_image(
     h, w = target_size(h0, w0, size, upscale)
     same = (h, w) == (h0, w0) and can_pass_through(info) and (info.height, info.width) == (h0, w0)
     if same and not corrupt:
-        return ProcessedImage(bytes(data), h0, w0, h0, w0, True, notes)
+        return LoadedImage(bytes(data), None, h0, w0, h0, w0, notes)
     out = resize(img, size, upscale)
-    return ProcessedImage(encode_jpeg(out, quality, chroma), out.shape[0], out.shape[1], h0, w0, False,
-                          notes + corrupt)
+    return LoadedImage(None, out, out.shape[0], out.shape[1], h0, w0, notes + corrupt)
+
+
+def process_image(
+    data: bytes, size: int = 704, quality: int = 95, upscale: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+    chroma: str = "420",
+) -> ProcessedImage:
+    """`load_image`, then `encode` with a fixed chroma subsampling ("420" or "444")."""
+    return load_image(data, size, upscale, max_pixels).encode(quality, chroma)

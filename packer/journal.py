@@ -301,6 +301,7 @@ class Tally:
         self.images_found = self.images_packed = 0
         self.boxes_found = self.boxes_packed = 0
         self.by_kind: dict[str, Counter] = {k: Counter() for k in ("image", "box", "fix", "warning")}
+        self.stored: Counter = Counter()  # packed images by how they were stored (SampleResult.stored)
 
     def add(self, res: SampleResult) -> list[Problem]:
         self.images_found += 1
@@ -308,6 +309,7 @@ class Tally:
         if res.record is not None:
             self.images_packed += 1
             self.boxes_packed += len(res.record.cls)
+            self.stored[res.stored or "source"] += 1
         for p in res.problems:
             self.by_kind[p.kind][p.reason] += p.count
         return res.problems
@@ -323,6 +325,7 @@ class Tally:
             self.by_kind["box"].update(d["boxes"]["dropped"])
             self.by_kind["fix"].update(d["fixes"])
             self.by_kind["warning"].update(d["warnings"])
+            self.stored.update(d["images"].get("stored", {}))  # absent from journals of older versions
         except (KeyError, TypeError, ValueError) as e:
             raise JournalError(f"a shard tally in the journal or a report is damaged ({e!r}); "
                                "rerun with --overwrite") from None
@@ -330,7 +333,8 @@ class Tally:
     def as_dict(self) -> dict[str, Any]:
         d = {
             "images": {"found": self.images_found, "packed": self.images_packed,
-                       "skipped": dict(sorted(self.by_kind["image"].items()))},
+                       "skipped": dict(sorted(self.by_kind["image"].items())),
+                       "stored": dict(sorted(self.stored.items()))},
             "boxes": {"found": self.boxes_found, "packed": self.boxes_packed,
                       "dropped": dict(sorted(self.by_kind["box"].items()))},
             "fixes": dict(sorted(self.by_kind["fix"].items())),

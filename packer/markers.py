@@ -17,7 +17,7 @@ PNG_SIG = b"\x89PNG\r\n\x1a\n"
 # 128 coco128 pass-through decisions but stops at the first SOS and reports only "progressive" of the SOF
 # type: it misses a missing EOI (scan data cut off) and takes SOF1/3/9/11 (extended, lossless, arithmetic)
 # for baseline. Measured on coco128 (medians of 11 interleaved rounds, 2 shared cores): the walk 99 us/image,
-# 80 % of it the EOI scan (3.4 % of packing's 3.0 ms/image); PIL's header read 34 us (1.1 %). process_image walks each JPEG once.
+# 80 % of it the EOI scan (3.4 % of packing's 3.0 ms/image); PIL's header read 34 us (1.1 %). load_image walks each JPEG once.
 _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 # In entropy-coded data 0xFF is followed by 0x00 (stuffing), RSTn or fill 0xFF; anything else is a marker.
 _NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from packer.format import Record, make_key
-from packer.images import CHROMA, DEFAULT_MAX_PIXELS, ImageError, process_image
+from packer.images import CHROMA_CHOICES, DEFAULT_MAX_PIXELS, ImageError, LoadedImage, load_image, pick_chroma
 from packer.labels import LabelResult, coco_to_yolo, parse_yolo
 from packer.sources.base import Candidate, Problem
 
@@ -25,7 +25,7 @@ class ProcessOptions:
     keep_crowd: bool = False
     upscale: bool = False  # never upscale unless asked
     max_pixels: int = DEFAULT_MAX_PIXELS  # images declaring more pixels are skipped as too_large, undecoded
-    chroma: str = "420"  # chroma subsampling of re-encoded JPEGs (images.CHROMA)
+    chroma: str = "auto"  # chroma subsampling of re-encoded JPEGs (images.pick_chroma)
 
     def __post_init__(self) -> None:
         if self.size < 1:
@@ -34,8 +34,8 @@ class ProcessOptions:
             raise ValueError(f"max_pixels must be a positive number of pixels, not {self.max_pixels}")
         if not 1 <= self.quality <= 100:
             raise ValueError(f"JPEG quality must be 1..100, not {self.quality}")
-        if self.chroma not in CHROMA:
-            raise ValueError(f"chroma must be one of {', '.join(CHROMA)}, not {self.chroma!r}")
+        if self.chroma not in CHROMA_CHOICES:
+            raise ValueError(f"chroma must be one of {', '.join(CHROMA_CHOICES)}, not {self.chroma!r}")
         if self.nc < 0:
             raise ValueError(f"nc must be >= 0, not {self.nc}")
 
@@ -45,6 +45,7 @@ class SampleResult:
     record: Record | None  # None when the image was skipped
     problems: list[Problem]  # including the candidate's discovery problems
     boxes_found: int  # kept + dropped boxes of this image
+    stored: str | None = None  # how the image was stored: "source" (bytes kept), "420" or "444" (re-encoded)
 
 
 def _read_label_text(path: str) -> str:
@@ -86,11 +87,23 @@ def process_candidate(c: Candidate, opts: ProcessOptions) -> SampleResult:
     except OSError as e:
         return skipped("unreadable", f"cannot read file: {e.strerror or e}")
     try:
-        img = process_image(data, opts.size, opts.quality, opts.upscale, opts.max_pixels, opts.chroma)
+        img = load_image(data, opts.size, opts.upscale, opts.max_pixels)
     except ImageError as e:
         return skipped(e.reason, e.detail)
     problems.extend(Problem("warning", reason, c.source, detail) for reason, detail in img.warnings)
+    labels = _labels_of(c, yolo, img, opts, problems)
+    stored = img.encode(opts.quality, pick_chroma(opts.chroma, labels.boxes, img.height, img.width))
+    record = Record(
+        key=make_key(c.source), source=c.source, jpeg=stored.jpeg, height=img.height, width=img.width,
+        orig_height=img.orig_height, orig_width=img.orig_width, cls=labels.cls, boxes=labels.boxes,
+    )
+    return SampleResult(record, problems, found, stored.chroma or "source")
 
+
+def _labels_of(c: Candidate, yolo: LabelResult | None, img: LoadedImage, opts: ProcessOptions,
+               problems: list[Problem]) -> LabelResult:
+    """The image's cleaned labels (YOLO as parsed, COCO normalized by the decoded size); their
+    problems and a COCO size mismatch are appended to `problems`."""
     if yolo is not None:
         labels = yolo
     elif c.coco_boxes is not None:
@@ -106,9 +119,4 @@ def process_candidate(c: Candidate, opts: ProcessOptions) -> SampleResult:
             )
         )
     problems.extend(labels.problems)
-    record = Record(
-        key=make_key(c.source), source=c.source, jpeg=img.jpeg, height=img.height, width=img.width,
-        orig_height=img.orig_height, orig_width=img.orig_width, cls=labels.cls, boxes=labels.boxes,
-    )
-    return SampleResult(record, problems, found)
-
+    return labels

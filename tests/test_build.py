@@ -259,6 +259,29 @@ def test_cli_chroma_444_is_recorded_and_written(tmp_path):
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
 
 
+def test_auto_chroma_follows_the_boxes_and_is_reported(tmp_path):
+    """The default --chroma auto: every re-encoded image is 4:4:4 exactly when most of its boxes are
+    small in the stored image (images.pick_chroma), and the summary counts how each image was stored."""
+    from _pack_util import read_samples
+    from PIL import Image
+
+    r = _packer("build", str(ROOT / "samples" / "coco"), "-o", str(tmp_path / "s"), "--size", "160", "--json")
+    assert r.returncode == 0, r.stderr
+    stored = json.loads(r.stdout)["images"]["stored"]
+    assert read_manifest(tmp_path / "s").options["chroma"] == "auto"
+    seen = {"420": 0, "444": 0}
+    for rows in read_samples(tmp_path / "s").values():
+        for _key, _src, h, w, _oh, _ow, _cls, boxes, jpeg in rows:
+            areas = np.frombuffer(boxes, np.float32).reshape(-1, 4)[:, 2:].prod(1) * h * w
+            want = "444" if len(areas) and np.median(areas) < 32 * 32 else "420"
+            got = "444" if [(a, b) for _, a, b, _ in Image.open(io.BytesIO(jpeg)).layer] == [(1, 1)] * 3 else "420"
+            assert got == want
+            seen[got] += 1
+    assert seen["420"] and seen["444"] and stored == seen  # both kinds occur in this set at 160 px
+    human = _packer("build", str(ROOT / "samples" / "coco"), "-o", str(tmp_path / "s"), "--size", "160", "--overwrite")
+    assert f"{seen['420']} re-encoded 4:2:0, {seen['444']} re-encoded 4:4:4" in human.stdout
+
+
 def test_cli_usage_errors_are_one_line(tmp_path):
     cases = [
         ("build", str(tmp_path / "nope")),

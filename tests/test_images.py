@@ -152,6 +152,19 @@ def test_chroma_444_keeps_colour_at_full_resolution(imgs):
         I.encode_jpeg(img, chroma="422")
 
 
+def test_auto_chroma_is_444_where_most_boxes_are_small():
+    """--chroma auto: 4:4:4 when the median box of the image is under COCO's small-object area
+    (32x32 px) in the stored image, 4:2:0 otherwise and for an image without boxes."""
+    small, large = [0.5, 0.5, 0.05, 0.05], [0.5, 0.5, 0.2, 0.2]  # 32x24 vs 128x96 px at 640x480
+    boxes = lambda *b: np.array(b, np.float32).reshape(-1, 4)  # noqa: E731
+    assert I.pick_chroma("auto", boxes(small, small, large), 480, 640) == "444"
+    assert I.pick_chroma("auto", boxes(small, large, large), 480, 640) == "420"
+    mid = [0.5, 0.5, 0.08, 0.08]  # 51x38 px at 640x480, 26x19 px stored at half that size
+    assert I.pick_chroma("auto", boxes(mid), 480, 640) == "420" and I.pick_chroma("auto", boxes(mid), 240, 320) == "444"
+    assert I.pick_chroma("auto", boxes(), 480, 640) == "420"
+    assert I.pick_chroma("420", boxes(small), 480, 640) == "420" and I.pick_chroma("444", boxes(large), 480, 640) == "444"
+
+
 def test_coco128_resize_and_passthrough(coco128):
     files = sorted((coco128 / "train2017").glob("*.jpg"))[:6]
     for f in files:
