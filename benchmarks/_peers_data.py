@@ -1,13 +1,11 @@
 """Data and loaders for benchmarks/peers.py.
 
-Data, made once under a work folder and reused (each folder is built under a temporary name
-and renamed when complete, so an interrupted run leaves nothing a later run takes for done):
-`coco_labels` (coco128's json -> YOLO txt by ultralytics' `convert_coco`), `upscaled_images`
-(coco128 upscaled to a 3000-px long side, JPEG q92; normalized labels stay valid),
-`yolo_set` (a YOLO folder of n symlinked copies: what ultralytics reads), `packed_set` (that
-folder packed by our packer, wds at imgsz), `write_mds` / `write_litdata` (the packed samples,
-read from our tars, written again for MosaicML Streaming and LitData: every streaming peer
-reads the same stored JPEGs as ours).
+Data, made once under a work folder and reused (built under a temporary name and renamed when
+complete, so an interrupted run leaves nothing a later run takes for done): `coco_labels`
+(coco128's json -> YOLO txt by ultralytics' `convert_coco`), `upscaled_images` (coco128 upscaled
+to a 3000-px long side, JPEG q92), `yolo_set` (n symlinked copies: what ultralytics reads),
+`packed_set` (that folder packed by our packer, wds at imgsz), `write_mds` / `write_litdata` (our
+packed samples written again for MosaicML Streaming and LitData: every peer reads our JPEGs).
 
 Loaders: `RUNNERS[name](name, data, cfg)` builds one loader under test as a `Loop`. The
 streaming peers share `decode_letterbox` (cv2.imdecode, long side resized to imgsz with
@@ -128,8 +126,7 @@ def yolo_set(name: str, images: list[Path], labels: Path, n: int, names: list[st
 
 
 def packed_name(yolo_dir: Path, imgsz: int, chroma: str = "auto") -> str:
-    """The work-folder name of a packed set: the options that change its bytes are in it, so a set
-    packed by an earlier version with other options is never reused."""
+    """A packed set's folder name, holding the options that change its bytes (never reused across them)."""
     return f"{yolo_dir.name}-wds{imgsz}-{chroma}"
 
 
@@ -139,9 +136,8 @@ def packed_set(yolo_dir: Path, imgsz: int, work: Path, chroma: str = "auto") -> 
 
     def make(tmp: Path) -> None:
         # the set's images are symlinks to coco128 outside the folder: packing them is the point
-        follow = {"follow_symlinks": True} if "follow_symlinks" in inspect.signature(build_dataset).parameters else {}
         build_dataset(yolo_dir, tmp / "shards", fmt="wds", size=imgsz, workers=os.cpu_count() or 1,
-                      overwrite=True, chroma=chroma, **follow)
+                      overwrite=True, chroma=chroma, follow_symlinks=True)
 
     return _build(work / packed_name(yolo_dir, imgsz, chroma), make) / "shards"
 
