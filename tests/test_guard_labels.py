@@ -151,7 +151,7 @@ def test_coco_same_file_name_twice_and_orphans_are_counted(tmp_path):
     _coco(tmp_path / "coco", ims, anns)
     report = checked_build(tmp_path / "coco", tmp_path / "out")
     t = report["totals"]
-    assert t["images"] == {"found": 3, "packed": 2, "skipped": {"duplicate_image": 1}}
+    assert t["images"] == {"found": 3, "packed": 2, "skipped": {"duplicate_image": 1}, "stored": {"source": 2}}
     assert t["boxes"]["found"] == len(anns)  # reconciles against the json
     assert t["boxes"] == {"found": 7, "packed": 3,
                           "dropped": {"image_skipped": 1, "orphan_annotation": 2, "bad_line": 1}}

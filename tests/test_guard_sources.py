@@ -94,7 +94,7 @@ def test_symlink_loop_is_walked_once(tmp_path):
         assert got == {"images/train/a.jpg": None, "images/train/a1.jpg": "missing_image",
                        "images/train/a2.jpg": "missing_image"}
     report = checked_build(ds, tmp_path / "out")
-    assert report["totals"]["images"] == {"found": 3, "packed": 1, "skipped": {"missing_image": 2}}
+    assert report["totals"]["images"] == {"found": 3, "packed": 1, "skipped": {"missing_image": 2}, "stored": {"source": 1}}
 
 
 def test_every_image_behind_an_outside_symlink_is_one_clear_line(tmp_path, capsys):
@@ -151,7 +151,7 @@ def test_non_utf8_file_name_is_packed_with_escaped_source(tmp_path, fmt):
     build_dataset(ds, out, fmt=fmt, size=64, workers=1)
     assert snapshot(tmp_path, out) == before
     report = checked_report(out)
-    assert report["totals"]["images"] == {"found": 2, "packed": 2, "skipped": {}}
+    assert report["totals"]["images"] == {"found": 2, "packed": 2, "skipped": {}, "stored": {"source": 2}}
     assert report["totals"]["boxes"]["packed"] == 2  # its label file was found and read
     rows = {r[1]: r for r in read_samples(out)["train"]}
     assert set(rows) == {"images/train/plain.jpg", "images/train/caf\\xe9.jpg"}
@@ -173,7 +173,7 @@ def test_coco_file_name_with_surrogate_escape_finds_the_file(tmp_path):
     (root / "annotations" / "instances_train.json").write_text(
         json.dumps({"images": ims, "annotations": [], "categories": [{"id": 1, "name": "a\udcff"}]}))
     report = checked_build(root, tmp_path / "out")
-    assert report["totals"]["images"] == {"found": 3, "packed": 2, "skipped": {"missing_image": 1}}
+    assert report["totals"]["images"] == {"found": 3, "packed": 2, "skipped": {"missing_image": 1}, "stored": {"source": 2}}
     assert {p["source"] for p in report["problems"]} == {"train/\\ud800bad.jpg"}
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["names"] == ["a\\xff"]
 
@@ -215,8 +215,8 @@ def test_odd_entries_never_kill_a_build(tmp_path):
     (ds / "list.txt").write_text("images/train/a.jpg\nimages/nul\x00.jpg\n" + "x" * 300 + ".jpg\n")
     (ds / "data.yaml").write_text("train: images/train\nval: list.txt\nnames: [a]\n")
     report = checked_build(ds, tmp_path / "out")
-    assert report["splits"]["train"]["images"] == {"found": 2, "packed": 1, "skipped": {"missing_image": 1}}
-    assert report["splits"]["val"]["images"] == {"found": 3, "packed": 1, "skipped": {"missing_image": 2}}
+    assert report["splits"]["train"]["images"] == {"found": 2, "packed": 1, "skipped": {"missing_image": 1}, "stored": {"source": 1}}
+    assert report["splits"]["val"]["images"] == {"found": 3, "packed": 1, "skipped": {"missing_image": 2}, "stored": {"source": 1}}
 
     root = tmp_path / "coco"
     ims = [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "nul\x00.jpg"}, {"id": 3, "file_name": 5},
@@ -228,7 +228,7 @@ def test_odd_entries_never_kill_a_build(tmp_path):
         json.dumps({"images": ims, "annotations": [{"image_id": [1], "bbox": [1, 1, 2, 2], "category_id": 1}],
                     "categories": [{"id": 1, "name": "a"}]}))
     report = checked_build(root, tmp_path / "out2")
-    assert report["totals"]["images"] == {"found": 6, "packed": 2, "skipped": {"missing_image": 4}}
+    assert report["totals"]["images"] == {"found": 6, "packed": 2, "skipped": {"missing_image": 4}, "stored": {"source": 2}}
     assert report["totals"]["boxes"] == {"found": 1, "packed": 0, "dropped": {"orphan_annotation": 1}}
 
 
