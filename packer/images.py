@@ -59,7 +59,6 @@ class ProcessedImage:
     orig_width: int
     passthrough: bool  # the source bytes were kept unchanged
     warnings: tuple[tuple[str, str], ...] = ()  # (sources.base.WARNINGS reason, detail)
-    chroma: str | None = None  # "420" or "444" when re-encoded; None when passed through
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ class LoadedImage:
         sizes = (self.height, self.width, self.orig_height, self.orig_width)
         if self.source is not None:
             return ProcessedImage(self.source, *sizes, True, self.warnings)
-        return ProcessedImage(encode_jpeg(self.pixels, quality, chroma), *sizes, False, self.warnings, chroma)
+        return ProcessedImage(encode_jpeg(self.pixels, quality, chroma), *sizes, False, self.warnings)
 
 
 @dataclass(frozen=True)

@@ -309,7 +309,7 @@ class Tally:
         if res.record is not None:
             self.images_packed += 1
             self.boxes_packed += len(res.record.cls)
-            self.stored[res.stored or "source"] += 1
+            self.stored[res.stored] += 1
         for p in res.problems:
             self.by_kind[p.kind][p.reason] += p.count
         return res.problems

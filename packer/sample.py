@@ -45,7 +45,7 @@ class SampleResult:
     record: Record | None  # None when the image was skipped
     problems: list[Problem]  # including the candidate's discovery problems
     boxes_found: int  # kept + dropped boxes of this image
-    stored: str | None = None  # how the image was stored: "source" (bytes kept), "420" or "444" (re-encoded)
+    stored: str | None = None  # packed images: "source" (bytes kept), "420" or "444" (re-encoded)
 
 
 def _read_label_text(path: str) -> str:
@@ -92,12 +92,13 @@ def process_candidate(c: Candidate, opts: ProcessOptions) -> SampleResult:
         return skipped(e.reason, e.detail)
     problems.extend(Problem("warning", reason, c.source, detail) for reason, detail in img.warnings)
     labels = _labels_of(c, yolo, img, opts, problems)
-    stored = img.encode(opts.quality, pick_chroma(opts.chroma, labels.boxes, img.height, img.width))
+    chroma = pick_chroma(opts.chroma, labels.boxes, img.height, img.width)
+    stored = img.encode(opts.quality, chroma)
     record = Record(
         key=make_key(c.source), source=c.source, jpeg=stored.jpeg, height=img.height, width=img.width,
         orig_height=img.orig_height, orig_width=img.orig_width, cls=labels.cls, boxes=labels.boxes,
     )
-    return SampleResult(record, problems, found, stored.chroma or "source")
+    return SampleResult(record, problems, found, "source" if stored.passthrough else chroma)
 
 
 def _labels_of(c: Candidate, yolo: LabelResult | None, img: LoadedImage, opts: ProcessOptions,
