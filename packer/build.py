@@ -224,10 +224,9 @@ def build_dataset(
     """Pack a COCO or YOLO folder `src` into `out` (layout: packer.format; options: README).
 
     Output bytes do not depend on `workers`. `resume` keeps finished shards (refused if the
-    source changed); `overwrite` replaces only what packer wrote (packer.output); `strict`
-    fails on any input problem after writing report.json. `on_shard` is called after every
-    finished shard. With `num_parts` N and `part` I only part I of each split is packed, into
-    `out/parts/part-IIIII-of-NNNNN/`, for `packer.parts.merge_parts(out)`.
+    source changed); `overwrite` replaces only what packer wrote; `strict` fails on any input
+    problem after writing report.json; `on_shard` runs after every finished shard. `num_parts`
+    N with `part` I packs part I of each split into `out/parts/` for `parts.merge_parts(out)`.
     """
     t0 = time.perf_counter()
     if overwrite and resume:

@@ -187,16 +187,7 @@ def make_bad_coco(root: Path) -> dict:
         "../../escape.jpg": ((64, 48), [(3, [1, 1, 5, 5], 0)]),  # path_outside_root, image_skipped 1
         "missing.jpg": ((64, 48), [(3, [1, 1, 5, 5], 0)]),  # missing_image, image_skipped 1
     }
-    images, anns = [], []
-    for i, (name, ((w, h), boxes)) in enumerate(spec.items(), 1):
-        images.append({"id": i, "file_name": name, "width": w, "height": h})
-        for cid, bbox, crowd in boxes:
-            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": cid, "bbox": bbox, "iscrowd": crowd,
-                         "area": 1.0})
-    anns.append({"id": len(anns) + 1, "image_id": 12345, "category_id": 3, "bbox": [1, 1, 2, 2], "iscrowd": 0})
-    cats = [{"id": 11, "name": "box"}, {"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]  # unsorted on purpose
-    data = {"images": images, "annotations": anns, "categories": cats}
-    (root / "annotations" / "instances_train.json").write_text(json.dumps(data))
+    _write_coco_json(root / "annotations" / "instances_train.json", spec)
     return _with_reasons({
         "layout": "coco",
         "names": ["cat", "dog", "box"],
@@ -215,6 +206,19 @@ def make_bad_coco(root: Path) -> dict:
         "passthrough": "train/good.jpg",
         "dotted": "train/my.photo v2 (1).jpg",
     })
+
+
+def _write_coco_json(path: Path, spec: dict[str, tuple[tuple[int, int], list]]) -> None:
+    """Write `spec` as COCO json, plus one orphan annotation (an image id no image has)."""
+    images, anns = [], []
+    for i, (name, ((w, h), boxes)) in enumerate(spec.items(), 1):
+        images.append({"id": i, "file_name": name, "width": w, "height": h})
+        for cid, bbox, crowd in boxes:
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": cid, "bbox": bbox, "iscrowd": crowd,
+                         "area": 1.0})
+    anns.append({"id": len(anns) + 1, "image_id": 12345, "category_id": 3, "bbox": [1, 1, 2, 2], "iscrowd": 0})
+    cats = [{"id": 11, "name": "box"}, {"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]  # unsorted on purpose
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
 
 
 def tiny_jpeg(seed: int = 0) -> bytes:
