@@ -19,6 +19,8 @@ Full benchmark (slow on CPU: 2 sets x 3 seeds x 2 trainers):
 Ablations: ``--mosaic off`` (both trainers, no mosaic at all), ``--close-mosaic N``,
 ``--trainers ours`` / ``ultralytics``, ``--epochs``, ``--train``/``--val`` (smaller sets).
 Writes ``out/learn/learn.json`` with every figure and the per-epoch loss/mAP curves of every run.
+``--stats A.json B.json`` trains nothing: it pools runs of the same settings and prints what
+their seed spread lets them say (``_seed_stats``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _seed_stats import pool_runs, print_pooled
 from _synthetic import SETS, SetSpec, make_set
 
 from trainer.offline import setup_offline
@@ -312,6 +315,8 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--reuse", action="store_true", help="keep the runs of an earlier learn.json in --out "
                     "made with the same settings; train only the missing (set, trainer, seed)")
     ap.add_argument("--aug-stats", action="store_true", help="compare one epoch of augmentation; no training")
+    ap.add_argument("--stats", nargs="+", metavar="LEARN_JSON", help="no training: pool the runs of these "
+                    "learn.json files (same settings) and print what their seed spread lets them say")
     a = ap.parse_args()
     a.sets = [s for s in a.sets.split(",") if s]
     a.seeds = [int(s) for s in a.seeds.split(",") if s]
@@ -335,6 +340,9 @@ def print_summary(a: argparse.Namespace, res: dict) -> None:
         print(f"{name:<10}" + "".join(f"{r.get(t + '_median', float('nan')):>24.4f}" for t in a.trainers)
               + f"{r.get('ratio', float('nan')):>12.3f}" + "".join(f"{r.get('plugin_ratio', float('nan')):>14.3f}"
                                                                  for _ in extra))
+    print_pooled({name: {who: {int(k.split("/")[1]): v["val"][MAP] for k, v in r["runs"].items()
+                               if _run_of(k, who, a.seeds)} for who in a.trainers}
+                  for name, r in res["sets"].items()})
     ratios = [r["ratio"] for r in res["sets"].values() if "ratio" in r]
     if ratios:
         print(f"target ours/ultralytics >= 1.0 on every set: {'met' if min(ratios) >= 1.0 else 'NOT met'}")
@@ -354,6 +362,8 @@ def print_summary(a: argparse.Namespace, res: dict) -> None:
 
 def main() -> None:
     a = _parse()
+    if a.stats:
+        return print_pooled(pool_runs(a.stats, MAP))
     setup_offline()  # before ultralytics is imported: nothing downloaded, no update check
     import torch
 
