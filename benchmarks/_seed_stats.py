@@ -50,19 +50,20 @@ def format_comparison(name: str, s: dict[str, float], small: int = 3, below: flo
             f"and >= 1.0 in {100 * s[f'null_{small}seed_at_least_1']:.0f} %")
 
 
-def pool_runs(files: list[str], key: str) -> dict[str, dict[str, dict[int, float]]]:
-    """{set: {trainer: {seed: score}}} from several learn.json files made with the same settings;
-    refuses files whose settings differ (a pooled figure must compare like with like)."""
+def pool_runs(files: list[str], key: str, same: tuple[str, ...],
+              defaults: dict[str, object] | None = None) -> dict[str, dict[str, dict[int, float]]]:
+    """{set: {trainer: {seed: score}}} from several learn.json files whose args agree on `same`
+    (`defaults`: the values of settings that older files did not record); refuses the rest, since
+    a pooled figure must compare like with like. The first file to hold a seed wins."""
     import json
     from pathlib import Path
 
-    same = ("epochs", "imgsz", "batch", "model", "loader", "mosaic", "close_mosaic", "train", "val", "pack_size",
-            "pack_chroma")
+    defaults = defaults or {}
     pooled: dict[str, dict[str, dict[int, float]]] = {}
     first: dict | None = None
     for f in files:
         res = json.loads(Path(f).read_text())
-        args = {k: res.get("args", {}).get(k) for k in same}
+        args = {k: res.get("args", {}).get(k, defaults.get(k)) for k in same}
         if first is not None and args != first:
             diff = [k for k in same if args[k] != first[k]]
             raise SystemExit(f"--stats: {f} was made with other settings ({', '.join(diff)})")

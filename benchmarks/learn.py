@@ -148,6 +148,7 @@ def summarize(a: argparse.Namespace, res: dict) -> None:
 
 SAME_RUN = ("epochs", "imgsz", "batch", "model", "loader", "mosaic", "close_mosaic", "train", "val", "pack_size",
             "pack_chroma")
+OLD_DEFAULTS = {"pack_chroma": "420"}  # settings that learn.json files older than the setting did not record
 
 
 def reusable_runs(a: argparse.Namespace, out: Path) -> dict[str, dict]:
@@ -156,8 +157,7 @@ def reusable_runs(a: argparse.Namespace, out: Path) -> dict[str, dict]:
     if not a.reuse or not f.exists():
         return {}
     old = json.loads(f.read_text())
-    before = {"pack_chroma": "420"}  # settings that learn.json files older than the setting did not record
-    if any(old.get("args", {}).get(k, before.get(k)) != getattr(a, k) for k in SAME_RUN):
+    if any(old.get("args", {}).get(k, OLD_DEFAULTS.get(k)) != getattr(a, k) for k in SAME_RUN):
         print(f"--reuse: {f} was made with other settings; training everything again", flush=True)
         return {}
     return {name: r.get("runs", {}) for name, r in old.get("sets", {}).items()}
@@ -363,7 +363,7 @@ def print_summary(a: argparse.Namespace, res: dict) -> None:
 def main() -> None:
     a = _parse()
     if a.stats:
-        return print_pooled(pool_runs(a.stats, MAP))
+        return print_pooled(pool_runs(a.stats, MAP, SAME_RUN, OLD_DEFAULTS))
     setup_offline()  # before ultralytics is imported: nothing downloaded, no update check
     import torch
 

@@ -35,8 +35,14 @@ def _learn_json(path: Path, epochs: int, runs: dict[str, float]) -> str:
 def test_pool_runs_joins_files_of_the_same_settings_only(tmp_path):
     a = _learn_json(tmp_path / "a.json", 15, {"ours/0": 0.1, "ultralytics/0": 0.2})
     b = _learn_json(tmp_path / "b.json", 15, {"ours/5": 0.3, "ours/0": 0.9})
-    pooled = pool_runs([a, b], "map")
+    same = ("epochs", "imgsz", "pack_chroma")
+    pooled = pool_runs([a, b], "map", same)
     assert pooled == {"dense": {"ours": {0: 0.1, 5: 0.3}, "ultralytics": {0: 0.2}}}  # first file wins a seed
     c = _learn_json(tmp_path / "c.json", 30, {"ours/1": 0.1})
     with pytest.raises(SystemExit, match="epochs"):
-        pool_runs([a, c], "map")
+        pool_runs([a, c], "map", same)
+    d = tmp_path / "d.json"  # a newer file that records the setting the older ones left out
+    d.write_text(json.dumps({"args": {"epochs": 15, "imgsz": 256, "pack_chroma": "420"}, "sets": {}}))
+    with pytest.raises(SystemExit, match="pack_chroma"):
+        pool_runs([a, str(d)], "map", same)
+    assert pool_runs([a, str(d)], "map", same, {"pack_chroma": "420"}) == pool_runs([a], "map", same)
