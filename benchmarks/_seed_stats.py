@@ -8,6 +8,9 @@ per side a permutation p makes no normality assumption.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 
@@ -55,9 +58,6 @@ def pool_runs(files: list[str], key: str, same: tuple[str, ...],
     """{set: {trainer: {seed: score}}} from several learn.json files whose args agree on `same`
     (`defaults`: the values of settings that older files did not record); refuses the rest, since
     a pooled figure must compare like with like. The first file to hold a seed wins."""
-    import json
-    from pathlib import Path
-
     defaults = defaults or {}
     pooled: dict[str, dict[str, dict[int, float]]] = {}
     first: dict | None = None
