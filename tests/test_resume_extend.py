@@ -77,3 +77,19 @@ def test_resume_epochs_are_still_validated(finished_run):
     _, out, _ = finished_run
     r = CliRunner().invoke(main, ["--resume", str(out / "weights" / "last.pt"), "--epochs", "0"])
     assert r.exit_code == 2 and "--epochs must be an integer >= 1" in r.stderr
+
+
+def test_extending_an_auto_optimizer_run_keeps_the_lr_auto_chose(tmp_path):
+    """'auto' picks AdamW at lr 0.002*5/(4+nc); the resumed schedule must run from that lr, not from --lr0."""
+    if not (SAMPLE / "data.yaml").is_file():
+        pytest.skip("samples/yolo not present")
+    shards, out = packed(SAMPLE, size=160), tmp_path / "run"
+    auto = [a for a in TINY if a not in ("--optimizer", "SGD")] + ["--optimizer", "auto"]
+    r = CliRunner().invoke(main, [str(shards), "--epochs", "2", "--out", str(out), *auto])
+    assert r.exit_code == 0, r.output[-3000:]
+    r = CliRunner().invoke(main, ["--resume", str(out / "weights" / "last.pt"), "--epochs", "3"])
+    assert r.exit_code == 0, r.output[-3000:]
+    lr_fit, lrf = round(0.002 * 5 / (4 + 80), 6), 0.01
+    assert "AdamW(lr=0.000119" in r.output
+    rows = _rows(out / "results.csv")
+    assert float(rows[2]["lr/pg0"]) == pytest.approx(lr_fit * ((1 - 2 / 3) * (1 - lrf) + lrf), rel=1e-3)

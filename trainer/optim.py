@@ -46,6 +46,7 @@ class Optim:
     name: str  # the optimizer 'auto' resolved to
     lr0: float  # its initial lr (auto chooses one)
     warmup_bias_lr: float
+    momentum: float  # as the optimizer holds it (Adam's beta1; 'auto' picks 0.9)
 
 
 def build_optim(cfg: TrainConfig, model: nn.Module, *, global_batch: int, steps_per_epoch: int, num_samples: int,
@@ -58,17 +59,20 @@ def build_optim(cfg: TrainConfig, model: nn.Module, *, global_batch: int, steps_
     iterations = math.ceil(num_samples / max(global_batch, cfg.nbs)) * cfg.epochs
     # ultralytics' build_optimizer reads only .args and .data from its trainer: a stub is enough
     args = SimpleNamespace(lr0=cfg.lr0, optimizer=cfg.optimizer, warmup_bias_lr=cfg.warmup_bias_lr)
-    if resumed_args is not None:
+    if resumed_args is not None:  # the lr that 'auto' chose is the base of the schedule (LambdaLR's base_lrs)
         args.optimizer = resumed_args.get("optimizer_resolved", cfg.optimizer)
+        args.lr0 = float(resumed_args.get("lr0_resolved", cfg.lr0))
         args.warmup_bias_lr = resumed_args.get("warmup_bias_lr_resolved", cfg.warmup_bias_lr)
     stub = SimpleNamespace(args=args, data={"nc": num_classes})
-    optimizer = BaseTrainer.build_optimizer(stub, model, name=args.optimizer, lr=cfg.lr0, momentum=cfg.momentum,
+    optimizer = BaseTrainer.build_optimizer(stub, model, name=args.optimizer, lr=args.lr0, momentum=cfg.momentum,
                                             decay=weight_decay, iterations=iterations)
     for g in optimizer.param_groups:
         g.setdefault("initial_lr", g["lr"])
     lf = lr_lambda(cfg)
+    g0 = optimizer.param_groups[0]
     return Optim(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf), lf, accumulate,
-                 weight_decay, type(optimizer).__name__, optimizer.param_groups[0]["lr"], args.warmup_bias_lr)
+                 weight_decay, type(optimizer).__name__, g0["lr"], args.warmup_bias_lr,
+                 float(g0["betas"][0] if "betas" in g0 else g0.get("momentum", cfg.momentum)))
 
 
 def warmup_iters(cfg: TrainConfig, steps_per_epoch: int, epochs: int | None = None) -> int:

@@ -213,7 +213,7 @@ class PreparedRun:
         self.stopper = EarlyStopping(patience=cfg.patience)
         self.best_fitness: float | None = None
         self.best_state: dict[str, Any] | None = None  # the best EMA weights, kept for the final plots
-        self.log(f"optimizer: {self.opt.name}(lr={self.opt.lr0:.6g}, momentum={cfg.momentum}) "
+        self.log(f"optimizer: {self.opt.name}(lr={self.opt.lr0:.6g}, momentum={self.opt.momentum:.3g}) "
                  f"weight_decay {self.opt.weight_decay:.3g}, accumulate {self.accumulate} (nominal batch {cfg.nbs}), "
                  f"{'cosine' if cfg.cos_lr else 'linear'} schedule, EMA on")
 
