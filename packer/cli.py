@@ -241,17 +241,20 @@ def info(shards, storage_options, as_json) -> None:
 @STORAGE_OPTIONS
 @click.option("--retries", type=click.IntRange(min=0), default=4, show_default=True,
               help="Retries per file on transient network errors (exponential backoff).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace another dataset packer wrote at URL (only its files; others there are kept).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--progress/--no-progress", default=None)
-def push(shards, url, storage_options, retries, as_json, progress) -> None:
+def push(shards, url, storage_options, retries, overwrite, as_json, progress) -> None:
     """Upload packed dataset SHARDS to URL (s3://, gs://, file://), manifest last; files
-    already there with the same size and sha256 are skipped, so a rerun finishes a cut-off push."""
+    already there with the same size and sha256 are skipped, so a rerun finishes a cut-off push.
+    URL must be empty, this same dataset or its unfinished push (else --overwrite)."""
     from packer.storage.fs import parse_storage_options
     from packer.storage.push import push as push_dataset
     from packer.storage.transfer import format_transfer_summary
 
     res = push_dataset(shards, url, storage_options=parse_storage_options(storage_options), attempts=retries + 1,
-                       progress=_progress_default() if progress is None else progress)
+                       progress=_progress_default() if progress is None else progress, overwrite=overwrite)
     s = res.summary()
     click.echo(json.dumps(s) if as_json else format_transfer_summary(s, "pushed"))
 

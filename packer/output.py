@@ -88,10 +88,11 @@ def read_written(folder: Path) -> list[str]:
     except OSError:
         return []
     return [ln for ln in lines if ln and ln not in (MANIFEST_NAME, LOCK_NAME) and not ln.startswith(STATE_DIR)
-            and _safe(ln)]
+            and is_safe_rel(ln)]
 
 
-def _safe(rel: str) -> bool:
+def is_safe_rel(rel: str) -> bool:
+    """True for a relative path that stays inside its folder (format.check_relpath's rule)."""
     try:
         check_relpath(rel)
     except FormatError:

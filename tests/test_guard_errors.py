@@ -213,3 +213,28 @@ def test_unreachable_endpoint_is_one_line_without_secrets(dataset, tmp_path, mon
     assert f"127.0.0.1:{port}" in line and "unreachable" in line, line
     assert MARKER not in r.stdout + r.stderr and "AKIATESTKEY123" not in r.stderr
     assert not (tmp_path / "stage").exists()  # it failed before building anything
+
+
+def test_missing_credentials_and_a_bad_endpoint_are_one_line(dataset, tmp_path):
+    """The most common real failures against S3: no credentials anywhere, a typo in endpoint_url."""
+    pytest.importorskip("s3fs")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true", AWS_DEFAULT_REGION="us-east-1")
+    for args in (["push", dataset, "s3://bucket/ds"], ["build", SRC, "-o", "s3://bucket/ds", "--size", "64"]):
+        line = _one_line(_packer(*args, "--retries", "0", env=env, timeout=120, cwd=tmp_path), 2)
+        assert "no usable credentials" in line and "AWS_PROFILE" in line, line
+    bad = '{"client_kwargs": {"endpoint_url": "not a url"}, "key": "k", "secret": "' + MARKER + '"}'
+    r = _packer("push", dataset, "s3://bucket/ds", "--retries", "0", "--storage-options", bad, env=env, timeout=120)
+    assert "not a valid URL" in _one_line(r, 2) and MARKER not in r.stderr
+    assert os.listdir(tmp_path) == []  # nothing staged or written
+
+
+def test_an_unreachable_http_server_is_named_not_taken_for_a_missing_dataset(tmp_path):
+    """fsspec's http turns a refused connection into FileNotFoundError: packer still says what happened."""
+    port = _closed_port()
+    for args in (["pull", f"http://127.0.0.1:{port}/ds", tmp_path / "copy", "--retries", "1"],
+                 ["info", f"http://127.0.0.1:{port}/ds"]):
+        line = _one_line(_packer(*args, timeout=120), 2)
+        assert f"127.0.0.1:{port} is unreachable" in line and "not found" not in line, line
+    assert not (tmp_path / "copy").exists()

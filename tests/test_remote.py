@@ -121,10 +121,10 @@ def test_interrupted_push_finishes_on_rerun(packed, s3_server):
     files = [p for p in _tree(packed)]
 
     fs, _ = get_fs(url, so)
-    first = _Faulty(fs, fail_at=4)  # the 4th upload is cut off half-way
+    first = _Faulty(fs, fail_at=5)  # the journal, 3 files, then the 5th upload is cut off half-way
     with pytest.raises(KeyboardInterrupt):
         push(packed, url, storage_options=so, filesystem=fs)
-    assert len(first.sent) == 3
+    assert len(first.sent) == 4 and first.sent[0] == "push.json"
     check, root = get_fs(url, so)
     assert not check.exists(f"{root}/{MANIFEST_NAME}")  # never looks complete
     with pytest.raises(Exception, match="not found"):
@@ -136,7 +136,8 @@ def test_interrupted_push_finishes_on_rerun(packed, s3_server):
     assert res.retries == 1
     assert set(res.skipped) == {f for f in files if f.rsplit("/", 1)[-1] in first.sent}
     assert len(res.copied) == len(files) - 3 and res.copied[-1] == MANIFEST_NAME
-    assert not set(first.sent) & set(second.sent)  # nothing sent twice
+    assert not set(first.sent) & set(second.sent) - {"push.json"}  # nothing sent twice but the journal
+    assert not get_fs(url, so)[0].exists(f"{root}/.packer-state/push.json")  # the journal goes once the manifest is there
     assert verify_dataset(url, storage_options=so).ok
 
     third = _Faulty(get_fs(url, so)[0])
@@ -316,7 +317,7 @@ def test_file_url_push_pull(packed, tmp_path, capsys):
     bad = tmp_path / "copy" / read_manifest(packed).splits["train2017"].shards[0].path
     bad.write_bytes(b"x" + bad.read_bytes()[1:])  # a corrupt local copy is never uploaded
     code, _, err = _cli(capsys, "push", str(tmp_path / "copy"), (tmp_path / "store2").as_uri())
-    assert code == 2 and "sha256" in err and not (tmp_path / "store2" / MANIFEST_NAME).exists()
+    assert code == 1 and "sha256" in err and not (tmp_path / "store2" / MANIFEST_NAME).exists()
 
 
 def test_killed_push_process_finishes_on_rerun(coco128, s3_server, tmp_path):
@@ -345,7 +346,7 @@ def test_killed_push_process_finishes_on_rerun(coco128, s3_server, tmp_path):
     proc.wait()
     assert seen >= 40, f"push finished or stalled before it could be killed ({seen} objects)"
     fs.invalidate_cache()
-    names = {p.rsplit("/", 1)[-1] for p in fs.find(url.removeprefix("s3://"))}
+    names = {p.rsplit("/", 1)[-1] for p in fs.find(url.removeprefix("s3://"))} - {"push.json"}
     assert MANIFEST_NAME not in names  # an interrupted push never looks complete
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

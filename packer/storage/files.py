@@ -23,6 +23,7 @@ from packer.storage.fs import (
     display_url,
     get_fs,
     is_local_fs,
+    is_transient,
     join,
     protocol_of,
     retry,
@@ -59,8 +60,14 @@ def read_bytes(fs, path: str, attempts: int = DEFAULT_ATTEMPTS, limit: int | Non
     caller can refuse an oversized file without loading it). FileNotFoundError if absent."""
 
     def once() -> bytes:
-        with open_read(fs, path) as f:
-            return f.read() if limit is None else f.read(limit + 1)
+        try:
+            with open_read(fs, path) as f:
+                return f.read() if limit is None else f.read(limit + 1)
+        except FileNotFoundError as e:  # fsspec's http reports a refused connection as "not found": retry that
+            cause = e.__cause__ or e.__context__
+            if cause is not None and is_transient(cause):
+                raise cause from None
+            raise
 
     return retry(once, attempts=attempts)
 

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import tenacity
 
-from packer.errors import PackerError
+from packer.errors import DATA, PackerError
 
 DEFAULT_ATTEMPTS = 5
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -34,7 +34,9 @@ class RemoteError(PackerError, ValueError):
 
 
 class ChecksumError(RemoteError):
-    """A transferred file does not match the size/sha256 the manifest records."""
+    """A transferred file does not match the size/sha256 the manifest records: the data failed (exit 1)."""
+
+    exit_code = DATA
 
 
 # ----------------------------------------------------------------------------- URLs
@@ -170,6 +172,13 @@ def unreachable(e: BaseException, url: str, storage_options: dict[str, Any] | No
     retries (None otherwise). Only the exception's type is shown: its text may carry signed URLs."""
     if isinstance(e, TypeError) and "unexpected keyword argument" in str(e):
         return RemoteError(f"--storage-options not accepted for {display_url(url)}: {redact(str(e), storage_options)}")
+    if "Credential" in type(e).__name__ or type(e).__name__ in ("NoAuthTokenError", "NoRegionError"):
+        return RemoteError(f"{display_url(url)}: no usable credentials or region for {endpoint_of(url, storage_options)} "
+                           f"({type(e).__name__}); set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (and "
+                           "AWS_DEFAULT_REGION), or pass them in --storage-options")
+    if isinstance(e, ValueError) and str(e).startswith("Invalid endpoint"):
+        return RemoteError(f"{display_url(url)}: the endpoint_url in --storage-options (or AWS_ENDPOINT_URL) is not a "
+                           "valid URL, e.g. http://minio:9000")
     if isinstance(e, RemoteError) or not is_transient(e):
         return None
     return RemoteError(

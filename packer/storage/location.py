@@ -37,6 +37,7 @@ from packer.storage.fs import (
     join,
     redact,
     retry,
+    unreachable,
 )
 
 
@@ -82,10 +83,15 @@ class DatasetLocation:
         except OSError as e:
             if self.path is not None:
                 raise FormatError(f"{where}: cannot read ({e.strerror or e})") from None
-            raise RemoteError(f"cannot read {where}: {redact(str(e), self.storage_options)}") from None
+            raise self._remote_error(where, e) from None
         except Exception as e:
-            raise RemoteError(f"cannot read {where}: {redact(str(e), self.storage_options)}") from None
+            raise self._remote_error(where, e) from None
         return self._bytes
+
+    def _remote_error(self, where: str, e: Exception) -> RemoteError:
+        """One line for a failed remote read: the endpoint when the network failed, else the error, redacted."""
+        err = unreachable(e, self.where, self.storage_options, self.attempts)
+        return err or RemoteError(f"cannot read {where}: {redact(str(e), self.storage_options)}")
 
     def manifest(self) -> Manifest:
         """The validated manifest (FormatError naming the location if it is absent or invalid)."""

@@ -1,13 +1,13 @@
 """`packer push` and `packer build -o URL`: upload a packed folder to storage, manifest last.
 
-A stale manifest at the destination is removed before anything else is written, so the
-old manifest never vouches for files that are changing. See `transfer` for what is shared.
+The destination follows the output-folder rules (`remote_target`): empty, this dataset, an
+unfinished push of it, or (with `overwrite`) another packed dataset, whose files alone are
+replaced. A stale manifest at the destination is removed before anything else is written, so
+the old manifest never vouches for files that are changing. See `transfer` for what is shared.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
 import shutil
 import tempfile
@@ -17,20 +17,19 @@ from typing import Any
 
 from packer.format import MANIFEST_NAME, REPORT_NAME, FormatError, Manifest, sha256_file
 from packer.progress import progress_bar
-from packer.storage.files import hash_remote, remote_sizes, upload, write_bytes
+from packer.storage.files import hash_remote, upload, write_bytes
 from packer.storage.fs import (
     DEFAULT_ATTEMPTS,
     ChecksumError,
     RemoteError,
     display_url,
-    get_fs,
     join,
     redact,
     require_writable,
-    retry,
     unreachable,
 )
 from packer.storage.location import DatasetLocation
+from packer.storage.remote_target import RemoteTarget, require_folder
 from packer.storage.transfer import FileEntry, TransferResult, TryBytes, check_file, dataset_files
 
 
@@ -42,14 +41,17 @@ def push(
     progress: bool = False,
     attempts: int = DEFAULT_ATTEMPTS,
     filesystem: Any = None,
+    overwrite: bool = False,
 ) -> TransferResult:
     """Upload the packed dataset in folder `local` to `url`, manifest last.
 
     Local shards are checked against the manifest before they are sent (a corrupt local
     copy is never uploaded); remote files whose size and sha256 already match are kept.
+    Another dataset at `url` is replaced only with `overwrite` (see `remote_target`).
     `filesystem` overrides the fsspec filesystem made from `url` (tests inject faults this way).
     """
     t0 = time.monotonic()
+    require_folder(url)
     local = Path(local)
     src = DatasetLocation(local)
     data, m = src.manifest_bytes(), src.manifest()
@@ -58,7 +60,7 @@ def push(
     files = [f for f in dataset_files(m) if f.kind != "report" or (local / REPORT_NAME).is_file()]
     res = TransferResult(str(local), display_url(url), files=len(files) + 1)
     try:
-        _push(dst, local, m, data, files, res, progress)
+        _push(dst, local, m, data, files, res, progress, overwrite)
     except (RemoteError, FormatError):
         raise
     except Exception as e:
@@ -74,32 +76,32 @@ def push(
 
 
 def _push(dst: DatasetLocation, local: Path, m: Manifest, data: bytes, files: list[FileEntry],
-          res: TransferResult, progress: bool) -> None:
+          res: TransferResult, progress: bool, overwrite: bool) -> None:
     sizes = {f.rel: (local / f.rel).stat().st_size for f in files if (local / f.rel).is_file()}
     missing = [f.rel for f in files if f.rel not in sizes]
     if missing:
         raise FormatError(f"{local}: files named by the manifest are missing: {', '.join(missing[:5])}")
     res.bytes_total = sum(sizes.values()) + len(data)
-    fs, root, attempts = dst.fs, dst.root, dst.attempts
-    remote = remote_sizes(fs, root, [f.rel for f in files] + [MANIFEST_NAME], attempts)
+    target = RemoteTarget.inspect(dst)
+    targets = [f.rel for f in files] + [MANIFEST_NAME]
+    kind = target.check(data, targets, overwrite)
+    remote = {r: target.listing[r] for r in targets if r in target.listing}
     with progress_bar(res.bytes_total, "push", "B", enabled=progress) as bar:
         todo = _changed(dst, local, m, files, sizes, remote, res, bar)
-        manifest_same = False
-        if remote.get(MANIFEST_NAME) == len(data):
-            got, _ = res.retrying(attempts, lambda: hash_remote(fs, join(root, MANIFEST_NAME)))
-            manifest_same = got == hashlib.sha256(data).hexdigest()
-        if todo and MANIFEST_NAME in remote:
-            # the old manifest must not vouch for files that are about to change
-            res.retrying(attempts, lambda: fs.rm_file(join(root, MANIFEST_NAME)))
-            manifest_same = False
-        for f in todo:
-            _send(dst, local / f.rel, f.rel, sizes[f.rel], res, bar)
-        if manifest_same:
+        if foreign := target.foreign_at([f.rel for f in todo]):
+            raise RemoteError(f"{dst.where_of(foreign[0])} exists and packer did not write it; "
+                              "move it away or push somewhere else")
+        if kind == "same" and not todo:
             res.skipped.append(MANIFEST_NAME)
         else:
-            res.retrying(attempts, lambda: write_bytes(fs, join(root, MANIFEST_NAME), data))
+            target.start(data, targets)
+            for f in todo:
+                _send(dst, local / f.rel, f.rel, sizes[f.rel], res, bar)
+            res.removed = target.remove_stale(targets)
+            res.retrying(dst.attempts, lambda: write_bytes(dst.fs, join(dst.root, MANIFEST_NAME), data))
             res.copied.append(MANIFEST_NAME)
             res.bytes_copied += len(data)
+            target.finish()
         bar.update(len(data))
 
 
@@ -111,7 +113,7 @@ def _changed(dst: DatasetLocation, local: Path, m: Manifest, files: list[FileEnt
         try:  # a local copy that disagrees with its manifest is never uploaded
             check_file(m, local, f)
         except ChecksumError as e:
-            raise FormatError(f"{local}: {e}; run `packer verify {local}`") from None
+            raise ChecksumError(f"{local}: {e}; run `packer verify {local}`") from None
         same = False
         if remote.get(f.rel) == sizes[f.rel]:
             want = f.sha256 if f.kind == "shard" else sha256_file(local / f.rel)
@@ -167,7 +169,8 @@ def build_to_url(
     stage = Path(tmp) / "dataset" if tmp is not None else Path(staging)
     try:
         res = build_dataset(src, stage, overwrite=overwrite, progress=progress, **build_kwargs)
-        tr = push(stage, url, storage_options=storage_options, progress=progress, attempts=attempts)
+        tr = push(stage, url, storage_options=storage_options, progress=progress, attempts=attempts,
+                  overwrite=overwrite)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -176,13 +179,12 @@ def build_to_url(
 
 
 def _check_destination(url: str, storage_options: dict[str, Any] | None, overwrite: bool, attempts: int) -> None:
-    """Before a build: an unreachable, read-only or occupied destination fails at once."""
-    fs, root = get_fs(url, storage_options)
-    require_writable(fs, url)
+    """Before a build: an unreachable, read-only, occupied or foreign destination fails at once."""
+    require_folder(url)
+    dst = DatasetLocation(url, storage_options, attempts=attempts)
+    require_writable(dst.fs, url)
     try:
-        with contextlib.suppress(FileNotFoundError):
-            if retry(lambda: fs.info(join(root, MANIFEST_NAME)), attempts=attempts) and not overwrite:
-                raise RemoteError(f"{display_url(url)} already holds a packed dataset; pass --overwrite to replace it")
+        RemoteTarget.inspect(dst).precheck(overwrite)
     except Exception as e:
         if (err := unreachable(e, url, storage_options, attempts)) is not None:
             raise err from None

@@ -37,6 +37,7 @@ class TransferResult:
     files: int = 0
     copied: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)  # push --overwrite: the replaced dataset's files it had no more
     bytes_copied: int = 0
     bytes_total: int = 0
     retries: int = 0
@@ -78,6 +79,7 @@ def format_transfer_summary(s: dict[str, Any], verb: str) -> str:
         f"{verb} {s['src']} -> {s['dst']}",
         f"  files   {len(s['copied'])} copied, {len(s['skipped'])} already there (size+sha256 match), {s['files']} in all",
         f"  bytes   {s['bytes_copied'] / 1e6:.1f} MB copied of {s['bytes_total'] / 1e6:.1f} MB{rate}",
+        *([f"  removed {len(s['removed'])} files of the replaced dataset"] if s.get("removed") else []),
         f"  retries {s['retries']}, time {s['elapsed_s']:.1f} s",
     ])
 
