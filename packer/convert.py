@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from packer import __version__
+from packer.errors import DATA
 from packer.format import (
     FORMATS,
     LABEL_FIELDS,
@@ -39,7 +40,14 @@ from packer.format import (
     write_manifest,
 )
 from packer.journal import label_only
-from packer.output import BuildError, OutputError, OutputFolder, is_write_error, output_folder
+from packer.output import (
+    BuildError,
+    OutputError,
+    OutputFolder,
+    check_not_holding,
+    is_write_error,
+    output_folder,
+)
 from packer.progress import progress_bar
 from packer.storage.location import DatasetLocation
 from packer.writers import ShardWriter, get_writer, open_reader
@@ -50,6 +58,12 @@ SHARD_SIZES = "shard_sizes"  # manifest options key (lmdb outputs): {split: [sam
 
 class ConvertError(BuildError, ValueError):
     """A conversion that cannot start or whose source is inconsistent (one readable line)."""
+
+
+class SourceDamaged(ConvertError):
+    """The source's shards or records disagree with its manifest or labels: the data failed (exit 1)."""
+
+    exit_code = DATA
 
 
 def convert_dataset(
@@ -81,6 +95,7 @@ def convert_dataset(
     src = Path(src).resolve()
     m = read_manifest(src)  # split names checked there (Manifest.validate)
     try:
+        check_not_holding(Path(out), src)
         with output_folder(out, source=src, hint="free some space (or choose another -o), then convert again") as folder:
             folder.prepare(overwrite=overwrite, verb="replace")
             folder.start()  # marks the folder as an unfinished conversion until the manifest exists
@@ -210,9 +225,9 @@ def _open_writer(folder: OutputFolder, split: str, number: int, fmt: str) -> Sha
 
 def _check_shard(path: Path, sh: ShardInfo) -> None:
     if not path.is_file():
-        raise ConvertError(f"{sh.path}: source shard missing")
+        raise SourceDamaged(f"{sh.path}: source shard missing")
     if path.stat().st_size != sh.bytes or sha256_file(path) != sh.sha256:
-        raise ConvertError(f"{sh.path}: source shard does not match its manifest checksum (corrupt or changed); "
+        raise SourceDamaged(f"{sh.path}: source shard does not match its manifest checksum (corrupt or changed); "
                            "run packer verify")
 
 
@@ -221,9 +236,9 @@ def _check_labels(source: DatasetLocation, got: LabelArrays, split: str) -> None
     try:
         want = source.labels(split)
     except FormatError as e:
-        raise ConvertError(f"{split}: source label arrays unreadable: {e}") from None
+        raise SourceDamaged(f"{split}: source label arrays unreadable: {e}") from None
     for f in LABEL_FIELDS:
         if f in ("shard", "pos"):
             continue
         if not np.array_equal(getattr(want, f), getattr(got, f)):
-            raise ConvertError(f"{split}: source records differ from its labels.npz ({f}); run packer verify")
+            raise SourceDamaged(f"{split}: source records differ from its labels.npz ({f}); run packer verify")

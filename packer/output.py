@@ -73,6 +73,16 @@ def check_not_inside(out: Path, src: Path) -> None:
         raise OutputError(f"output folder {out} contains the source {src}; choose another -o")
 
 
+def check_not_holding(out: Path, src: Path) -> None:
+    """Refuse an output folder that holds files of the source dataset (e.g. one part folder of a
+    merged dataset): replacing what is there would delete the shards about to be read."""
+    check_not_inside(out, src)
+    out = Path(out).resolve()
+    for rel in sorted(owned_files(Path(src))):
+        if (Path(src) / rel).resolve().is_relative_to(out):
+            raise OutputError(f"output folder {out} holds {rel} of the source dataset; choose another -o")
+
+
 # ----------------------------------------------------------------- what packer wrote
 
 
@@ -155,6 +165,8 @@ def remove_owned(folder: Path, keep: Iterable[str] = ()) -> None:
     dirs = set()
     for rel in sorted(rels, key=lambda r: -r.count("/")):
         p = folder / rel
+        if not in_folder(folder, p):
+            continue  # a folder on the way is a symlink leading out of -o: never delete through it
         if p.is_file() or p.is_symlink():
             p.unlink(missing_ok=True)
         dirs.update(q for q in p.parents if q != folder and q.is_relative_to(folder))
@@ -164,6 +176,11 @@ def remove_owned(folder: Path, keep: Iterable[str] = ()) -> None:
     for d in sorted(dirs | {folder / STATE_DIR}, key=lambda q: -len(q.parts)):
         with contextlib.suppress(OSError):
             d.rmdir()  # only if empty: the user's files keep their folders
+
+
+def in_folder(folder: Path, p: Path) -> bool:
+    """`p`'s parent folder, symlinks resolved, is `folder` or below it (`p` itself may be a link)."""
+    return p.parent.resolve().is_relative_to(Path(folder).resolve())
 
 
 def record_written(folder: Path, rels: list[str]) -> None:
@@ -241,9 +258,11 @@ class OutputFolder:
     def claim(self, *rels: str) -> None:
         """Record `rels` as written by this run; OutputError if one exists and packer did not write it."""
         new = [r for r in rels if r not in self._owned]
-        for r in new:
+        for r in rels:
             p = self.root / r
-            if p.exists() or p.is_symlink():
+            if not in_folder(self.root, p):
+                raise OutputError(f"{p} is reached through a symlink leading out of {self.root}; remove the link")
+            if r in new and (p.exists() or p.is_symlink()):
                 raise OutputError(f"{p} exists and packer did not write it; move it away or choose another -o")
         if new:
             record_written(self.root, new)

@@ -115,6 +115,9 @@ def test_corrupt_source_is_refused(tmp_path, original):
         convert_dataset(bad, out, "wds")
     assert not (out / MANIFEST_NAME).exists()
     assert not [p for p in out.rglob(".*.tmp")]  # the aborted shard left no temp file
+    r = subprocess.run([str(Path(sys.executable).parent / "packer"), "convert", str(bad), "-o", str(tmp_path / "o2"),
+                        "--format", "wds"], capture_output=True, text=True)
+    assert r.returncode == 1 and "source shard does not match" in r.stderr  # the data failed, not the request
     with pytest.raises(ConvertError, match="unfinished build or conversion; pass --overwrite"):
         convert_dataset(original, out, "wds")
     convert_dataset(original, out, "wds", overwrite=True)

@@ -114,6 +114,30 @@ def test_packer_never_writes_over_a_file_it_did_not_write(tmp_path):
     assert not (out / MANIFEST_NAME).exists()
 
 
+def test_overwrite_never_deletes_or_writes_through_a_symlinked_folder(tmp_path):
+    """A journal entry or a split folder that leads through a symlink out of -o: nothing outside is
+    deleted, nothing is written there, and the run says which link is in the way."""
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    build_dataset(SRC, out, fmt="wds", **OPTS)
+    outside.mkdir()
+    (outside / "f.jpg").write_bytes(b"precious")
+    (out / "lnk").symlink_to(outside, target_is_directory=True)
+    (out / STATE_DIR).mkdir()
+    (out / STATE_DIR / "written.txt").write_text("lnk/f.jpg\n")  # an edited journal
+    build_dataset(SRC, out, fmt="wds", overwrite=True, **OPTS)
+    assert (outside / "f.jpg").read_bytes() == b"precious" and verify_dataset(out).ok
+
+    val = out / "val2017"
+    for f in val.iterdir():
+        f.rename(outside / f.name)
+    val.rmdir()
+    val.symlink_to(outside, target_is_directory=True)  # the split folder now leads out of -o
+    before = {p.name: p.read_bytes() for p in outside.iterdir()}
+    with pytest.raises(BuildError, match="symlink leading out of"):
+        build_dataset(SRC, out, fmt="wds", overwrite=True, **OPTS)
+    assert {p.name: p.read_bytes() for p in outside.iterdir()} == before
+
+
 def _push_file_url(tmp_path: Path, out: Path) -> str:
     from packer.storage.push import push
 

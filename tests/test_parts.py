@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from _pack_util import read_samples
 
-from packer.build import build_dataset
+from packer.build import BuildError, build_dataset
 from packer.convert import convert_dataset
 from packer.format import LABEL_FIELDS, MANIFEST_NAME, LabelArrays, read_manifest
 from packer.parts import PartsError, merge_parts, part_range
@@ -122,6 +122,11 @@ def test_more_parts_than_images_and_convert_of_merged(tmp_path, built):
     assert [sh.num_samples for sh in m.splits["val2017"].shards] == [1, 1, 1, 1]
     assert verify_dataset(conv).ok
     assert read_samples(conv) == read_samples(built["one-tfrecord"])
+    # converting into one of the source's own part folders would delete the shards it reads
+    part = next((dest / "parts").iterdir())
+    with pytest.raises(BuildError, match="of the source dataset"):
+        convert_dataset(dest, part, "wds", overwrite=True)
+    assert verify_dataset(dest).ok
 
 
 def _copy(src: Path, dst: Path) -> Path:
