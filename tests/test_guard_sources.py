@@ -243,3 +243,37 @@ def test_source_folder_with_non_utf8_name_packs(tmp_path: Path) -> None:
     assert res.report["totals"]["images"]["packed"] > 0
     m = read_manifest(out)
     assert m.source["path"].endswith("data\\xe9")
+
+
+def test_a_split_whose_every_image_is_outside_stops_the_build(tmp_path, capsys):
+    """One split behind an outside symlink (or a data.yaml path outside the root) beside a good split
+    would pack as an empty split: exit 2 with the hint, nothing written."""
+    ds, store = tmp_path / "ds", tmp_path / "store"
+    _img(store / "train" / "a.jpg", BOX)
+    _img(ds / "images" / "val" / "v.jpg", BOX, seed=1)
+    (ds / "images" / "train").symlink_to(store / "train", target_is_directory=True)
+    (ds / "classes.txt").write_text("thing\n")
+    code, err = cli_exit(["build", str(ds), "-o", str(tmp_path / "out"), "--workers", "1"], capsys)
+    assert code == 2 and "split train" in err and "--follow-symlinks" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+    yds = tmp_path / "yds"
+    _img(yds / "images" / "val" / "v.jpg", BOX, seed=1)
+    _img(tmp_path / "other" / "images" / "t.jpg", BOX)
+    (yds / "data.yaml").write_text("train: ../other/images\nval: images/val\nnames: [thing]\n")
+    code, err = cli_exit(["build", str(yds / "data.yaml"), "-o", str(tmp_path / "out2"), "--workers", "1"], capsys)
+    assert code == 2 and "split train" in err and "inside the dataset root" in err, err
+    assert not (tmp_path / "out2").exists()
+
+
+def test_a_coco_category_id_given_twice_stops_the_build(tmp_path, capsys):
+    """Two names for one id would shift every later class index: a silently wrong dataset."""
+    root = tmp_path / "coco"
+    shutil.copytree(SAMPLES / "coco", root)
+    ann = root / "annotations" / "instances_val2017.json"
+    d = json.loads(ann.read_text())
+    d["categories"][1]["id"] = d["categories"][0]["id"]
+    ann.write_text(json.dumps(d))
+    code, err = cli_exit(["build", str(root), "-o", str(tmp_path / "out"), "--workers", "1"], capsys)
+    assert code == 2 and f"category id {d['categories'][0]['id']} appears more than once" in err
+    assert not (tmp_path / "out").exists()

@@ -76,6 +76,9 @@ def category_names(data: dict[str, Any], path: Path) -> tuple[list[int], list[st
         by_id = {int(c["id"]): safe_text(str(c.get("name", c["id"]))) for c in cats}
     except (KeyError, TypeError, ValueError, OverflowError, AttributeError):
         raise SourceError(f"{safe_text(path.name)}: every category needs an integer 'id'") from None
+    if len(by_id) != len(cats):  # two names for one id would shift every later class index
+        dup = next(i for i in by_id if sum(1 for c in cats if int(c["id"]) == i) > 1)
+        raise SourceError(f"{safe_text(path.name)}: category id {dup} appears more than once in 'categories'")
     ids = sorted(by_id)
     return ids, [by_id[i] for i in ids]
 

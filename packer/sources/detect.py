@@ -153,9 +153,21 @@ def _finish_notes(source: Source, src: str | Path, cfg: DatasetYaml | None) -> N
     if linked and linked == len(cands):
         raise SourceError(f"every image under {safe_text(str(src))} is behind a symlink resolving outside it: "
                           "pass --follow-symlinks to pack them")
+    _check_no_split_is_all_outside(source, src)
     if linked:
         source.notes.append(f"{linked} skipped as symlink_outside_root (the image, its label file or its folder "
                             f"is a symlink resolving outside the dataset root): {FOLLOW_HINT}")
+
+
+def _check_no_split_is_all_outside(source: Source, src: Path) -> None:
+    """A split whose every entry lies outside the root would pack as an empty split: stop instead."""
+    for split, cands in source.splits.items():
+        reasons = {c.reject for c in cands}
+        if not cands or not reasons <= {"symlink_outside_root", "path_outside_root"}:
+            continue
+        hint = ("pass --follow-symlinks to pack what the links lead to" if "symlink_outside_root" in reasons
+                else "paths in a data file must stay inside the dataset root (data.yaml: its 'path:')")
+        raise SourceError(f"split {split}: every image resolves outside {safe_text(str(src))}; {hint}")
 
 
 def _by_source(c: Candidate) -> str:
