@@ -26,6 +26,7 @@ import numpy as np
 
 from packer.errors import DATA, PackerError
 from packer.format import FormatError, Manifest, Record, ShardInfo, atomic_write_bytes
+from packer.images import ImageError, decode_jpeg_strict
 from packer.storage.fs import RemoteError, display_url, redact
 from packer.storage.location import DatasetLocation
 from packer.writers import open_reader
@@ -176,9 +177,11 @@ def _stored_grid(records: list[Record], names: list[str], imgsz: int) -> np.ndar
 
 def _tile(rec: Record, t: int, names: list[str]) -> np.ndarray:
     """One sample letterboxed into a t x t BGR tile with its boxes, class names and source file name."""
-    img = cv2.imdecode(np.frombuffer(rec.jpeg, np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise PreviewDataError(f"{rec.key}: the stored JPEG does not decode")
+    try:  # strict: a damaged record (LMDB and tar hold no per-record checksum) is an error, not a garbled tile
+        img = decode_jpeg_strict(rec.jpeg)
+    except ImageError as e:
+        raise PreviewDataError(f"{rec.key}: the stored JPEG does not decode cleanly ({e.reason}); "
+                               "run packer verify --deep") from None
     h, w = img.shape[:2]
     r = t / max(h, w)
     nw, nh = max(1, round(w * r)), max(1, round(h * r))

@@ -118,6 +118,23 @@ def test_bad_requests_are_one_line_errors(synthetic: Path, tmp_path: Path) -> No
     assert not (tmp_path / "p.jpg").exists()
 
 
+def test_a_damaged_lmdb_record_is_a_data_error_not_a_garbled_picture(synthetic: Path, tmp_path: Path) -> None:
+    """LMDB has no per-record checksum: the strict decode catches the damage (exit 1 on the CLI)."""
+    shards = _pack(synthetic, tmp_path / "shards", "lmdb")
+    env = shards / read_manifest(shards).splits["train"].shards[0].path
+    data = bytearray(env.read_bytes())
+    soi = [i for i in range(len(data) - 2) if data[i:i + 3] == b"\xff\xd8\xff"]
+    for i in soi:
+        at = i + 2000  # inside each stored JPEG's entropy-coded data
+        data[at:at + 64] = bytes(64)
+    env.write_bytes(bytes(data))
+    r = subprocess.run([str(Path(sys.executable).parent / "packer"), "preview", str(shards), "-o",
+                        str(tmp_path / "p.jpg"), "-n", "4"], capture_output=True, text=True)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "Corrupt JPEG" not in ln]
+    assert r.returncode == 1 and len(lines) == 1 and "verify --deep" in lines[0], r.stderr
+    assert not (tmp_path / "p.jpg").exists()
+
+
 def test_corrupt_shard_is_a_data_error(synthetic: Path, tmp_path: Path) -> None:
     shards = _pack(synthetic, tmp_path / "shards", "tfrecord")
     shard = shards / read_manifest(shards).splits["train"].shards[0].path
