@@ -94,6 +94,8 @@ class BuildOptions:
             raise BuildError(f"--chroma must be one of {', '.join(CHROMA_CHOICES)}")
         if (self.shard_size is not None and self.shard_size < 1) or self.max_pixels < 1:
             raise BuildError("--shard-size and --max-pixels must be >= 1")
+        if not 0 <= self.seed < 2**63:
+            raise BuildError("--seed must be an integer in [0, 2**63)")
         for name in self.splits or ():
             check_split_name(name)
 

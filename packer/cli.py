@@ -85,7 +85,7 @@ def cli() -> None:
 @click.option("--min-shards", type=click.IntRange(min=1), default=8, show_default=True, help="Small splits still get this many shards.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes (default: all cores).")
 @click.option("--shuffle/--no-shuffle", default=True, show_default=True, help="Shuffle sample order at pack time.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--splits", default=None, help="Comma-separated splits to pack (default: all found).")
 @click.option("--keep-crowd", is_flag=True, help="Keep COCO iscrowd=1 boxes.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=89_478_485, show_default=True,
@@ -143,6 +143,8 @@ def build(src, out, fmt, size, upscale, quality, chroma, shard_size, shard_bytes
             num_parts=num_parts, part=part,
         )
     except StrictFailure as e:
+        if as_json:  # a pipeline parsing stdout still gets one object
+            click.echo(json.dumps({"ok": False, "error": str(e), "problems": e.problems}))
         click.echo(f"packer: {e}", err=True)
         for line in e.problems[:50]:
             click.echo(f"  {line}", err=True)
@@ -336,7 +338,7 @@ def convert(shards, out, fmt, shard_size, overwrite, check, as_json, progress) -
 @click.argument("shards", type=DATASET)
 @click.option("--split", default=None, help="Split to show (default: train, the one train* split, else the first).")
 @click.option("-n", "n", default=16, show_default=True, type=click.IntRange(min=1), help="Samples in the grid.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Which samples (same seed, same picture).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Which samples (same seed, same picture).")
 @click.option("--augment/--no-augment", default=False, show_default=True,
               help="Show what the trainer's loader feeds the model (needs the [train] extra).")
 @click.option("--imgsz", default=640, show_default=True, type=click.IntRange(min=32), help="Input size with --augment.")

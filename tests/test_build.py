@@ -289,12 +289,15 @@ def test_cli_usage_errors_are_one_line(tmp_path):
         ("build", str(tmp_path)),  # an empty folder: no layout to detect
         ("verify", str(tmp_path)),  # not a packed dataset
         ("build", str(ROOT / "samples" / "coco"), "--shard-bytes", "lots"),
+        ("build", str(ROOT / "samples" / "coco"), "--seed", "-1"),
+        ("preview", str(tmp_path), "--seed", "-1"),
     ]
     for args in cases:
         r = _packer(*args, "-o", str(tmp_path / "o")) if args[0] == "build" else _packer(*args)
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and "Traceback" not in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "o").exists()  # nothing was started, so no unfinished build to trip over later
 
 
 def test_cli_strict_exit_1(tmp_path):
@@ -304,6 +307,9 @@ def test_cli_strict_exit_1(tmp_path):
     r = _packer("build", str(tmp_path / "bad"), "-o", str(tmp_path / "o"), "--strict", "--workers", "1")
     assert r.returncode == 1
     assert "--strict" in r.stderr and "truncated" in r.stderr
+    r = _packer("build", str(tmp_path / "bad"), "-o", str(tmp_path / "o2"), "--strict", "--workers", "1", "--json")
+    d = json.loads(r.stdout)  # --json: one object on stdout even when --strict fails
+    assert r.returncode == 1 and d["ok"] is False and any("truncated" in p for p in d["problems"])
 
 
 def test_packed_labels_equal_ultralytics_convert_coco(packed, coco128, tmp_path):
