@@ -50,7 +50,10 @@ def test_ultralytics_own_default_yaml_loads_and_its_defaults_are_ours():
     import ultralytics
 
     values, ignored = read_cfg_file(Path(ultralytics.__file__).parent / "cfg" / "default.yaml")
-    assert set(APPLIED_KEYS) <= set(values) and "copy_paste" in ignored and "amp" in ignored
+    assert set(APPLIED_KEYS) <= set(values) and "copy_paste" in ignored
+    # the run options both trainers share act, read in ultralytics' spellings; null keeps our default
+    assert values["amp"] == "auto" and values["cache"] is None and values["exist_ok"] is False
+    assert values["max_det"] == 300 and "device" not in values and "model" not in values
     d = TrainConfig()
     differ = {k for k in APPLIED_KEYS if values[k] != getattr(d, k)}
     assert differ == {"imgsz", "workers"}  # ours: None = "640, or the packed size if smaller" / "choose for me"
@@ -88,9 +91,9 @@ def test_unknown_key_is_exit_2_naming_the_closest_valid_key(tmp_path):
 
 def test_keys_that_do_not_apply_are_noted_once_and_ignored(tmp_path):
     r = CliRunner().invoke(main, [str(tmp_path / "none"), "--cfg",
-                                  _cfg(tmp_path, {"copy_paste": 0.5, "project": "x", "amp": True, "lr0": 0.02})])
+                                  _cfg(tmp_path, {"copy_paste": 0.5, "project": "x", "close_mosaic": 2, "lr0": 0.02})])
     notes = [ln for ln in r.stderr.splitlines() if ln.startswith("note:")]
-    assert notes == ["note: --cfg keys that do not apply to this trainer are ignored: amp, copy_paste, project"]  # file order (safe_dump sorts)
+    assert notes == ["note: --cfg keys that do not apply to this trainer are ignored: copy_paste, project"]  # file order (safe_dump sorts)
     assert "manifest.json not found" in r.stderr  # went on to the data: nothing else was wrong
 
 
@@ -109,6 +112,23 @@ def test_bad_files_are_one_line_usage_errors(tmp_path):
     (tmp_path / "list.yaml").write_text("- lr0\n")
     (tmp_path / "flag.yaml").write_text("cos_lr: maybe\n")
     for name, msg in (("list.yaml", "must be a mapping"), ("flag.yaml", "cos_lr must be true or false"),
-                      ("missing.yaml", "cannot read it as YAML")):
+                      ("missing.yaml", "cannot read it (no such file")):
         r = CliRunner().invoke(main, [str(tmp_path), "--cfg", str(tmp_path / name)])
         assert r.exit_code == 2 and len(_error_lines(r)) == 1 and msg in r.stderr, r.output
+
+
+def test_shared_run_options_act_from_the_file(tmp_path):
+    """model, device, amp, cache, exist_ok and max_det mean the same in both trainers: a file's value acts
+    (a user who writes model: yolov8s.yaml must not train yolo11n); optimizer names in any case, as ultralytics."""
+    path = _cfg(tmp_path, {"model": "yolov8s.yaml", "device": "cpu", "amp": False, "cache": True, "exist_ok": True,
+                           "max_det": 100, "optimizer": "rmsprop"})
+    values, ignored = read_cfg_file(path)
+    assert ignored == [] and values == {"model": "yolov8s.yaml", "device": "cpu", "amp": "off", "cache": "ram",
+                                        "exist_ok": True, "max_det": 100, "optimizer": "rmsprop"}
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    assert cfg.optimizer == "RMSprop"
+    values, _ = read_cfg_file(_cfg(tmp_path, {"cache": "disk", "amp": "bf16"}))
+    assert values == {"cache": "disk", "amp": "bf16"}
+    r = CliRunner().invoke(main, ["x", "--cfg", str(tmp_path / "nope.yaml")])
+    assert r.exit_code == 2 and "no such file" in r.stderr

@@ -16,7 +16,8 @@ from typing import Any
 from packer.errors import PackerError
 from packer.storage.fs import redact
 
-OPTIMIZERS = ("auto", "SGD", "AdamW", "Adam", "MuSGD")
+# ultralytics' build_optimizer: these names in any case
+OPTIMIZERS = ("auto", "SGD", "MuSGD", "Adam", "Adamax", "AdamW", "NAdam", "RAdam", "RMSprop")
 # A resumed run may change these (they do not change what is learned); everything else comes from the checkpoint.
 # `epochs` too: a larger --epochs extends a run (the lr schedule is rebuilt over the new total).
 RESUME_OVERRIDABLE = ("device", "workers", "loader", "patience", "verify", "cache_dir", "cache_max_bytes", "cache",
@@ -93,6 +94,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise TrainError (one line naming the option) for values that cannot work, before anything heavy starts."""
+        if isinstance(self.optimizer, str):  # ultralytics reads the name in any case (sgd, adamw, rmsprop)
+            self.optimizer = {o.lower(): o for o in OPTIMIZERS}.get(self.optimizer.lower(), self.optimizer)
         for name, ok, rule in _NUMBER_RULES:
             v = getattr(self, name)
             if v is None and name in _OPTIONAL:

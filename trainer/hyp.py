@@ -30,6 +30,8 @@ APPLIED: dict[str, tuple[str, ...]] = {
 APPLIED_KEYS = tuple(k for keys in APPLIED.values() for k in keys)
 # our own options that ultralytics lacks (loader, verify, ...) may sit in the same file; `plots` means the same in both
 _OWN_ONLY = ("plots", "loader", "train_split", "val_split", "verify", "cache_dir", "cache_max_bytes", "tensorboard")
+# run options both trainers have, under the same name: they act too (ultralytics' spellings of a value are read)
+SHARED_RUN = ("model", "device", "amp", "exist_ok", "cache", "max_det")
 
 
 @cache
@@ -46,17 +48,23 @@ def read_cfg_file(path: str | Path) -> tuple[dict[str, Any], list[str]]:
     """(values that act, keys ignored as not applicable) of a `--cfg` YAML; TrainError for a bad file or key."""
     try:
         data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
+    except OSError as e:
+        raise TrainError(f"--cfg {path}: cannot read it ({(e.strerror or type(e).__name__).lower()})") from None
+    except yaml.YAMLError as e:
         raise TrainError(f"--cfg {path}: cannot read it as YAML ({type(e).__name__})") from None
     if data is None:
         return {}, []
     if not isinstance(data, dict):
         raise TrainError(f"--cfg {path}: must be a mapping of ultralytics' names (lr0: 0.01, ...)")
-    vocab, acting = ultralytics_vocabulary(), set(APPLIED_KEYS) | set(_OWN_ONLY)
+    vocab, acting = ultralytics_vocabulary(), set(APPLIED_KEYS) | set(_OWN_ONLY) | set(SHARED_RUN)
     values, ignored = {}, []
     for key, value in data.items():
         key = str(key)
-        if key in acting:
+        if key in SHARED_RUN:
+            value = _from_ultralytics(key, value)
+            if value is not None or key == "cache":
+                values[key] = _checked_type(path, key, value)
+        elif key in acting:
             values[key] = _checked_type(path, key, value)
         elif key in vocab:
             ignored.append(key)
@@ -65,6 +73,17 @@ def read_cfg_file(path: str | Path) -> tuple[dict[str, Any], list[str]]:
             hint = f"; did you mean {near[0]!r}?" if near else ""
             raise TrainError(f"--cfg {path}: unknown key {key!r}{hint}")
     return values, ignored
+
+
+def _from_ultralytics(key: str, value: Any) -> Any:
+    """A shared run option as ultralytics writes it, in our terms (None: keep our default)."""
+    if key == "amp" and isinstance(value, bool):
+        return "auto" if value else "off"
+    if key == "cache":  # ultralytics: true = "ram", false = none
+        return {True: "ram", False: None}.get(value, value) if isinstance(value, bool) or value is None else value
+    if key == "device" and value is not None:
+        return str(value)
+    return value
 
 
 def _checked_type(path: str | Path, key: str, value: Any) -> Any:

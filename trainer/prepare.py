@@ -183,7 +183,7 @@ class PreparedRun:
         reason = getattr(self.train_loader, "reason", "")
         self.log(f"loader: {self.train_loader.kind}" + (f" ({reason})" if reason else "") + f", batch {self.global_batch}"
                  + (f" ({self.rank_batch} per rank)" if self.d.ddp else "")
-                 + f", {self.nb} steps per epoch" + (f", workers {cfg.workers}" if cfg.workers is not None else ""))
+                 + f", {self.nb} step{'s' if self.nb != 1 else ''} per epoch" + (f", workers {cfg.workers}" if cfg.workers is not None else ""))
 
     def _plot_labels(self) -> None:
         """labels.jpg from the train split's label arrays (labels.npz; no shard is read)."""
