@@ -61,3 +61,17 @@ def test_asking_for_it_without_the_package_is_a_usage_error(monkeypatch):
     assert resolve_tensorboard(None) is False
     with pytest.raises(TrainError, match="pip install tensorboard"):
         resolve_tensorboard(True)
+
+
+def test_writing_never_imports_tensorflow(tmp_path):
+    """Where TensorFlow is installed (this test environment), the writer still uses tensorboard's TF-free stub:
+    no TF start-up cost, warnings or exit-time threads in a training process."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from trainer.tensorboard import TensorBoardLog; "
+            f"t = TensorBoardLog(Path({str(tmp_path)!r}), enabled=True); t.scalars({{'epoch': 1, 'x': 2.0}}, 1); "
+            "t.close(); print('tensorflow' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:]
+    assert [(e.step, e.value) for e in _read(tmp_path).Scalars("x")] == [(1, 2.0)]

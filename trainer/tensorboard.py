@@ -7,6 +7,8 @@ shows every run. Only rank 0 writes (torch's own `SummaryWriter`).
 from __future__ import annotations
 
 import importlib.util
+import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,10 @@ class TensorBoardLog:
     def __init__(self, out: Path, *, enabled: bool) -> None:
         self.writer: Any = None
         if enabled:
+            # tensorboard's own switch to its TF-free stub (what its no_tensorflow build target does): where
+            # TensorFlow is installed, importing it here cost ~5 s at start, printed its warnings, and its threads
+            # could abort a finished DDP process at exit ("terminate called without an active exception")
+            sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(out))
