@@ -257,12 +257,14 @@ def train(
     bad options or data; a Ctrl-C returns a result with ``interrupted=True`` after writing last.pt.
     """
     setup_offline()  # a no-op after the CLI's call; fonts for the plots when a library caller forgot it
-    run = Run(cfg, loader_factory, log, given)
+    run, finished = Run(cfg, loader_factory, log, given), False
     try:
         with StopFlag() as stop:
             run.setup()
             try:
-                return run.fit(stop)
+                result = run.fit(stop)
+                finished = True
+                return result
             except KeyboardInterrupt:
                 # second Ctrl-C (or one outside the step loop): keep what we have, without collectives
                 if run.d.main and run.ema is not None:
@@ -274,4 +276,4 @@ def train(
         raise TrainError(str(e)) from e
     finally:
         run.close()
-        run.d.close()
+        run.d.close(together=finished)

@@ -83,8 +83,13 @@ class Dist:
         dist.all_gather_object(out, obj)
         return out
 
-    def close(self) -> None:
+    def close(self, *, together: bool = False) -> None:
+        """Tear the process group down before the interpreter exits; `together` (a run every rank finished)
+        waits at a barrier first, so that no rank destroys it while another still uses it."""
         if dist.is_available() and dist.is_initialized():
+            if together:
+                with contextlib.suppress(Exception):
+                    dist.barrier()
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
 
