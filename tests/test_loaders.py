@@ -343,6 +343,30 @@ def test_dali_pipeline_is_built_once_per_run(packed):
     ld.close()
 
 
+def _valid_keys(ld) -> list[str]:
+    return [k for b in _epoch(ld) for k, v in zip(b["keys"], b["valid"].tolist(), strict=True) if v]
+
+
+def test_dali_set_epoch_on_a_fresh_loader_never_replays_epoch_0(packed):
+    """A resumed run calls set_epoch(k) on a fresh loader: DALI then draws an order seeded from (seed, rank, k),
+    the same every time, and not epoch 0's; a replayed or half-read epoch rebuilds instead of drifting."""
+    def fresh(epoch: int) -> list[str]:
+        ld = make_loader(packed["wds"], "train", loader="dali", imgsz=IMGSZ, batch=4, workers=1, device="cpu", seed=2)
+        ld.set_epoch(epoch)
+        keys = _valid_keys(ld)
+        ld.close()
+        return keys
+
+    e0, e3 = fresh(0), fresh(3)
+    assert e3 != e0 and e3 == fresh(3) and sorted(e3) == sorted(e0)
+    ld = make_loader(packed["wds"], "train", loader="dali", imgsz=IMGSZ, batch=4, workers=1, device="cpu", seed=2)
+    assert _valid_keys(ld) == e0
+    next(iter(ld))  # an epoch abandoned after one batch
+    ld.set_epoch(0)
+    assert _valid_keys(ld) == e0  # rebuilt: the replay starts at the epoch's first batch
+    ld.close()
+
+
 def test_batch_buffers_are_reused_not_leaked(packed):
     """Pooled shared buffers come back once batches are dropped: after several epochs no worker
     holds more busy buffers than batches in flight (none at all once every batch is gone)."""

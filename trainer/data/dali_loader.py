@@ -243,6 +243,7 @@ class DaliLoader:
         if data.remote or self.num_samples < len(data.labels):  # network storage, or a `fraction` of the split
             self._use_rank_files(rank_segments(data.shard_sizes, rank, world_size))
         self._epoch, self._pipe, self._mosaic = 0, None, True
+        self._next_epoch: int | None = None  # the epoch the built pipeline runs next (None: rebuild first)
         self._params: _ParamSource | None = None
         self._last: dict | None = None
         self.stats = {"corrupt_skipped": 0}
@@ -274,12 +275,17 @@ class DaliLoader:
 
     def _ensure_pipeline(self) -> None:
         """Build the pipeline once per run: later epochs continue it (no teardown, no refill of
-        the reader's shuffle buffer); the random streams are seeded once from `seed` and rank."""
-        if self._pipe is not None:
+        the reader's shuffle buffer); the random streams are seeded once from `seed` and rank.
+        A pipeline is rebuilt when `set_epoch` asks for another epoch than the one it runs next (a
+        resume, a replay) or the last epoch was not read to its end: it is then seeded from `seed`,
+        rank and that epoch, so a resumed run never replays epoch 0's order and augmentation."""
+        if self._pipe is not None and self._next_epoch == self._epoch:
             return
-        ss = np.random.SeedSequence([self.seed, self.rank])
+        start = [] if self._epoch == 0 else [self._epoch]
+        ss = np.random.SeedSequence([self.seed, self.rank, *start])
         aug = self.train and not self.augment.is_off
-        self._params = _ParamSource(self.augment, self.imgsz, self.batch, [self.seed, self.rank]) if aug else None
+        self._params = (_ParamSource(self.augment, self.imgsz, self.batch, [self.seed, self.rank, *start])
+                        if aug else None)
         if self._params is not None:
             self._params.mosaic = self._mosaic
         self._pipe = _build_pipeline(
@@ -290,6 +296,12 @@ class DaliLoader:
 
     def __iter__(self) -> Iterator[dict]:
         self._ensure_pipeline()
+        self._next_epoch = None  # until this epoch is read to its end
+        yield from self._epoch_batches()
+        self._epoch += 1  # without a set_epoch call the next iteration simply continues
+        self._next_epoch = self._epoch
+
+    def _epoch_batches(self) -> Iterator[dict]:
         seen: set[str] = set()
         errors = owed = 0
         for j in range(max(self._reader_len, self._len)):  # exactly one reader epoch, so epochs never drift
@@ -374,7 +386,7 @@ class DaliLoader:
         return raw.decode("utf-8", "replace")
 
     def close(self) -> None:
-        self._pipe = None
+        self._pipe, self._next_epoch = None, None
 
     def __del__(self) -> None:
         tmp = getattr(self, "_tmp", None)  # the trimmed index files of a rank-local reader
