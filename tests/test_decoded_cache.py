@@ -78,6 +78,21 @@ def test_stale_and_damaged_stores_are_rebuilt(packed, tmp_path):
     assert open_cache(data, "disk", tmp_path).built
 
 
+def test_a_build_killed_with_sigkill_leaves_nothing_behind_the_next_build(packed, tmp_path):
+    """SIGKILL (the OOM killer filling /dev/shm) skips the builder's cleanup: its full-size temp store is
+    removed by the next build, and counts as free space meanwhile."""
+    code = ("import os, signal, sys; import trainer.data.decoded_cache as dc; from trainer.data.common import "
+            "open_split; dc._decode_chunk = lambda span: os.kill(os.getpid(), signal.SIGKILL); "
+            f"dc.open_cache(open_split({str(packed)!r}, 'train'), 'disk', {str(tmp_path)!r}, processes=1)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    (root,) = (tmp_path / "decoded").iterdir()
+    (dead,) = root.glob("store.u8.tmp-*")
+    assert dead.stat().st_size > 0
+    cache = open_cache(open_split(packed, "train"), "disk", tmp_path, processes=1)
+    assert cache.built and sorted(p.name for p in root.iterdir()) == ["lock", "meta.json", "store.u8"]
+
+
 def test_too_large_is_refused_with_one_line(packed, tmp_path):
     big = tmp_path / "big"
     shutil.copytree(packed, big)

@@ -147,9 +147,14 @@ def open_cache(data: SplitData, kind: str, cache_dir: str | Path | None = None,
 
 
 def _own_size(root: Path) -> int:
-    """Bytes of a store we are about to replace (they count as free)."""
-    p = root / "store.u8"
-    return p.stat().st_size if p.is_file() else 0
+    """Bytes of a store we are about to replace, and of builds that died (they count as free)."""
+    return sum(p.stat().st_size for p in (root / "store.u8", *_dead_builds(root)) if p.is_file())
+
+
+def _dead_builds(root: Path) -> list[Path]:
+    """Temp stores of builds killed before their cleanup ran (SIGKILL, the OOM killer): only the lock
+    holder builds, so under the lock every one of them is dead."""
+    return sorted(root.glob("store.u8.tmp-*")) if root.is_dir() else []
 
 
 def _expected_meta(data: SplitData, need: int) -> dict:
@@ -181,6 +186,8 @@ _BUILD: tuple[SplitData, np.ndarray, str] | None = None
 def _build(root: Path, data: SplitData, need: int, processes: int | None) -> dict:
     """Decode every sample into a new store (in parallel), then publish it and its meta."""
     (root / "meta.json").unlink(missing_ok=True)  # never a valid meta beside a store being rewritten
+    for dead in _dead_builds(root):
+        dead.unlink(missing_ok=True)
     data.fetch(range(len(data.info.shards)))  # network storage: the builder reads every shard once
     tmp = root / f"store.u8.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
