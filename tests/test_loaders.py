@@ -377,6 +377,13 @@ def test_batch_buffers_are_reused_not_leaked(packed):
         assert len(list(ld)) == len(ld)
     ld.dataset.slots.poll()
     assert sum(ld.dataset.slots.flags) == 0  # nothing left taken
+    for _ in range(4):  # epochs abandoned after one batch: the batches the DataLoader discards never arrive
+        it = iter(ld)
+        next(it)
+        del it
+        assert len(list(ld)) == len(ld)
+    ld.dataset.slots.poll()
+    assert sum(ld.dataset.slots.flags) == 0  # a worker frees them at its next epoch (all 5 stayed taken before)
     ld.close()
 
 
@@ -400,3 +407,16 @@ def test_held_batches_keep_their_pixels(packed):
     del held, b
     assert sum(ld.dataset.slots.flags) == 0  # every slot free once the last view is dropped
     ld.close()
+
+
+def test_bad_arguments_are_one_line_errors_before_any_work(packed, tmp_path):
+    """A misspelled torch option used to build the whole decoded cache first; a negative seed failed in a worker
+    with a 25-line traceback; a float batch only at len()."""
+    kw = dict(imgsz=IMGSZ, batch=4, device="cpu")
+    with pytest.raises(LoaderError, match="unknown option.*pin_memmory"):
+        make_loader(packed["wds"], "train", cache="disk", cache_dir=tmp_path, pin_memmory=True, **kw)
+    assert not (tmp_path / "decoded").exists()
+    for bad, words in (({"seed": -1}, "seed must be an integer >= 0"), ({"batch": 2.5}, "batch must be an integer"),
+                       ({"fraction": 0.01}, "fraction 0.01 keeps 0")):
+        with pytest.raises(LoaderError, match=words):
+            make_loader(packed["wds"], "train", **{**kw, **bad})

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from packer.errors import PackerError
@@ -107,9 +108,15 @@ def make_loader(
     torch_kwargs: pin_memory, persistent_workers, prefetch_factor, fast_decode for the torch loader.
     """
     augment = _checked_request(loader, imgsz, fraction, augment, train)
+    _check_numbers(batch=batch, seed=seed, rank=rank, world_size=world_size)
+    if unknown := sorted(set(torch_kwargs) - set(TORCH_OPTIONS)):  # before a cache build, not after
+        raise LoaderError(f"unknown option(s) {', '.join(unknown)}: the torch loader takes {', '.join(TORCH_OPTIONS)}")
     whole = open_split(shards, split, verify=verify, storage_options=storage_options, cache_dir=cache_dir,
                       cache_max_bytes=cache_max_bytes)
     data = _leading_share(whole, fraction)
+    if fraction < 1 and data.info.num_samples < world_size:
+        raise LoaderError(f"fraction {fraction} keeps {data.info.num_samples} of the split's "
+                          f"{whole.info.num_samples} samples: too few for {world_size} process(es)")
     check_args(data.info.num_samples, world_size, rank, batch)
     batches_per_rank(data.info.num_samples, world_size, batch, train=train)  # a clear error now, not a hang later
     dev = default_device(device, rank)
@@ -125,6 +132,16 @@ def make_loader(
         ld = _torch(data, whole, cache, cache_dir, torch_kwargs, **common)
     ld.reason = reason
     return ld
+
+
+TORCH_OPTIONS = ("pin_memory", "persistent_workers", "prefetch_factor", "fast_decode")
+
+
+def _check_numbers(**values: Any) -> None:
+    """Integers where integers are meant (a float batch failed only at len(), a negative seed in a worker)."""
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int | np.integer) or (name == "seed" and v < 0):
+            raise LoaderError(f"{name} must be an integer{' >= 0' if name == 'seed' else ''}, got {v!r}")
 
 
 def _checked_request(loader: str, imgsz: int, fraction: float, augment: AugmentConfig | None,

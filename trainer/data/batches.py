@@ -77,6 +77,8 @@ class ShardBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         w, nw = (info.id, info.num_workers) if info else (0, 1)
+        if info is not None:
+            self.slots.reclaim(w)
         epoch = int(self.epoch.value)
         plan = worker_plan(self.data.shard_sizes, rank=self.rank, world_size=self.world_size, worker=w,
                            num_workers=nw, batch=self.batch, train=self.train, seed=self.seed, epoch=epoch)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 POOL = 5  # shared batch buffers per worker: prefetch (2) + the batch being built + the consumer's + one
+FREE, FILLED, HELD = 0, 1, 2  # a slot's flag: free; written by its worker (in flight); received by the consumer
 
 
 def from_transit(batch: dict) -> dict:
@@ -32,8 +33,10 @@ class SlotPool:
     """Every worker's batch buffers and their free/busy flags, set up before the workers fork.
 
     A worker takes a free buffer (or, all busy, allocates an extra one that is not reused). The
-    main process frees a buffer when the batch has been copied (pinned or moved to the GPU) or
-    once the consumer has dropped every tensor on it. ``mapped``: the buffers are anonymous shared
+    main process marks a buffer held when its batch arrives and frees it when the batch has been
+    copied (pinned or moved to the GPU) or once the consumer has dropped every tensor on it. A
+    batch the DataLoader discards (an epoch abandoned mid-way) never arrives: its worker frees
+    such buffers when it starts its next epoch (`reclaim`). ``mapped``: the buffers are anonymous shared
     memory mapped before the fork, so a batch crosses to the main process as its slot number
     alone (a tensor would cost a file-descriptor hand-over, see `from_transit`). Not mapped (when
     the DataLoader pins batches for a GPU): torch shared tensors made by each worker, which the
@@ -55,10 +58,19 @@ class SlotPool:
     def take(self, worker: int) -> int:
         base = worker * self.per_worker
         for k in range(self.per_worker):
-            if not self.flags[base + k]:
-                self.flags[base + k] = 1
+            if self.flags[base + k] == FREE:
+                self.flags[base + k] = FILLED
                 return k
         return -1
+
+    def reclaim(self, worker: int) -> None:
+        """Worker side, at the start of its epoch: buffers still FILLED held batches the DataLoader
+        discarded when the last epoch was abandoned (every batch of a finished epoch arrived), so no
+        one will free them; without this the pool silently ran dry after a few abandoned epochs."""
+        base = worker * self.per_worker
+        for k in range(self.per_worker):
+            if self.flags[base + k] == FILLED:
+                self.flags[base + k] = FREE
 
     def buffer(self, worker: int, k: int) -> torch.Tensor:
         """Worker side: the (B, S, S, 3) uint8 buffer of slot k."""
@@ -73,6 +85,7 @@ class SlotPool:
         """Main process (mapped): a tensor on slot k of `worker`, whose slot is freed once the
         last tensor on it is gone (the numpy view under it is then collected)."""
         flag = worker * self.per_worker + k
+        self.flags[flag] = HELD
         arr = self._array(flag)
         weakref.finalize(arr, self._free, flag)
         return torch.from_numpy(arr)
@@ -82,7 +95,7 @@ class SlotPool:
         return np.frombuffer(self._maps[flag], dtype=np.uint8).reshape(self.shape)
 
     def _free(self, flag: int) -> None:
-        self.flags[flag] = 0
+        self.flags[flag] = FREE
 
     def release_when_dropped(self, img: torch.Tensor, worker: int, k: int, copied: bool) -> None:
         """Main process (not mapped): `img` came from buffer k of `worker`; free it now (copied)
@@ -91,8 +104,9 @@ class SlotPool:
 
         flag = worker * self.per_worker + k
         if copied:
-            self.flags[flag] = 0
+            self.flags[flag] = FREE
         else:
+            self.flags[flag] = HELD
             self._pending.append((StorageWeakRef(img.untyped_storage()), flag))
         self.poll()
 
@@ -100,7 +114,7 @@ class SlotPool:
         still = []
         for ref, flag in self._pending:
             if ref.expired():  # type: ignore[attr-defined]
-                self.flags[flag] = 0
+                self.flags[flag] = FREE
             else:
                 still.append((ref, flag))
         self._pending = still
