@@ -60,6 +60,13 @@ STORAGE_OPTIONS = click.option(
     "Default: AWS_* env vars (incl. AWS_ENDPOINT_URL) and AWS config files.")
 
 
+def _not_empty(_ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """`-o ""` would silently mean the current folder: a usage error instead."""
+    if value is not None and not str(value).strip():
+        raise click.BadParameter("must not be empty", param=param)
+    return value
+
+
 def _progress_default() -> bool:
     return sys.stderr.isatty()
 
@@ -72,7 +79,7 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("src", type=click.Path(exists=True))
-@click.option("-o", "--out", default="shards", show_default=True, help="Output folder, or a URL (s3://, gs://, file://).")
+@click.option("-o", "--out", callback=_not_empty, default="shards", show_default=True, help="Output folder, or a URL (s3://, gs://, file://).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="tfrecord", show_default=True)
 @click.option("--size", type=click.IntRange(min=32), default=704, show_default=True, help="Long side in pixels (aspect kept).")
 @click.option("--upscale", is_flag=True, help="Also enlarge images smaller than --size.")
@@ -305,7 +312,7 @@ def merge(dest, as_json) -> None:
 
 @cli.command()
 @click.argument("shards", type=click.Path(exists=True, file_okay=False))
-@click.option("-o", "--out", required=True, help="Output folder.")
+@click.option("-o", "--out", callback=_not_empty, required=True, help="Output folder.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), required=True, help="Target format.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=None,
               help="Samples per output shard (default: keep the source's shard boundaries).")
@@ -342,7 +349,7 @@ def convert(shards, out, fmt, shard_size, overwrite, check, as_json, progress) -
 @click.option("--augment/--no-augment", default=False, show_default=True,
               help="Show what the trainer's loader feeds the model (needs the [train] extra).")
 @click.option("--imgsz", default=640, show_default=True, type=click.IntRange(min=32), help="Input size with --augment.")
-@click.option("-o", "--out", default="preview.jpg", show_default=True, help="The grid image (.jpg).")
+@click.option("-o", "--out", callback=_not_empty, default="preview.jpg", show_default=True, help="The grid image (.jpg).")
 @STORAGE_OPTIONS
 def preview(shards, split, n, seed, augment, imgsz, out, storage_options) -> None:
     """Draw packed samples with their boxes and class names into one grid image."""

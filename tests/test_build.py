@@ -291,6 +291,8 @@ def test_cli_usage_errors_are_one_line(tmp_path):
         ("build", str(ROOT / "samples" / "coco"), "--shard-bytes", "lots"),
         ("build", str(ROOT / "samples" / "coco"), "--seed", "-1"),
         ("preview", str(tmp_path), "--seed", "-1"),
+        ("preview", str(tmp_path), "-o", ""),  # would silently mean the current folder
+        ("convert", str(tmp_path), "-o", "", "--format", "wds"),
     ]
     for args in cases:
         r = _packer(*args, "-o", str(tmp_path / "o")) if args[0] == "build" else _packer(*args)
