@@ -265,7 +265,8 @@ def _pack_into(run: _Run, source: Source, part_info: dict[str, Any] | None, prog
     report, problems = write_report(run.out, source, run.journal)
     if strict and problems:
         lines = [f"{p['split']}/{p['source']}: {p['kind']} {p['reason']} {p['detail']}".rstrip() for p in problems]
-        raise StrictFailure(f"--strict: {len(problems)} problem(s) in the input (see {run.out / REPORT_NAME})", lines)
+        raise StrictFailure(f"--strict: {len(problems)} problem(s) in the input (see {run.out / REPORT_NAME}); "
+                            "fix them, then rerun with --overwrite", lines)
     manifest = _manifest(run.opts, source, splits_info, part_info)
     run.folder.claim(MANIFEST_NAME)
     write_manifest(run.out, manifest)  # last: its presence means "complete"

@@ -225,7 +225,8 @@ class DaliLoader:
         if train and augment.perspective > 0:
             from trainer.data import LoaderError
 
-            raise LoaderError("DALI has no perspective warp on the CPU: use loader='torch' for perspective > 0")
+            raise LoaderError("the DALI loader warps with warp_affine only (DALI's experimental warp_perspective has no "
+                              "CPU backend, and one pipeline serves both devices): use loader='torch' for perspective > 0")
         self.data = data
         self.names = list(data.manifest.names)
         self.num_samples = data.info.num_samples
