@@ -334,7 +334,10 @@ def test_dali_pipeline_is_built_once_per_run(packed):
     epochs, pipes = [], []
     for epoch in range(3):
         ld.set_epoch(epoch)
-        epochs.append([k for b in _epoch(ld) for k, v in zip(b["keys"], b["valid"].tolist(), strict=True) if v])
+        it = iter(ld)  # as the trainer does: exactly len() batches, then the iterator is dropped
+        batches = [next(it) for _ in range(len(ld))]
+        del it
+        epochs.append([k for b in batches for k, v in zip(b["keys"], b["valid"].tolist(), strict=True) if v])
         pipes.append(id(ld._pipe))
     assert len(set(pipes)) == 1  # no rebuild (teardown, shuffle-buffer refill) between epochs
     for keys in epochs:

@@ -282,6 +282,7 @@ class DaliLoader:
         rank and that epoch, so a resumed run never replays epoch 0's order and augmentation."""
         if self._pipe is not None and self._next_epoch == self._epoch:
             return
+        self._pipe = None  # the old pipeline goes first: never two at once (GPU memory)
         start = [] if self._epoch == 0 else [self._epoch]
         ss = np.random.SeedSequence([self.seed, self.rank, *start])
         aug = self.train and not self.augment.is_off
@@ -297,10 +298,17 @@ class DaliLoader:
 
     def __iter__(self) -> Iterator[dict]:
         self._ensure_pipeline()
-        self._next_epoch = None  # until this epoch is read to its end
-        yield from self._epoch_batches()
-        self._epoch += 1  # without a set_epoch call the next iteration simply continues
-        self._next_epoch = self._epoch
+        self._next_epoch = None  # until this epoch's reader epoch has run to its end
+        batches = self._epoch_batches()
+        for n, b in enumerate(batches, 1):
+            if n == self._len:
+                # a consumer may take exactly len() batches and drop the iterator (the trainer does): run the
+                # reader's dropped remainder now, before the last batch, so the pipeline ends at an epoch boundary
+                for _ in batches:
+                    raise RuntimeError(f"DALI loader yielded more than its {self._len} batches")
+                self._epoch += 1  # without a set_epoch call the next iteration simply continues
+                self._next_epoch = self._epoch
+            yield b
 
     def _epoch_batches(self) -> Iterator[dict]:
         seen: set[str] = set()
