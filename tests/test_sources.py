@@ -132,10 +132,13 @@ def test_yaml_variants(tmp_path):
     # names as a list, path elsewhere, split entry escaping the root, nc only
     other = tmp_path / "cfg"
     other.mkdir()
-    (other / "d.yaml").write_text(f"path: {root}\ntrain: ../../etc\nval: images/val\nnames: [x, y]\n")
+    (other / "d.yaml").write_text(f"path: {root}\ntrain: [images/train, ../../etc]\nval: images/val\nnames: [x, y]\n")
     s = detect_source(other / "d.yaml")
     assert s.root == root.resolve() and s.names == ["x", "y"]
-    assert [(c.source, c.reject) for c in s.splits["train"]] == [("../../etc", "path_outside_root")]
+    assert ("../../etc", "path_outside_root") in [(c.source, c.reject) for c in s.splits["train"]]
+    (other / "d.yaml").write_text(f"path: {root}\ntrain: ../../etc\nval: images/val\nnames: [x, y]\n")
+    with pytest.raises(SourceError, match="split train: every image resolves outside"):  # not an empty split
+        detect_source(other / "d.yaml")
     (other / "d.yaml").write_text(f"path: {root}\nval: images/val\nnc: 2\n")
     assert detect_source(other / "d.yaml").names == ["class_0", "class_1"]
     (other / "d.yaml").write_text(f"path: {root}\nval: images/val\nnames: {{0: a, 2: b}}\n")
