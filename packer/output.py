@@ -258,11 +258,12 @@ class OutputFolder:
     def claim(self, *rels: str) -> None:
         """Record `rels` as written by this run; OutputError if one exists and packer did not write it."""
         new = [r for r in rels if r not in self._owned]
-        for r in rels:
+        for parent in {(self.root / r).parent for r in rels}:  # once per folder: a pull claims every file
+            if not in_folder(self.root, parent / "x"):
+                raise OutputError(f"{parent} is reached through a symlink leading out of {self.root}; remove the link")
+        for r in new:
             p = self.root / r
-            if not in_folder(self.root, p):
-                raise OutputError(f"{p} is reached through a symlink leading out of {self.root}; remove the link")
-            if r in new and (p.exists() or p.is_symlink()):
+            if p.exists() or p.is_symlink():
                 raise OutputError(f"{p} exists and packer did not write it; move it away or choose another -o")
         if new:
             record_written(self.root, new)

@@ -31,7 +31,7 @@ def two(tmp_path_factory) -> tuple[Path, Path]:
 def test_a_url_that_names_no_folder_is_refused(two, tmp_path):
     a, _ = two
     (tmp_path / "report.json").write_text("mine")
-    for url in ("file://", "file:///", "s3://", "file://?x=1"):
+    for url in ("file://", "file:///", "s3://", "file://?x=1", "file://."):
         r = _packer("push", a, url, cwd=tmp_path)
         assert "names no folder" in _one_line_error(r, 2)
         r = _packer("build", SRC, "-o", url, "--size", "64", "--workers", "1", cwd=tmp_path)
@@ -99,3 +99,30 @@ def _sha(p: Path) -> str:
     import hashlib
 
     return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_a_report_json_of_the_users_is_never_taken_for_packers(two, tmp_path):
+    """A dataset pushed without report.json, then a user's report.json beside it: --overwrite with a dataset
+    that has a report refuses to replace the user's file; one without a report leaves it alone."""
+    a, b = two
+    bare = tmp_path / "bare"
+    import shutil
+
+    shutil.copytree(a, bare)
+    (bare / "report.json").unlink()
+    dest = tmp_path / "dest"
+    assert _packer("push", bare, dest.as_uri()).returncode == 0
+    (dest / "report.json").write_text("my notes")
+    assert "packer did not write it" in _one_line_error(_packer("push", b, dest.as_uri(), "--overwrite"), 2)
+    assert (dest / "report.json").read_text() == "my notes" and verify_dataset(dest.as_uri()).ok
+
+
+def test_push_never_writes_through_a_symlinked_folder_of_a_file_url(two, tmp_path):
+    a, b = two
+    dest, elsewhere = tmp_path / "dest", tmp_path / "elsewhere"
+    assert _packer("push", a, dest.as_uri()).returncode == 0
+    (dest / "train2017").rename(elsewhere)
+    (dest / "train2017").symlink_to(elsewhere, target_is_directory=True)  # the split folder now leads out
+    before = {p.name: p.read_bytes() for p in elsewhere.iterdir()}
+    assert "symlink leading out of" in _one_line_error(_packer("push", b, dest.as_uri(), "--overwrite"), 2)
+    assert {p.name: p.read_bytes() for p in elsewhere.iterdir()} == before

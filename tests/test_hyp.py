@@ -13,7 +13,7 @@ import yaml
 from _train_util import packed
 from click.testing import CliRunner
 
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, TrainError
 from trainer.data.transforms import AugmentConfig
 from trainer.hyp import APPLIED_KEYS, augment_config, read_cfg_file, ultralytics_vocabulary
 from trainer.run import main
@@ -130,5 +130,10 @@ def test_shared_run_options_act_from_the_file(tmp_path):
     assert cfg.optimizer == "RMSprop"
     values, _ = read_cfg_file(_cfg(tmp_path, {"cache": "disk", "amp": "bf16"}))
     assert values == {"cache": "disk", "amp": "bf16"}
+    assert read_cfg_file(_cfg(tmp_path, {"device": 0}))[0] == {"device": "cuda:0"}  # ultralytics' GPU index
+    assert read_cfg_file(_cfg(tmp_path, {"device": "1"}))[0] == {"device": "cuda:1"}
+    for several in ("0,1", [0, 1]):
+        with pytest.raises(TrainError, match="torchrun"):
+            read_cfg_file(_cfg(tmp_path, {"device": several}))
     r = CliRunner().invoke(main, ["x", "--cfg", str(tmp_path / "nope.yaml")])
     assert r.exit_code == 2 and "no such file" in r.stderr

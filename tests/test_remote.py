@@ -354,3 +354,16 @@ def test_killed_push_process_finishes_on_rerun(coco128, s3_server, tmp_path):
     assert len(s["skipped"]) >= len(names) - 1 and 0 < len(s["copied"]) < s["files"], s
     assert not set(s["copied"]) & {n for n in s["skipped"]}
     assert verify_dataset(url, storage_options=s3_server.options()).ok
+
+
+def test_push_into_a_folder_made_in_an_s3_console(packed, s3_server):
+    """Consoles create zero-byte "folder/" marker objects; they are not files of anyone's: the push goes ahead."""
+    so = s3_server.options()
+    url = s3_server.make_bucket("markers") + "/team/ds"
+    fs, root = get_fs(url, so)
+    fs.pipe_file(root + "/", b"")
+    fs.pipe_file(root + "/train2017/", b"")
+    fs.invalidate_cache()
+    assert any(k.endswith("/") or fs.info(k)["size"] == 0 for k in fs.find(root, withdirs=False))  # markers listed
+    res = push(packed, url, storage_options=so)
+    assert res.copied[-1] == MANIFEST_NAME and verify_dataset(url, storage_options=so).ok

@@ -82,8 +82,18 @@ def _from_ultralytics(key: str, value: Any) -> Any:
     if key == "cache":  # ultralytics: true = "ram", false = none
         return {True: "ram", False: None}.get(value, value) if isinstance(value, bool) or value is None else value
     if key == "device" and value is not None:
-        return str(value)
+        return _device_from_ultralytics(value)
     return value
+
+
+def _device_from_ultralytics(value: Any) -> str:
+    """ultralytics' `device` (0, "0", "cpu", "0,1", [0, 1]) in ours (cuda:N, cpu; several GPUs: torchrun)."""
+    if isinstance(value, list | tuple) or (isinstance(value, str) and "," in value):
+        raise TrainError(f"--cfg device {value!r}: several GPUs train under torchrun "
+                         "(torchrun --nproc_per_node=N -m trainer.run ...), one device per process")
+    if isinstance(value, int) and not isinstance(value, bool) or (isinstance(value, str) and value.strip().isdigit()):
+        return f"cuda:{int(value)}"
+    return str(value)
 
 
 def _checked_type(path: str | Path, key: str, value: Any) -> Any:

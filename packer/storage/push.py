@@ -88,6 +88,7 @@ def _push(dst: DatasetLocation, local: Path, m: Manifest, data: bytes, files: li
     remote = {r: target.listing[r] for r in targets if r in target.listing}
     with progress_bar(res.bytes_total, "push", "B", enabled=progress) as bar:
         todo = _changed(dst, local, m, files, sizes, remote, res, bar)
+        target.check_inside([f.rel for f in todo])
         if foreign := target.foreign_at([f.rel for f in todo]):
             raise RemoteError(f"{dst.where_of(foreign[0])} exists and packer did not write it; "
                               "move it away or push somewhere else")

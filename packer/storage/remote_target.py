@@ -15,9 +15,10 @@ import contextlib
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from packer.format import MANIFEST_NAME, REPORT_NAME, FormatError, Manifest, dumps_json, parse_manifest
-from packer.output import STATE_DIR, is_safe_rel, is_temp_name, manifest_files
+from packer.output import STATE_DIR, in_folder, is_safe_rel, is_temp_name, manifest_files
 from packer.schema import MANIFEST_MAX_BYTES
 from packer.storage.files import read_bytes, write_bytes
 from packer.storage.fs import RemoteError, display_url, is_local_fs, join, retry
@@ -30,7 +31,7 @@ def require_folder(url: str) -> None:
     """A URL that names no folder (`file://`, `file:///`, `s3://`) would write into the current
     folder, the file-system root or nowhere: refuse it before anything is read or written."""
     rest = str(url).split("://", 1)[1] if "://" in str(url) else str(url)
-    if rest.split("?", 1)[0].strip("/") == "":
+    if rest.split("?", 1)[0].strip("/") in ("", ".", ".."):
         raise RemoteError(f"{display_url(url)} names no folder; give one, e.g. s3://bucket/datasets/coco or "
                           "file:///data/coco")
 
@@ -44,6 +45,7 @@ class RemoteTarget:
     old_bytes: bytes | None = None
     old: Manifest | None = None
     journal: dict | None = None
+    report_ours: bool = False
 
     @classmethod
     def inspect(cls, dst: DatasetLocation) -> RemoteTarget:
@@ -51,20 +53,31 @@ class RemoteTarget:
         with contextlib.suppress(FileNotFoundError, NotImplementedError):
             found = retry(lambda: dst.fs.find(dst.root, detail=True), attempts=dst.attempts)
             prefix = dst.root.rstrip("/") + "/"
-            t.listing = {k[len(prefix):] if k.startswith(prefix) else k: int(v.get("size") or 0)
-                         for k, v in found.items()}
+            rels = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in found.items()}
+            # object stores list the zero-byte "folder" markers their consoles create: not files
+            t.listing = {r: int(v.get("size") or 0) for r, v in rels.items()
+                         if r and not r.endswith("/") and v.get("type") != "directory"}
         if MANIFEST_NAME in t.listing:
             t.old_bytes = t._read(MANIFEST_NAME, MANIFEST_MAX_BYTES)
             try:
                 t.old = parse_manifest(t.old_bytes, dst.where_of(MANIFEST_NAME))
             except FormatError as e:
-                raise RemoteError(f"{dst.display} holds a {MANIFEST_NAME} that is not a packer manifest ({e}); "
-                                  "push somewhere else") from None
+                raise RemoteError(f"{dst.display} holds a {MANIFEST_NAME} this packer cannot read ({e}); push "
+                                  "somewhere else, or delete that dataset with the packer version that wrote it") from None
+        t.report_ours = REPORT_NAME in t.listing and t.old is not None and t._is_packer_report()
         if JOURNAL_REL in t.listing:
             with contextlib.suppress(ValueError, UnicodeDecodeError):
                 j = json.loads(t._read(JOURNAL_REL, 64 << 20))
                 t.journal = j if isinstance(j, dict) else None
         return t
+
+    def _is_packer_report(self) -> bool:
+        """A report.json beside the manifest is packer's only if it reads as one (a dataset may have none)."""
+        try:
+            d = json.loads(self._read(REPORT_NAME, 64 << 20))
+        except (ValueError, UnicodeDecodeError):
+            return False
+        return isinstance(d, dict) and {"source", "totals", "splits", "problems"} <= set(d)
 
     def _read(self, rel: str, limit: int) -> bytes:
         return read_bytes(self.dst.fs, join(self.dst.root, rel), self.dst.attempts, limit=limit)
@@ -74,7 +87,9 @@ class RemoteTarget:
         rels: set[str] = set()
         if self.old is not None:
             rels.update(manifest_files(self.old))
-            rels.update((MANIFEST_NAME, REPORT_NAME))
+            rels.add(MANIFEST_NAME)
+        if self.report_ours:
+            rels.add(REPORT_NAME)
         if self.journal is not None:
             files = self.journal.get("files")
             rels.update(r for r in (files if isinstance(files, list) else []) if isinstance(r, str) and is_safe_rel(r))
@@ -111,7 +126,18 @@ class RemoteTarget:
             raise RemoteError(f"{self.dst.display} is not empty and is not a packed dataset "
                               f"(it holds {sorted(files)[0]}); build to an empty folder")
         if files and not overwrite:
-            raise RemoteError(f"{self.dst.display} already holds a packed dataset; pass --overwrite to replace it")
+            what = "a packed dataset" if self.old is not None else "an unfinished push"
+            raise RemoteError(f"{self.dst.display} already holds {what}; pass --overwrite to replace it")
+
+    def outside(self, rel: str) -> bool:
+        """A file:// destination: `rel` is reached through a symlinked folder leading out of it."""
+        return is_local_fs(self.dst.fs) and not in_folder(Path(self.dst.root), Path(self.dst.root) / rel)
+
+    def check_inside(self, rels: list[str]) -> None:
+        """Never write through a symlinked folder leading out of a file:// destination (as for -o)."""
+        if bad := next((r for r in rels if self.outside(r)), None):
+            raise RemoteError(f"{self.dst.where_of(bad)} is reached through a symlink leading out of "
+                              f"{self.dst.display}; remove the link")
 
     def foreign_at(self, rels: list[str]) -> list[str]:
         """Those of `rels` that exist here and that packer did not write."""
@@ -129,7 +155,8 @@ class RemoteTarget:
 
     def remove_stale(self, targets: list[str]) -> list[str]:
         """Remove the files of the replaced dataset that the new one does not have; returns them."""
-        stale = sorted(r for r in self.owned() - set(targets) - {JOURNAL_REL, MANIFEST_NAME} if r in self.listing)
+        stale = sorted(r for r in self.owned() - set(targets) - {JOURNAL_REL, MANIFEST_NAME}
+                       if r in self.listing and not self.outside(r))
         for r in stale:
             with contextlib.suppress(FileNotFoundError):
                 retry(lambda r=r: self.dst.fs.rm_file(join(self.dst.root, r)), attempts=self.dst.attempts)
