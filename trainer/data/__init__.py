@@ -108,9 +108,7 @@ def make_loader(
     torch_kwargs: pin_memory, persistent_workers, prefetch_factor, fast_decode for the torch loader.
     """
     augment = _checked_request(loader, imgsz, fraction, augment, train)
-    _check_numbers(batch=batch, seed=seed, rank=rank, world_size=world_size)
-    if unknown := sorted(set(torch_kwargs) - set(TORCH_OPTIONS)):  # before a cache build, not after
-        raise LoaderError(f"unknown option(s) {', '.join(unknown)}: the torch loader takes {', '.join(TORCH_OPTIONS)}")
+    _check_args(torch_kwargs, batch=batch, seed=seed, rank=rank, world_size=world_size)
     whole = open_split(shards, split, verify=verify, storage_options=storage_options, cache_dir=cache_dir,
                       cache_max_bytes=cache_max_bytes)
     data = _leading_share(whole, fraction)
@@ -137,8 +135,11 @@ def make_loader(
 TORCH_OPTIONS = ("pin_memory", "persistent_workers", "prefetch_factor", "fast_decode")
 
 
-def _check_numbers(**values: Any) -> None:
-    """Integers where integers are meant (a float batch failed only at len(), a negative seed in a worker)."""
+def _check_args(torch_kwargs: dict, **values: Any) -> None:
+    """Before any work (a misspelled option used to build the whole decoded cache first): known torch options,
+    integers where integers are meant (a float batch failed only at len(), a negative seed in a worker)."""
+    if unknown := sorted(set(torch_kwargs) - set(TORCH_OPTIONS)):
+        raise LoaderError(f"unknown option(s) {', '.join(unknown)}: the torch loader takes {', '.join(TORCH_OPTIONS)}")
     for name, v in values.items():
         if isinstance(v, bool) or not isinstance(v, int | np.integer) or (name == "seed" and v < 0):
             raise LoaderError(f"{name} must be an integer{' >= 0' if name == 'seed' else ''}, got {v!r}")

@@ -43,23 +43,15 @@ import torch
 from packer.format import TF_BBOX, TF_CLASS, TF_IMAGE, TF_KEY
 from packer.writers import tfrecord, trim_index, wds
 from trainer.data.common import SplitData, build_batch, default_workers, to_device
+from trainer.data.dali_params import ParamSource
 from trainer.data.split import Segment, batches_per_rank, dali_reader_batches, rank_segments
 from trainer.data.transforms import (
     FILL,
-    P_HUE,
     P_MIX,
-    P_SAT,
-    P_VAL,
     AugmentConfig,
     augment_boxes,
-    canvas_matrix,
-    identity_params,
     letterbox_geometry,
-    mix_partner,
     norm_to_tile,
-    partner_ids,
-    paste_regions,
-    sample_params,
     xyxy_to_yolo,
 )
 
@@ -67,41 +59,6 @@ log = logging.getLogger("trainer.data")
 
 SHUFFLE_FILL = 1024  # DALI reader shuffle buffer (the packer also shuffles at pack time)
 MAX_CONSECUTIVE_ERRORS = 8
-
-
-class _ParamSource:
-    """external_source callback: per-sample augmentation parameters of each batch.
-
-    Outputs per sample: params, mosaic tile ids, paste regions (3), 2x3 matrix, hue, sat, value;
-    with mixup also the partner's params, tile ids, paste regions, matrix, and the weight r (the
-    partner is another sample of the batch, made with its own mosaic and warp; r = 1: no mixup)."""
-
-    def __init__(self, cfg: AugmentConfig, imgsz: int, batch: int, seed: list[int]):
-        self.cfg, self.imgsz, self.batch, self.mosaic = cfg, imgsz, batch, True
-        self.rng = np.random.default_rng(seed)
-        self.num_outputs = 9 + (7 if cfg.mixup > 0 else 0)
-
-    def __call__(self) -> tuple[list[np.ndarray], ...]:
-        s = self.imgsz
-        out: tuple[list[np.ndarray], ...] = tuple([] for _ in range(self.num_outputs))
-        for i in range(self.batch):
-            p = sample_params(self.rng, self.cfg, s, mosaic=self.mosaic) if not self.cfg.is_off else identity_params(s)
-            vals = [*self._paste(p, i), np.float32(p[P_HUE]), np.float32(p[P_SAT]), np.float32(p[P_VAL])]
-            if self.num_outputs > 9:
-                j = mix_partner(p, i, self.batch)
-                p2 = identity_params(s) if j is None else sample_params(self.rng, self.cfg, s, mosaic=self.mosaic,
-                                                                        mix=False)
-                vals += [*self._paste(p2, i if j is None else j), np.float32(p[P_MIX])]
-            for lst, v in zip(out, vals, strict=True):
-                lst.append(np.asarray(v))
-        return out
-
-    def _paste(self, p: np.ndarray, own: int) -> list[np.ndarray]:
-        """params, tile ids, the three paste-region arrays and the 2x3 matrix of one sample."""
-        q = paste_regions(p, self.imgsz)
-        ids = np.asarray(partner_ids(p, own, self.batch), dtype=np.int32)
-        regions = [np.ascontiguousarray(q[:, k]) for k in range(3)]  # in-anchors, shapes, out-anchors
-        return [p, ids, *regions, canvas_matrix(p, self.imgsz).astype(np.float32)]
 
 
 def _reader(data: SplitData, files: list[tuple[str, str]], common: dict):  # noqa: ANN202 - DALI nodes
@@ -145,7 +102,7 @@ def _letterbox(img, imgsz: int, resize: bool, versions: bool = False):  # noqa: 
     return fn.cat(*pad[1:], pad[0], axis=1) if versions else pad[0]
 
 
-def _augment(tiles, params: _ParamSource, imgsz: int, gpu: bool):  # noqa: ANN001, ANN202 - DALI nodes
+def _augment(tiles, params: ParamSource, imgsz: int, gpu: bool):  # noqa: ANN001, ANN202 - DALI nodes
     """(images, [params, tile ids(, partner's params, tile ids)]): mosaic, warp, [mixup], HSV."""
     from nvidia.dali import fn, types
 
@@ -169,7 +126,7 @@ def _augment(tiles, params: _ParamSource, imgsz: int, gpu: bool):  # noqa: ANN00
 
 
 def _build_pipeline(data: SplitData, *, imgsz: int, batch: int, train: bool, rank: int, world_size: int,
-                    seed: int, threads: int, device_id: int | None, params: _ParamSource | None,
+                    seed: int, threads: int, device_id: int | None, params: ParamSource | None,
                     files: list[tuple[str, str]] | None = None):
     """The one pipeline definition (CPU when `device_id` is None, GPU decoding otherwise);
     augmenting when `params` is given. files: (shard, index) pairs to read instead of all shards
@@ -245,7 +202,7 @@ class DaliLoader:
             self._use_rank_files(rank_segments(data.shard_sizes, rank, world_size))
         self._epoch, self._pipe, self._mosaic = 0, None, True
         self._next_epoch: int | None = None  # the epoch the built pipeline runs next (None: rebuild first)
-        self._params: _ParamSource | None = None
+        self._params: ParamSource | None = None
         self._last: dict | None = None
         self.stats = {"corrupt_skipped": 0}
 
@@ -286,7 +243,7 @@ class DaliLoader:
         start = [] if self._epoch == 0 else [self._epoch]
         ss = np.random.SeedSequence([self.seed, self.rank, *start])
         aug = self.train and not self.augment.is_off
-        self._params = (_ParamSource(self.augment, self.imgsz, self.batch, [self.seed, self.rank, *start])
+        self._params = (ParamSource(self.augment, self.imgsz, self.batch, [self.seed, self.rank, *start])
                         if aug else None)
         if self._params is not None:
             self._params.mosaic = self._mosaic
