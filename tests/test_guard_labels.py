@@ -279,3 +279,23 @@ def test_coco_and_yaml_errors_never_quote_the_file(tmp_path, capsys):
         (ds / "data.yaml").write_text(bad)
         code, err = cli_exit(["build", str(ds), "-o", str(tmp_path / "o2"), "--workers", "1"], capsys)
         assert code == 2 and "data.yaml" in err and SECRET not in err, err
+
+
+def test_coco_ids_spelled_as_strings_or_floats_still_match(tmp_path):
+    """Exports of other tools mix "338", 338 and 338.0 for one image id: the boxes stay with their image
+    (keyed apart they became orphan_annotation and the image a background)."""
+    ims = [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 48},
+           {"id": 2, "file_name": "b.jpg", "width": 64, "height": 48}]
+    box = {"category_id": 1, "bbox": [4, 4, 20, 20]}
+    anns = [{"id": 1, "image_id": 1, **box}, {"id": 2, "image_id": "2", **box},
+            {"id": 3, "image_id": 2, "category_id": 1, "bbox": [30, 20, 10, 10]}]
+    path = _coco(tmp_path / "coco", ims, anns)
+    d = json.loads(path.read_text())
+    d["images"][0]["id"], d["images"][1]["id"] = "1", 2.0
+    path.write_text(json.dumps(d))
+    t = checked_build(tmp_path / "coco", tmp_path / "out")["totals"]
+    assert t["boxes"]["packed"] == 3 and "orphan_annotation" not in t["boxes"]["dropped"], t["boxes"]
+    d["images"].append({"id": 1, "file_name": "b.jpg", "width": 64, "height": 48})  # "1" and 1: one id, ambiguous
+    path.write_text(json.dumps(d))
+    with pytest.raises(SourceError, match="image id 1 is used by more than one image"):
+        detect_source(tmp_path / "coco")

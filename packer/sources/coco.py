@@ -94,8 +94,16 @@ def _bbox(ann: dict[str, Any]) -> tuple[float, float, float, float] | None:
 
 
 def _id(v: Any) -> int | str | None:
-    """An image id usable as a key (ints and strings, as json has them), else None."""
-    return v if isinstance(v, int | str) and not isinstance(v, bool) else None
+    """An image id usable as a key, else None. Ints, and the strings and integral floats that spell
+    one (exports of other tools give one image "338" in 'images' and 338 or 338.0 in 'annotations':
+    keyed apart, its boxes became orphans and the image a background); other strings as they are."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, str) and v.strip().isdecimal() and v.strip().isascii():
+        return int(v.strip())
+    return v if isinstance(v, int | str) else None
 
 
 def _size(im: dict[str, Any]) -> tuple[int, int] | None:
