@@ -161,6 +161,12 @@ def test_source_errors(tmp_path):
     (bad / "annotations" / "instances_train.json").write_text("{not json")
     with pytest.raises(SourceError, match="cannot read COCO"):
         detect_source(bad)
+    moved = tmp_path / "moved"
+    (moved / "images" / "train").mkdir(parents=True)
+    (moved / "data.yaml").write_text(f"path: {tmp_path / 'empty'}\ntrain: images/train\nnames: [a]\n")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match=r"no images found under .*moved \(the dataset root .*empty, from data.yaml"):
+        detect_source(moved)  # the message says where it looked, not only where the user pointed
 
 
 def test_coco_lookup_places_and_escapes(tmp_path):

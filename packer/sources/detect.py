@@ -124,7 +124,10 @@ def detect_source(src: str | Path, splits: Sequence[str] | None = None, *, follo
             raise SourceError(f"split(s) {', '.join(missing)} not found in {src} (found: {have})")
         found = {s: found[s] for s in want}
     if not found:
-        raise SourceError(f"no images found under {src}")
+        given = path.resolve().parent if path.is_file() else path.resolve()
+        where = f" (the dataset root {safe_text(str(source.root))}, from data.yaml's 'path')" \
+            if Path(source.root) != given else ""
+        raise SourceError(f"no images found under {src}{where}")
     source.splits = found
     _finish_notes(source, src, cfg)
     if not source.names:
