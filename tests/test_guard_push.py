@@ -93,6 +93,9 @@ def test_an_unfinished_push_continues_without_overwrite(two, tmp_path):
     assert "unfinished push of another dataset" in _one_line_error(_packer("push", b, dest.as_uri()), 2)
     assert _packer("push", b, dest.as_uri(), "--overwrite").returncode == 0
     assert _files(dest) == _files(b) and verify_dataset(dest.as_uri()).ok
+    (dest / JOURNAL_REL).parent.mkdir()  # a push that died after its manifest, before removing its journal
+    (dest / JOURNAL_REL).write_text(json.dumps({"manifest_sha256": _sha(b / MANIFEST_NAME), "files": []}))
+    assert push(b, dest.as_uri()).copied == [] and not (dest / ".packer-state").exists()
 
 
 def _sha(p: Path) -> str:

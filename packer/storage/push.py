@@ -94,6 +94,8 @@ def _push(dst: DatasetLocation, local: Path, m: Manifest, data: bytes, files: li
                               "move it away or push somewhere else")
         if kind == "same" and not todo:
             res.skipped.append(MANIFEST_NAME)
+            if target.journal is not None:  # a push that died between its manifest and its cleanup
+                target.finish()
         else:
             target.start(data, targets)
             for f in todo:
