@@ -77,6 +77,43 @@ def test_standalone_val_counts_padded_samples_once(trained: tuple[YOLO, Path], s
     assert set(metrics.results_dict) >= {"metrics/mAP50(B)", "metrics/mAP50-95(B)"}
 
 
+def test_classes_keeps_only_those_labels(trained: tuple[YOLO, Path], shards: Path, tmp_path: Path) -> None:
+    """ultralytics' `classes=[0]`: the validation scores person boxes only (it was silently ignored), and the
+    training batches lose the other classes' labels the same way (`keep_classes`, one helper for both)."""
+    import numpy as np
+    import torch
+
+    from packer.format import LabelArrays
+    from trainer.ultralytics import keep_classes
+
+    _, run = trained
+    best = YOLO(str(run / "weights" / "best.pt"))
+    metrics = best.val(validator=ShardsValidator, classes=[0], batch=16, imgsz=160, device="cpu", plots=False,
+                       project=str(tmp_path), name="val")
+    la = LabelArrays.load(shards / read_manifest(shards).splits["train2017"].labels)
+    per_class = np.asarray(metrics.nt_per_class)
+    assert per_class[0] == int((la.cls == 0).sum()) > 0 and per_class[1:].sum() == 0
+    b = {"cls": torch.tensor([[0.0], [3.0], [0.0]]), "bboxes": torch.rand(3, 4), "batch_idx": torch.tensor([0.0, 0.0, 1.0]),
+         "img": torch.zeros(2, 3, 8, 8)}
+    kept = keep_classes(b, 3)
+    assert kept["cls"].view(-1).tolist() == [3.0] and torch.equal(kept["bboxes"], b["bboxes"][1:2])
+    assert kept["batch_idx"].tolist() == [0.0] and keep_classes(b, None) is b
+
+
+def test_fraction_and_cache_reach_our_loader(shards: Path, tmp_path: Path) -> None:
+    """ultralytics' `fraction` (train split only) and `cache` act through make_loader: 64 of 128 images, a decoded
+    store under the cache_dir given to ShardsTrainer.options (they were dropped with a warning)."""
+    seen: list[tuple[int, str]] = []
+    model = YOLO("yolov8n.yaml")
+    model.add_callback("on_train_start", lambda t: seen.append((len(t.train_loader), t.train_loader.loader.kind)))
+    model.train(data=str(shards), trainer=ShardsTrainer.options(cache_dir=str(tmp_path / "cache")), device="cpu",
+                epochs=1, imgsz=64, batch=8, workers=0, fraction=0.5, cache="disk", plots=False,
+                project=str(tmp_path), name="run")
+    assert seen == [(64 // 8, "torch")]
+    # coco128 has one split, which trains and validates here: one store serves both loaders
+    assert [d.name.split("-")[0] for d in (tmp_path / "cache" / "decoded").iterdir()] == ["train2017"]
+
+
 _CHILD = """
 import json
 print(json.dumps({"cls": f"{type(trainer).__module__}.{type(trainer).__qualname__}", "loader": trainer.loader,

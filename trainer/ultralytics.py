@@ -169,6 +169,17 @@ class ShardsLoader:
         self.loader.close()
 
 
+def keep_classes(batch: dict, classes: Any) -> dict:
+    """ultralytics' `classes=[...]` for training and validation: only those classes' boxes stay labels (its
+    datasets drop the others' labels and keep the images). Applied to the finished batch: each box is
+    augmented on its own, so dropping the others afterwards gives the same labels."""
+    if classes is None:
+        return batch
+    wanted = torch.as_tensor([classes] if isinstance(classes, int) else list(classes), dtype=batch["cls"].dtype)
+    keep = torch.isin(batch["cls"].view(-1), wanted.to(batch["cls"].device))
+    return {**batch, **{k: batch[k][keep] for k in ("cls", "bboxes", "batch_idx")}}
+
+
 def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -183,8 +194,17 @@ def _open_loader(owner: Any, split: str, batch: int, train: bool, epoch_of: Call
     loader = make_loader(owner.data["path"], split, imgsz=int(owner.args.imgsz), batch=batch, train=train,
                          rank=rank, world_size=world, seed=int(owner.args.seed), workers=workers or None,
                          device=owner.device, augment=_augment(owner.args) if train else None,
+                         fraction=float(getattr(owner.args, "fraction", 1.0) or 1.0) if train else 1.0,
+                         cache=_cache_kind(getattr(owner.args, "cache", None)),
                          storage_options=_storage_options(), **opts)
     return ShardsLoader(loader, batch_size=batch, train=train, num_workers=workers, epoch_of=epoch_of)
+
+
+def _cache_kind(cache: Any) -> str | None:
+    """ultralytics' `cache` (True / "ram" / "disk" / False) as make_loader's node-shared decoded cache."""
+    if cache in (True, "ram", "True", "true"):
+        return "ram"
+    return "disk" if cache == "disk" else None
 
 
 def _augment(args: Any) -> AugmentConfig:
@@ -261,6 +281,7 @@ class ShardsValidator(DetectionValidator):
     def preprocess(self, batch: dict) -> dict:
         # ultralytics' scale_boxes takes ((gain_y, gain_x), (pad_x, pad_y)); ours is (gain_x, gain_y, pad_x, pad_y)
         batch["ratio_pad"] = [((gy, gx), (px, py)) for gx, gy, px, py in batch["ratio_pad"].tolist()]
+        batch = keep_classes(batch, self.args.classes)
         if self.args.single_cls:
             batch["cls"] = torch.zeros_like(batch["cls"])
         return super().preprocess(batch)
@@ -330,11 +351,8 @@ class ShardsTrainer(DetectionTrainer):
             raise RuntimeError(f"Dataset '{display_url(str(self.args.data))}' error: {e}") from None
         if self.args.single_cls:
             data.update(names={0: "item"}, nc=1)
-        ignored = [k for k, v in (("rect", self.args.rect), ("fraction", self.args.fraction != 1.0),
-                                  ("cache", self.args.cache)) if v]
-        if ignored:
-            LOGGER.warning(f"ShardsTrainer: {', '.join(ignored)} ignored (every sample of the split is read from "
-                           "the shards, letterboxed to imgsz x imgsz)")
+        if self.args.rect:
+            LOGGER.warning("ShardsTrainer: rect ignored (every sample is letterboxed to imgsz x imgsz)")
         return data
 
     def get_dataloader(self, dataset_path: str, batch_size: int = 16, rank: int = 0, mode: str = "train") -> ShardsLoader:
@@ -343,6 +361,7 @@ class ShardsTrainer(DetectionTrainer):
         return _open_loader(self, dataset_path, batch_size, train=train, epoch_of=epoch_of)
 
     def preprocess_batch(self, batch: dict) -> dict:
+        batch = keep_classes(batch, self.args.classes)
         if self.args.single_cls:
             batch["cls"] = torch.zeros_like(batch["cls"])
         return super().preprocess_batch(batch)
