@@ -84,7 +84,7 @@ def test_classes_keeps_only_those_labels(trained: tuple[YOLO, Path], shards: Pat
     import torch
 
     from packer.format import LabelArrays
-    from trainer.ultralytics import keep_classes
+    from trainer.data.common import keep_classes
 
     _, run = trained
     best = YOLO(str(run / "weights" / "best.pt"))

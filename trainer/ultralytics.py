@@ -47,6 +47,7 @@ from packer.format import FormatError, LabelArrays  # noqa: E402
 from packer.storage.fs import display_url, is_url  # noqa: E402
 from packer.storage.location import DatasetLocation  # noqa: E402
 from trainer.data import AugmentConfig, make_loader  # noqa: E402
+from trainer.data.common import keep_classes  # noqa: E402
 
 __all__ = ["ShardsLoader", "ShardsTrainer", "ShardsValidator", "shards_data"]
 
@@ -167,17 +168,6 @@ class ShardsLoader:
 
     def close(self) -> None:
         self.loader.close()
-
-
-def keep_classes(batch: dict, classes: Any) -> dict:
-    """ultralytics' `classes=[...]` for training and validation: only those classes' boxes stay labels (its
-    datasets drop the others' labels and keep the images). Applied to the finished batch: each box is
-    augmented on its own, so dropping the others afterwards gives the same labels."""
-    if classes is None:
-        return batch
-    wanted = torch.as_tensor([classes] if isinstance(classes, int) else list(classes), dtype=batch["cls"].dtype)
-    keep = torch.isin(batch["cls"].view(-1), wanted.to(batch["cls"].device))
-    return {**batch, **{k: batch[k][keep] for k in ("cls", "bboxes", "batch_idx")}}
 
 
 def _rank_world() -> tuple[int, int]:

@@ -243,3 +243,14 @@ def to_device(batch: dict, device: torch.device, non_blocking: bool = False) -> 
     if device.type == "cpu":
         return batch
     return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def keep_classes(batch: dict, classes: Any) -> dict:
+    """ultralytics' `classes=[...]` for training and validation: only those classes' boxes stay labels (its
+    datasets drop the others' labels and keep the images). Applied to the finished batch: each box is
+    augmented on its own, so dropping the others afterwards gives the same labels."""
+    if classes is None:
+        return batch
+    wanted = torch.as_tensor([classes] if isinstance(classes, int) else list(classes), dtype=batch["cls"].dtype)
+    keep = torch.isin(batch["cls"].view(-1), wanted.to(batch["cls"].device))
+    return {**batch, **{k: batch[k][keep] for k in ("cls", "bboxes", "batch_idx")}}
