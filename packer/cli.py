@@ -257,7 +257,8 @@ def info(shards, storage_options, as_json) -> None:
 def push(shards, url, storage_options, retries, overwrite, as_json, progress) -> None:
     """Upload packed dataset SHARDS to URL (s3://, gs://, file://), manifest last; files
     already there with the same size and sha256 are skipped, so a rerun finishes a cut-off push.
-    URL must be empty, this same dataset or its unfinished push (else --overwrite)."""
+    URL must be empty, this same dataset or its unfinished push; another packed dataset needs
+    --overwrite; a folder holding files packer did not write is refused either way."""
     from packer.storage.fs import parse_storage_options
     from packer.storage.push import push as push_dataset
     from packer.storage.transfer import format_transfer_summary

@@ -98,7 +98,7 @@ def _none_or(value: str) -> str | None:
               help="fsspec options for a URL SHARDS (credentials, endpoint), as JSON or @file.json; also "
                    "$PACKER_STORAGE_OPTIONS. Default: the standard environment (AWS_ENDPOINT_URL, ...). Never saved.")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
-              help="Local cache of shards read from a URL by DALI/tfrecord/LMDB [default: ~/.cache/packer-trainer].")
+              help="Local cache of shards read from a URL by DALI/tfrecord/LMDB [default: $XDG_CACHE_HOME/packer-trainer, else ~/.cache/packer-trainer].")
 @click.option("--cache-max-bytes", default=None, type=ByteSize(),
               help="Size bound of --cache-dir (20GB, 500MiB, ...): least recently used shards are evicted.")
 @click.option("--cache", default=None, type=click.Choice(["ram", "disk"]),
