@@ -44,7 +44,6 @@ from packer.output import (
     BuildError,
     OutputError,
     OutputFolder,
-    check_not_holding,
     is_write_error,
     output_folder,
 )
@@ -95,7 +94,6 @@ def convert_dataset(
     src = Path(src).resolve()
     m = read_manifest(src)  # split names checked there (Manifest.validate)
     try:
-        check_not_holding(Path(out), src)
         with output_folder(out, source=src, hint="free some space (or choose another -o), then convert again") as folder:
             folder.prepare(overwrite=overwrite, verb="replace")
             folder.start()  # marks the folder as an unfinished conversion until the manifest exists

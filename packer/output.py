@@ -291,7 +291,7 @@ def output_folder(out: str | os.PathLike, *, source: Path | None = None, hint: s
     removed again if nothing else is in it. `hint` ends the disk-full message."""
     root = Path(out).resolve()
     if source is not None:
-        check_not_inside(root, source)
+        check_not_holding(root, source)
     if root.exists() and not root.is_dir():
         raise OutputError(f"output path {root} exists and is not a folder")
     created = not root.exists()

@@ -168,8 +168,10 @@ def endpoint_of(url: str, storage_options: dict[str, Any] | None = None) -> str:
 
 
 def unreachable(e: BaseException, url: str, storage_options: dict[str, Any] | None, attempts: int) -> RemoteError | None:
-    """A one-line RemoteError naming the endpoint when `e` is a network failure left after the
-    retries (None otherwise). Only the exception's type is shown: its text may carry signed URLs."""
+    """A one-line RemoteError for a storage failure the user must fix at the endpoint: a network failure
+    left after the retries (naming the endpoint), missing credentials or region, an endpoint_url that is
+    not a URL, options the filesystem rejects; None otherwise. Only the exception's type is shown for
+    network failures: their text may carry signed URLs."""
     if isinstance(e, TypeError) and "unexpected keyword argument" in str(e):
         return RemoteError(f"--storage-options not accepted for {display_url(url)}: {redact(str(e), storage_options)}")
     if "Credential" in type(e).__name__ or type(e).__name__ in ("NoAuthTokenError", "NoRegionError"):

@@ -99,15 +99,11 @@ class RemoteTarget:
     def check(self, data: bytes, targets: list[str], overwrite: bool) -> str:
         """Apply the rules for pushing manifest `data` with files `targets`: "empty", "same" (this
         very dataset), "continue" (this push's unfinished run) or "replace"; RemoteError otherwise."""
-        ours = _sha(data)
-        files = {r for r in self.listing if not is_temp_name(r.rsplit("/", 1)[-1])}
+        ours, files = _sha(data), self._files()
         if not files:
             return "empty"
         if self.old is None and self.journal is None:
-            foreign = sorted(files - set(targets))
-            if foreign:
-                raise RemoteError(f"{self.dst.display} is not empty and is not a packed dataset "
-                                  f"(it holds {foreign[0]}); push to an empty folder")
+            self._refuse_foreign(files - set(targets))
             return "continue"  # only files at our paths: each is kept only if it is identical
         if self.old_bytes == data:
             return "same"
@@ -121,13 +117,21 @@ class RemoteTarget:
     def precheck(self, overwrite: bool) -> None:
         """Before a build whose manifest is not known yet: a foreign destination is refused, a packed
         dataset (or an unfinished push) is replaced only with `overwrite`."""
-        files = [r for r in self.listing if not is_temp_name(r.rsplit("/", 1)[-1])]
-        if files and self.old is None and self.journal is None:
-            raise RemoteError(f"{self.dst.display} is not empty and is not a packed dataset "
-                              f"(it holds {sorted(files)[0]}); build to an empty folder")
+        files = self._files()
+        if self.old is None and self.journal is None:
+            self._refuse_foreign(files)
         if files and not overwrite:
             what = "a packed dataset" if self.old is not None else "an unfinished push"
             raise RemoteError(f"{self.dst.display} already holds {what}; pass --overwrite to replace it")
+
+    def _files(self) -> set[str]:
+        """Every file here but packer's own hidden temp files."""
+        return {r for r in self.listing if not is_temp_name(r.rsplit("/", 1)[-1])}
+
+    def _refuse_foreign(self, foreign: set[str]) -> None:
+        if foreign:
+            raise RemoteError(f"{self.dst.display} is not empty and is not a packed dataset "
+                              f"(it holds {sorted(foreign)[0]}); use an empty folder")
 
     def outside(self, rel: str) -> bool:
         """A file:// destination: `rel` is reached through a symlinked folder leading out of it."""
