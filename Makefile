@@ -9,13 +9,16 @@ DEMO   := out/demo
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 2; }
+	@# The venv takes 8.8 GB (torch's CUDA build alone is 5.5 GB): say so up front, not as pip's OSError halfway
+	@$(PYTHON) -c "import shutil, sys; free = shutil.disk_usage('.').free / 1e9; \
+	sys.exit(0 if free >= 9.5 else f'make: the venv needs about 9.5 GB free here; {free:.1f} GB is free')"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q --no-cache-dir --upgrade pip
 	# torch first, exactly as pinned: the CUDA build (runs on CPU) served from local disk
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[train,s3,gcs,bench,dev]'
+	$(BIN)/pip install -q --no-cache-dir torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q --no-cache-dir -e '.[train,s3,gcs,bench,dev]'
 	# a benchmark peer that pins numpy<2.2; its imports are in [bench]
-	$(BIN)/pip install -q --no-deps mosaicml-streaming==0.13.0
+	$(BIN)/pip install -q --no-cache-dir --no-deps mosaicml-streaming==0.13.0
 	touch $(STAMP)
 
 demo: $(STAMP)
