@@ -10,7 +10,7 @@ order are exactly the single-machine sample order. Each part is a complete packe
 
 and records in its manifest ``options["parts"]`` = ``{"num_parts", "part", "splits":
 {split: {"start", "end", "total", "sources_sha256"}}}`` (its candidate range, the split's
-candidate count and a digest of the split's image list, so a merge can prove that every
+candidate count and a digest of the split's images and annotations, so a merge can prove that every
 part saw the same source and that the ranges tile it).
 
 `merge_parts(DEST)` checks all N parts (complete, same options/classes/format/size/source,
@@ -81,11 +81,27 @@ def part_range(n: int, part: int, num_parts: int) -> tuple[int, int]:
 
 
 def sources_digest(cands: Sequence[Candidate]) -> str:
-    """Digest of a split's image list (discovery order): parts of one build must agree on it."""
+    """Digest of a split's images and their annotations (discovery order): parts of one build
+    must agree on it, or a node with a stale annotation copy merges silently mislabelled.
+
+    COCO boxes are already in memory; YOLO label files are read here, every part reading all
+    of them: small reads next to the decode and encode that a part exists to share out.
+    """
     h = hashlib.sha256()
     for c in cands:
         h.update(c.source.encode("utf-8") + b"\n")
+        if c.coco_boxes is not None:
+            h.update(repr((c.coco_size, c.coco_boxes)).encode() + b"\n")
+        elif c.label_file is not None:
+            h.update(_file_digest(c.label_file) + b"\n")
     return h.hexdigest()
+
+
+def _file_digest(path: str) -> bytes:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).digest()
+    except OSError:  # the worker names it when it packs that image; here it only has to differ
+        return b"unreadable"
 
 
 def check_part_args(num_parts: int, part: int | None) -> None:
@@ -303,7 +319,8 @@ def _check_ranges(dest: Path, split: str, folders: list[Path], manifests: list[M
             raise PartsError(f"part {i} of {n} ({rel}): no candidate range recorded for split {split!r}")
         if s.get("total") != first.get("total") or s.get("sources_sha256") != first.get("sources_sha256"):
             raise PartsError(f"part {i} of {n} ({rel}): split {split!r} was packed from another image list "
-                             f"({s.get('total')} vs {first.get('total')} images): same source for every part")
+                             f"or other annotations ({s.get('total')} vs {first.get('total')} images): the same "
+                             "source folder and annotation files for every part")
         if s.get("start") != expect or not isinstance(s.get("end"), int) or s["end"] < expect:
             raise PartsError(f"part {i} of {n} ({rel}): split {split!r} range {s.get('start')}..{s.get('end')} "
                              f"does not continue at {expect} (samples would be missing or twice)")

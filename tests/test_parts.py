@@ -240,3 +240,27 @@ def test_part_resumes_and_remerge_is_stable(tmp_path, built):
     before = {f: (dest / f).read_bytes() for f in files}
     merge_parts(dest)
     assert before == {f: (dest / f).read_bytes() for f in files}
+
+
+@pytest.mark.parametrize("layout", ["coco", "yolo"])
+def test_merge_refuses_parts_packed_from_other_annotations(tmp_path, layout):
+    """A node with a stale annotation copy (same images, other boxes) must not merge silently."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(ROOT / "samples" / layout, a)
+    shutil.copytree(a, b)
+    if layout == "coco":
+        ann = b / "annotations" / "instances_train2017.json"
+        doc = json.loads(ann.read_text())
+        doc["annotations"][0]["bbox"][0] += 3  # one box moved by 3 px: same image list, same classes
+        ann.write_text(json.dumps(doc))
+    else:
+        lab = sorted((b / "labels").rglob("*.txt"), key=lambda p: p.stat().st_size)[-1]
+        cls, *rest = lab.read_text().splitlines()[0].split()
+        lab.write_text("\n".join([" ".join([str(1 - int(cls) % 2), *rest])] + lab.read_text().splitlines()[1:]))
+    dest = tmp_path / "dest"
+    build_dataset(a, dest, fmt="tfrecord", num_parts=2, part=0, **OPTS)
+    build_dataset(b, dest, fmt="tfrecord", num_parts=2, part=1, **OPTS)
+    with pytest.raises(PartsError, match=r"part 1 of 2 .* another image list or other annotations"):
+        merge_parts(dest)
+    build_dataset(a, dest, fmt="tfrecord", num_parts=2, part=1, overwrite=True, **OPTS)
+    merge_parts(dest)  # the same annotations on both nodes merge
