@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from packer.format import FormatError, LabelArrays, Manifest, sha256_file
+from packer.format import FormatError, LabelArrays, Manifest, ShardInfo, sha256_file
 from packer.progress import progress_bar
+from packer.storage.fs import ChecksumError
 from packer.storage.location import DatasetLocation
 from packer.writers import make_index, open_reader
 
@@ -65,25 +66,33 @@ def _verify_split(loc: DatasetLocation, m: Manifest, split: str, deep: bool, res
 
     for n, sh in enumerate(info.shards):
         res.checked_shards += 1
-        with loc.local_shard(sh) as (path, idx):
-            if path is None:
-                res.errors.append(f"{sh.path}: missing")
-                continue
-            size = path.stat().st_size
-            if size != sh.bytes:
-                res.errors.append(f"{sh.path}: {size} bytes, manifest says {sh.bytes}")
-            digest = sha256_file(path)
-            if digest != sh.sha256:
-                res.errors.append(f"{sh.path}: sha256 mismatch (file changed or corrupt)")
-            if sh.index:
-                try:
-                    if idx is None:
-                        res.errors.append(f"{sh.index}: missing")
-                    elif idx.read_bytes() != make_index(m.format, path):
-                        res.errors.append(f"{sh.index}: does not match its shard (recomputed index differs)")
-                except (FormatError, OSError) as e:
-                    res.errors.append(f"{sh.index}: cannot recompute index from {sh.path}: {e}")
-            _verify_records(m.format, path, sh.path, sh.num_samples, labels, by_shard.get(n, {}), deep, res, bar)
+        try:
+            with loc.local_shard(sh) as (path, idx):
+                _verify_shard(m, sh, path, idx, labels, by_shard.get(n, {}), deep, res, bar)
+        except ChecksumError:  # a remote file longer than its shard may be: the download stopped
+            res.errors.append(f"{sh.path}: longer than the {sh.bytes} bytes the manifest says (or its index is)")
+
+
+def _verify_shard(m: Manifest, sh: ShardInfo, path: Path | None, idx: Path | None, labels: LabelArrays | None,
+                  positions: dict[int, int], deep: bool, res: VerifyResult, bar) -> None:
+    if path is None:
+        res.errors.append(f"{sh.path}: missing")
+        return
+    size = path.stat().st_size
+    if size != sh.bytes:
+        res.errors.append(f"{sh.path}: {size} bytes, manifest says {sh.bytes}")
+    damaged = size != sh.bytes or sha256_file(path) != sh.sha256
+    if damaged and size == sh.bytes:
+        res.errors.append(f"{sh.path}: sha256 mismatch (file changed or corrupt)")
+    if sh.index and idx is None:
+        res.errors.append(f"{sh.index}: missing")
+    elif sh.index and not damaged:  # an index recomputed from a damaged shard proves nothing, and a
+        try:                        # zero-filled tail would make it millions of entries long
+            if idx.read_bytes() != make_index(m.format, path):
+                res.errors.append(f"{sh.index}: does not match its shard (recomputed index differs)")
+        except (FormatError, OSError) as e:
+            res.errors.append(f"{sh.index}: cannot recompute index from {sh.path}: {e}")
+    _verify_records(m.format, path, sh.path, sh.num_samples, labels, positions, deep, res, bar)
 
 
 def _split_labels(loc: DatasetLocation, m: Manifest, split: str, res: VerifyResult) -> LabelArrays | None:
@@ -117,6 +126,9 @@ def _verify_records(fmt: str, path: Path, rel: str, expected: int, labels: Label
         with open_reader(fmt, path) as reader:
             for pos, rec in enumerate(reader):
                 count += 1
+                if count > expected:  # a damaged tail can parse as millions of records: say so once
+                    res.errors.append(f"{rel}: more records than the {expected} the manifest says")
+                    return
                 res.checked_records += 1
                 bar.update(1)
                 if labels is not None:

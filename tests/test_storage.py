@@ -84,3 +84,31 @@ def test_missing_manifest_is_one_format_error_naming_it(packed: Path, tmp_path: 
     assert not isinstance(e.value, RemoteError) and e.value.exit_code == 2
     assert f"{MANIFEST_NAME} not found" in msg and "not a packed dataset" in msg and "\n" not in msg
     assert (str(half) if where == "folder" else url.split("://", 1)[1]) in msg
+
+
+def test_a_shard_longer_than_its_manifest_is_read_no_further(packed: Path, tmp_path: Path) -> None:
+    """A zero-filled tail (a crash) or a hostile server: downloads stop one byte past the
+    manifest's size, and verify neither downloads nor indexes the whole thing."""
+    from packer.storage.files import CHUNK, download
+    from packer.storage.fs import get_fs
+    from packer.storage.pull import pull
+    from packer.verify import verify_dataset
+
+    big = tmp_path / "big"
+    shutil.copytree(packed, big)
+    sh = DatasetLocation(big).manifest().splits["train"].shards[0]
+    with open(big / sh.path, "r+b") as f:
+        f.truncate(4 * CHUNK)  # 32 MiB of zeros after a shard of a few kB
+    got: list[int] = []
+    with http_files(big) as base:
+        fs, root = get_fs(base)
+        with pytest.raises(ChecksumError, match=rf"longer than the {sh.bytes} bytes the manifest allows"):
+            download(fs, f"{root}/{sh.path}", tmp_path / "one", size=sh.bytes, on_bytes=got.append)
+        with pytest.raises(ChecksumError, match=rf"longer than the {sh.bytes} bytes the manifest allows"):
+            pull(base, tmp_path / "got", attempts=1)
+        remote = verify_dataset(base)
+    assert sum(got) == sh.bytes + 1 and not (tmp_path / "one").exists()
+    assert remote.errors == [f"{sh.path}: longer than the {sh.bytes} bytes the manifest says (or its index is)"]
+    local = verify_dataset(big)
+    assert local.errors[0] == f"{sh.path}: {4 * CHUNK} bytes, manifest says {sh.bytes}"
+    assert not any("does not match its shard" in e for e in local.errors)  # no index built from 32 MiB of zeros

@@ -19,6 +19,7 @@ from packer.storage.fs import (
     DEFAULT_ATTEMPTS,
     READ_ONLY,
     ChecksumError,
+    OversizeError,
     RemoteError,
     display_url,
     get_fs,
@@ -91,26 +92,33 @@ def download(
     *,
     sha256: str | None = None,
     size: int | None = None,
+    max_bytes: int | None = None,
     on_bytes: Callable[[int], None] | None = None,
 ) -> str:
     """Stream `path` into `dest` via a hidden temp file + rename, hashing on the way.
 
     With `sha256`/`size` given, a mismatch raises ChecksumError and leaves `dest` untouched.
-    Returns the sha256 of the bytes written.
+    Reading stops one chunk past `size` (or `max_bytes`): a server sending more than the
+    manifest allows cannot fill the disk. Returns the sha256 of the bytes written.
     """
     from packer.writers.base import TempFile
 
+    limit = size if size is not None else max_bytes
     tmp = TempFile(Path(dest))
     try:
         with open_read(fs, path) as f:
-            while b := f.read(CHUNK):
+            while b := f.read(CHUNK if limit is None else min(CHUNK, limit + 1 - tmp.size)):
                 tmp.write(b)
                 if on_bytes:
                     on_bytes(len(b))
+                if limit is not None and tmp.size > limit:
+                    raise OversizeError(f"{path}: longer than the {limit} bytes the manifest allows; stopped reading")
         tmp.finish()
         digest = tmp.hexdigest()
-        if (size is not None and tmp.size != size) or (sha256 is not None and digest != sha256):
-            raise ChecksumError(f"{path}: downloaded {tmp.size} bytes with a sha256 that does not match the manifest")
+        if size is not None and tmp.size != size:
+            raise ChecksumError(f"{path}: {tmp.size} bytes where the manifest says {size}")
+        if sha256 is not None and digest != sha256:
+            raise ChecksumError(f"{path}: the sha256 of the downloaded bytes does not match the manifest")
         tmp.commit()
     except BaseException:
         tmp.discard()

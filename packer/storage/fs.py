@@ -39,6 +39,11 @@ class ChecksumError(RemoteError):
     exit_code = DATA
 
 
+class OversizeError(ChecksumError):
+    """A file longer than its manifest allows: the bytes are there, not damaged in transit, so
+    another try reads the same (not retried)."""
+
+
 # ----------------------------------------------------------------------------- URLs
 
 
@@ -203,7 +208,8 @@ _TRANSIENT_ERRNO = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT, errno
 
 def is_transient(exc: BaseException) -> bool:
     """Network hiccups worth another try; missing files, permissions and bad input are not."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)):
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError,
+                        OversizeError)):
         return False
     if isinstance(exc, (TimeoutError, ConnectionError, ChecksumError)):
         return True  # a checksum mismatch right after a transfer: bytes damaged in transit

@@ -147,15 +147,19 @@ class DatasetLocation:
                 yield path, idx
             return
         with tempfile.TemporaryDirectory(prefix="packer-fetch-") as d:
-            path = self._fetch(sh.path, Path(d), sh if checked else None)
-            yield path, self._fetch(sh.index, Path(d)) if sh.index else None
+            path = self._fetch(sh.path, Path(d), sh, checked=checked)
+            yield path, self._fetch(sh.index, Path(d), sh) if sh.index else None
 
-    def _fetch(self, rel: str, folder: Path, sh: ShardInfo | None = None) -> Path | None:
-        """Download `rel` into `folder` (checked against `sh`'s size and sha256 if given); None if absent."""
+    def _fetch(self, rel: str, folder: Path, sh: ShardInfo | None = None, *, checked: bool = False) -> Path | None:
+        """Download `rel` into `folder`; None if absent. With `sh`, reading stops past the shard's
+        size (a shard, or its far smaller index: ChecksumError beyond it); `checked` also requires
+        the shard's exact size and sha256."""
         dest = folder / rel.rsplit("/", 1)[-1]
+        exact = sh if checked else None
         try:
-            retry(lambda: download(self.fs, join(self.root, rel), dest, sha256=sh.sha256 if sh else None,
-                                   size=sh.bytes if sh else None), attempts=self.attempts)
+            retry(lambda: download(self.fs, join(self.root, rel), dest, sha256=exact.sha256 if exact else None,
+                                   size=exact.bytes if exact else None, max_bytes=sh.bytes if sh else None),
+                  attempts=self.attempts)
         except FileNotFoundError:
             return None
         return dest

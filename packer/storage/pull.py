@@ -28,7 +28,7 @@ from packer.progress import progress_bar
 from packer.storage.files import download, hash_remote, remote_sizes
 from packer.storage.fs import DEFAULT_ATTEMPTS, ChecksumError, RemoteError, join, redact
 from packer.storage.location import DatasetLocation
-from packer.storage.transfer import FileEntry, TransferResult, TryBytes, check_file, dataset_files
+from packer.storage.transfer import FileEntry, TransferResult, TryBytes, check_file, dataset_files, max_bytes
 
 PULL_NAME = "pull.json"  # in the journal folder of an unfinished pull: {"url": where from}
 
@@ -141,7 +141,8 @@ def _fetch(src: DatasetLocation, local: Path, f: FileEntry, res: TransferResult,
 
     def once() -> None:
         got.restart()
-        download(src.fs, join(src.root, f.rel), path, sha256=f.sha256, size=f.bytes, on_bytes=got)
+        download(src.fs, join(src.root, f.rel), path, sha256=f.sha256, size=f.bytes, max_bytes=max_bytes(m, f),
+                 on_bytes=got)
         if f.kind != "shard":
             try:
                 check_file(m, local, f, path)

@@ -72,6 +72,18 @@ def dataset_files(m: Manifest, with_report: bool = True) -> list[FileEntry]:
     return out
 
 
+def max_bytes(m: Manifest, f: FileEntry) -> int | None:
+    """The most bytes `f` may hold by its manifest: a shard exactly its size, an index at most
+    its shard's (an index is far smaller), label arrays and report.json a generous bound from
+    the sample count. A download stops there, so a hostile server cannot fill the disk."""
+    if f.kind == "shard":
+        return f.bytes
+    if f.kind == "index":
+        return next((sh.bytes for s in m.splits.values() for sh in s.shards if sh.path == f.shard), None)
+    samples = sum(s.num_samples + s.num_boxes for s in m.splits.values())
+    return (64 << 20) + samples * (64 << 10)  # 64 KiB per sample or box: paths and problems included
+
+
 def format_transfer_summary(s: dict[str, Any], verb: str) -> str:
     """The lines printed after push/pull."""
     rate = f", {s['mb_per_s']:.1f} MB/s" if s.get("mb_per_s") else ""

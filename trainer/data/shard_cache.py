@@ -148,7 +148,7 @@ def _fetch_one(src: DatasetLocation, sh: ShardInfo, local: Path, cache_dir: Path
                            on_bytes=on_bytes))
     if sh.index:
         idx = _index_of(local)
-        retry(lambda: download(src.fs, join(src.root, sh.index), idx))
+        retry(lambda: download(src.fs, join(src.root, sh.index), idx, max_bytes=sh.bytes))
         if idx.read_bytes() != make_index(src.manifest().format, local):
             idx.unlink(missing_ok=True)
             raise ChecksumError(f"{src.display}/{sh.index} does not match its shard")
