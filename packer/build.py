@@ -18,10 +18,9 @@ import concurrent.futures as cf
 import hashlib
 import json
 import math
-import multiprocessing as mp
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,8 +43,9 @@ from packer.format import (
 from packer.images import CHROMA_CHOICES, DEFAULT_MAX_PIXELS
 from packer.journal import BuildJournal, ShardRoller, write_report
 from packer.output import BuildError, OutputFolder, manifest_files, output_folder
+from packer.pool import ordered_map, refuse_script_reimport, start_pool
 from packer.progress import progress_bar
-from packer.sample import ProcessOptions, SampleResult, process_candidate
+from packer.sample import ProcessOptions
 from packer.sources.base import Candidate, safe_text
 from packer.sources.detect import Source, detect_source
 
@@ -53,7 +53,6 @@ __all__ = ["BuildError", "BuildOptions", "BuildResult", "StrictFailure", "build_
 
 DEFAULT_SHARD_BYTES = 256 << 20
 DEFAULT_MIN_SHARDS = 8  # so several ranks x workers can each own whole shards
-CHUNK = 4  # candidates per task sent to a worker: amortizes IPC without hurting order
 
 
 class StrictFailure(BuildError):
@@ -139,60 +138,6 @@ class BuildResult:
         }
 
 
-# --------------------------------------------------------------------- parallel map
-
-
-def _process_chunk(chunk: list[Candidate], opts: ProcessOptions) -> list[SampleResult]:
-    return [process_candidate(c, opts) for c in chunk]
-
-
-def _init_worker() -> None:
-    import signal
-
-    from packer.images import configure_worker
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
-    configure_worker()  # the one place OpenCV's threads are set: one process per core already
-
-
-def _mp_context() -> mp.context.BaseContext:
-    """forkserver with the image stack preloaded: workers start in milliseconds (spawn costs
-    ~0.5 s each re-importing OpenCV) and, unlike plain fork, it is safe when the caller
-    already runs threads (torch, TensorFlow, a web server). PACKER_START_METHOD overrides."""
-    ctx = mp.get_context(os.environ.get("PACKER_START_METHOD", "forkserver"))
-    if ctx.get_start_method() == "forkserver":
-        ctx.set_forkserver_preload(["packer.sample", "packer.images"])
-    return ctx
-
-
-def ordered_map(
-    items: Sequence[Candidate], opts: ProcessOptions, workers: int, pool: cf.Executor | None
-) -> Iterator[SampleResult]:
-    """process_candidate over `items`, results in input order, at most ~4 chunks per worker in flight."""
-    if pool is None or workers <= 1:
-        for c in items:
-            yield process_candidate(c, opts)
-        return
-    chunks = [list(items[i : i + CHUNK]) for i in range(0, len(items), CHUNK)]
-    window = max(2, workers * 4)
-    pending: list[cf.Future] = []
-    it = iter(chunks)
-    try:
-        for chunk in it:
-            pending.append(pool.submit(_process_chunk, chunk, opts))
-            if len(pending) >= window:
-                break
-        while pending:
-            done = pending.pop(0)
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append(pool.submit(_process_chunk, nxt, opts))
-            yield from done.result()
-    finally:
-        for f in pending:
-            f.cancel()
-
-
 # ------------------------------------------------------------------------- the build
 
 
@@ -230,7 +175,10 @@ def build_dataset(
     problem after writing report.json; `on_shard` runs after every finished shard. `num_parts`
     N with `part` I packs part I of each split into `out/parts/` for `parts.merge_parts(out)`.
     """
+    refuse_script_reimport()
     t0 = time.perf_counter()
+    if isinstance(splits, str):  # one split name, not its letters
+        splits = [splits]
     if overwrite and resume:
         raise BuildError("--overwrite and --resume exclude each other")
     opts = BuildOptions(fmt, size, quality, shard_size, shard_bytes, max(1, min_shards), shuffle, seed,
@@ -319,7 +267,7 @@ def _pack_all(run: _Run, source: Source, part_info: dict[str, Any] | None,
     run.bar = progress_bar(sum(len(c) for c in source.splits.values()), "packing", "img", enabled=progress,
                            smoothing=0.1)
     if run.workers > 1:
-        run.pool = cf.ProcessPoolExecutor(run.workers, mp_context=_mp_context(), initializer=_init_worker)
+        run.pool = start_pool(run.workers)
     splits_info: dict[str, SplitInfo] = {}
     resumed = input_bytes = 0
     try:

@@ -334,3 +334,23 @@ def test_packed_labels_equal_ultralytics_convert_coco(packed, coco128, tmp_path)
             t = theirs.get(Path(src).stem, np.zeros((0, 5)))  # no file = no annotations
             assert ours.shape == t.shape, src
             np.testing.assert_allclose(ours, t, atol=1e-6, rtol=0)
+
+
+def test_library_call_from_an_unguarded_script_stops_with_the_fix(tmp_path):
+    """forkserver workers re-import the caller's script: a build_dataset() call without a
+    __main__ guard must not start a second build in each worker, and must say what to do."""
+    src = Path(__file__).resolve().parents[1] / "samples" / "coco"
+    script = tmp_path / "pack.py"
+    script.write_text("from packer.build import build_dataset\n"
+                      f"build_dataset({str(src)!r}, {str(tmp_path / 'out')!r}, size=64, workers=2)\n")
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 1
+    assert 'packer: error: a script that calls build_dataset() with workers > 1 needs the call under `if __name__ == "__main__":`' in p.stderr
+    assert "packer.pool.WorkerDied: a worker process ended abruptly" in p.stderr  # the parent: a PackerError
+    assert "being written by another packer run" not in p.stderr  # no worker started a build of its own
+    guarded = tmp_path / "guarded.py"
+    guarded.write_text("from packer.build import build_dataset\nif __name__ == '__main__':\n"
+                       f"    r = build_dataset({str(src)!r}, {str(tmp_path / 'ok')!r}, size=64, workers=2,"
+                       " splits='train2017')\n    print(sorted(r.manifest.splits))\n")
+    p = subprocess.run([sys.executable, str(guarded)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 0 and p.stdout.strip() == "['train2017']", p.stderr  # a str is one split name
