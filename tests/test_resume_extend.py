@@ -93,3 +93,35 @@ def test_extending_an_auto_optimizer_run_keeps_the_lr_auto_chose(tmp_path):
     assert "AdamW(lr=0.000119" in r.output
     rows = _rows(out / "results.csv")
     assert float(rows[2]["lr/pg0"]) == pytest.approx(lr_fit * ((1 - 2 / 3) * (1 - lrf) + lrf), rel=1e-3)
+
+
+def test_resume_on_other_data_is_refused_and_on_moved_data_goes_on(finished_run, tmp_path):
+    """The shards argument of a resume may point where the data moved, never at other data."""
+    import shutil
+
+    from packer.build import build_dataset
+    from packer.convert import convert_dataset
+
+    shards, out, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)  # this test's own copy: the extension test above shares `out`
+    last = run / "weights" / "last.pt"
+    src = tmp_path / "fewer"
+    shutil.copytree(SAMPLE, src)
+    drop = sorted((src / "images" / "train").iterdir())[0]
+    drop.unlink()
+    (src / "labels" / "train" / f"{drop.stem}.txt").unlink(missing_ok=True)
+    other = build_dataset(src, tmp_path / "other", size=160, workers=1).out  # same classes, one image fewer
+    r = CliRunner().invoke(main, [str(other), "--resume", str(last), "--epochs", "3"])
+    assert r.exit_code == 2, r.output[-2000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "is not the data this run trained on (train: 'train', 11 images" in lines[0]
+    assert "the checkpoint's: 'train', 12 images" in lines[0] and "--weights CHECKPOINT" in lines[0]
+    assert [row["epoch"] for row in _rows(run / "results.csv")] == ["1", "2"]  # nothing was touched
+
+    moved = tmp_path / "moved-wds"
+    convert_dataset(shards, moved, "wds")  # the same samples, another format
+    r = CliRunner().invoke(main, [str(moved), "--resume", str(last), "--epochs", "3"])
+    assert r.exit_code == 0, r.output[-3000:]
+    assert [row["epoch"] for row in _rows(run / "results.csv")] == ["1", "2", "3"]
+    assert torch.load(last, weights_only=False)["data_identity"]["train"]["samples"] == 12

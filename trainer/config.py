@@ -199,6 +199,37 @@ def resume_config(cfg: TrainConfig, ckpt_args: dict[str, Any],
     return new, ignored
 
 
+def data_identity(manifest: Any, train: str, val: str | None) -> dict[str, Any]:
+    """What a resume must find again: the classes and the splits trained and validated on, by
+    name and content (samples, boxes, per-class counts: unchanged by a move, a re-pack or a convert)."""
+
+    def split(name: str | None) -> dict[str, Any] | None:
+        s = manifest.splits[name] if name is not None else None
+        return None if s is None else {"split": name, "samples": s.num_samples, "boxes": s.num_boxes,
+                                       "class_counts": list(s.class_counts)}
+
+    return {"names": list(manifest.names), "train": split(train), "val": split(val)}
+
+
+def check_resume_data(saved: dict[str, Any] | None, now: dict[str, Any], where: str) -> str | None:
+    """Refuse (TrainError, one line) a resume on other data than the run's; a note for a checkpoint
+    that predates the record."""
+    if not saved:
+        return f"warning: {where} cannot be checked against the checkpoint (written before its data was recorded)"
+    for k in ("names", "train", "val"):
+        if saved.get(k) != now.get(k):
+            raise TrainError(f"--resume: {where} is not the data this run trained on ({k}: {_show(k, now.get(k))}, "
+                             f"the checkpoint's: {_show(k, saved.get(k))}); a resume never mixes two datasets: start a "
+                             "new run with --weights CHECKPOINT to train on other data")
+    return None
+
+
+def _show(key: str, v: Any) -> str:
+    if v is None:
+        return "none"
+    return f"{len(v)} classes" if key == "names" else f"{v['split']!r}, {v['samples']} images, {v['boxes']} boxes"
+
+
 def check_resume_epochs(cfg: TrainConfig, ckpt_epoch: int, ckpt_epochs: int) -> str | None:
     """Refuse (TrainError, one line) a resume with nothing left to train; else a note when it extends the run."""
     done = ckpt_epoch + 1

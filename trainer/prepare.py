@@ -26,7 +26,9 @@ from trainer.config import (
     RESUME_OVERRIDABLE,
     TrainConfig,
     TrainError,
+    check_resume_data,
     check_resume_epochs,
+    data_identity,
     pick_split,
     redacted_options,
     resume_config,
@@ -81,6 +83,11 @@ class PreparedRun:
             if note:
                 self.log(note)
         self._setup_data()
+        self.data_id = data_identity(self.manifest, self.train_name, self.val_name)
+        if self.ckpt is not None:
+            note = check_resume_data(self.ckpt.get("data_identity"), self.data_id, self.where)
+            if note:
+                self.log(note)
         self.device = resolve_device(self.cfg.device, self.d)
         self.d.init(self.device)
         seed_all(self.cfg.seed + 1 + self.d.rank)
@@ -259,7 +266,8 @@ class PreparedRun:
             paths, self.ema.ema, epoch=epoch_done, train_args=self.train_args(), best_fitness=self.best_fitness,
             metrics=metrics, ema_updates=self.ema.updates, optimizer=self.optimizer, scaler=self.scaler,
             scheduler=self.scheduler,
-            extra={"stopper": {"best_fitness": self.stopper.best_fitness, "best_epoch": self.stopper.best_epoch}},
+            extra={"stopper": {"best_fitness": self.stopper.best_fitness, "best_epoch": self.stopper.best_epoch},
+                   "data_identity": self.data_id},
         )
 
     def close(self) -> None:
