@@ -74,6 +74,20 @@ def test_every_applied_key_acts_and_args_yaml_records_it(tmp_path):
     assert len(rows) == 1 and float(rows[0]["lr/pg0"]) == pytest.approx(0.02)  # lr0, no warmup, cosine at 1.0
     assert not list(out.glob("*.jpg"))  # plots: false acted too
 
+    again = tmp_path / "again"  # a run's own args.yaml reproduces it (SHARDS names the data)
+    r = CliRunner().invoke(main, [str(shards), "--cfg", str(out / "args.yaml"), "--out", str(again)])
+    assert r.exit_code == 0, r.output[-3000:]
+    notes = [ln for ln in r.stderr.splitlines() if ln.startswith("note:")]
+    head, _, records = notes[0].partition("; a run's records are ignored: ")
+    assert len(notes) == 1 and set(head.split(": ")[-1].split(", ")) == {"data", "task", "mode", "resume"}
+    assert set(records.split(", ")) == {
+        "accumulate", "amp_resolved", "device_resolved", "loader_resolved", "lr0_resolved", "names",
+        "optimizer_resolved", "save_dir", "shards", "storage_options", "val_split_resolved",
+        "warmup_bias_lr_resolved", "world_size"}
+    args2 = yaml.safe_load((again / "args.yaml").read_text())
+    assert {k: args2[k] for k in (*EVERY, "model", "device", "loader", "plots")} == {
+        k: args[k] for k in (*EVERY, "model", "device", "loader", "plots")}
+
     cfg = TrainConfig(**{k: v for k, v in EVERY.items()})
     aug = augment_config(cfg)
     assert {k: getattr(aug, k) for k in LOADER_AUG} == {k: float(EVERY[k]) for k in LOADER_AUG}
@@ -111,7 +125,9 @@ def test_command_line_overrides_the_file(tmp_path, flag):
 def test_bad_files_are_one_line_usage_errors(tmp_path):
     (tmp_path / "list.yaml").write_text("- lr0\n")
     (tmp_path / "flag.yaml").write_text("cos_lr: maybe\n")
+    (tmp_path / "twice.yaml").write_text("lr0: 0.01\nlrf: 0.1\nlr0: 0.02\n")  # plain YAML keeps the last silently
     for name, msg in (("list.yaml", "must be a mapping"), ("flag.yaml", "cos_lr must be true or false"),
+                      ("twice.yaml", "key 'lr0' is given twice; keep one"),
                       ("missing.yaml", "cannot read it (no such file")):
         r = CliRunner().invoke(main, [str(tmp_path), "--cfg", str(tmp_path / name)])
         assert r.exit_code == 2 and len(_error_lines(r)) == 1 and msg in r.stderr, r.output

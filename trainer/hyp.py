@@ -29,7 +29,11 @@ APPLIED: dict[str, tuple[str, ...]] = {
 }
 APPLIED_KEYS = tuple(k for keys in APPLIED.values() for k in keys)
 # our own options that ultralytics lacks (loader, verify, ...) may sit in the same file; `plots` means the same in both
-_OWN_ONLY = ("plots", "loader", "train_split", "val_split", "verify", "cache_dir", "cache_max_bytes", "tensorboard")
+_OWN_ONLY = ("plots", "loader", "train_split", "val_split", "verify", "cache_dir", "cache_max_bytes", "tensorboard",
+             "weights", "out")
+# what our args.yaml records beside the options (the data, the run folder, values as resolved): a run's own
+# args.yaml is a valid --cfg (SHARDS names the data), these are noted and ignored
+_RECORDS = ("shards", "names", "save_dir", "world_size", "accumulate", "storage_options")
 # run options both trainers have, under the same name: they act too (ultralytics' spellings of a value are read)
 SHARED_RUN = ("model", "device", "amp", "exist_ok", "cache", "max_det")
 
@@ -47,7 +51,9 @@ def ultralytics_vocabulary() -> frozenset[str]:
 def read_cfg_file(path: str | Path) -> tuple[dict[str, Any], list[str]]:
     """(values that act, keys ignored as not applicable) of a `--cfg` YAML; TrainError for a bad file or key."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.load(Path(path).read_text(), Loader=_UniqueKeys)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as e:
+        raise TrainError(f"--cfg {path}: key {e.args[0]!r} is given twice; keep one") from None
     except OSError as e:
         raise TrainError(f"--cfg {path}: cannot read it ({(e.strerror or type(e).__name__).lower()})") from None
     except yaml.YAMLError as e:
@@ -66,13 +72,30 @@ def read_cfg_file(path: str | Path) -> tuple[dict[str, Any], list[str]]:
                 values[key] = _checked_type(path, key, value)
         elif key in acting:
             values[key] = _checked_type(path, key, value)
-        elif key in vocab:
+        elif key in vocab or _is_record(key):
             ignored.append(key)
         else:
             near = difflib.get_close_matches(key, sorted(acting | vocab), n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
             raise TrainError(f"--cfg {path}: unknown key {key!r}{hint}")
     return values, ignored
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """safe_load that refuses a key given twice (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for k, _ in node.value:
+            key = self.construct_object(k, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _from_ultralytics(key: str, value: Any) -> Any:
@@ -106,11 +129,17 @@ def _checked_type(path: str | Path, key: str, value: Any) -> Any:
     return value
 
 
+def _is_record(key: str) -> bool:
+    return key in _RECORDS or key.endswith("_resolved")
+
+
 def ignored_note(ignored: list[str]) -> str | None:
-    """The one note about ultralytics keys that do not apply here."""
-    if not ignored:
-        return None
-    return f"note: --cfg keys that do not apply to this trainer are ignored: {', '.join(ignored)}"
+    """The one note about the keys ignored: ultralytics' that do not apply here, and a run's records."""
+    records = [k for k in ignored if _is_record(k)]
+    parts = [f"keys that do not apply to this trainer are ignored: {', '.join(k for k in ignored if k not in records)}"
+             if len(records) < len(ignored) else "",
+             f"a run's records are ignored: {', '.join(records)}" if records else ""]
+    return f"note: --cfg {'; '.join(p for p in parts if p)}" if ignored else None
 
 
 def augment_config(cfg: TrainConfig) -> Any:
