@@ -67,3 +67,18 @@ def test_python_m_trainer_run_refuses_nan_lr(shards, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "--lr0 must be a number > 0, got nan" in lines[0], r.stderr
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("value, words", [
+    ("gpu", "--device must be auto, cpu, cuda, cuda:N or N, got 'gpu'"),
+    ("cuda:x", "--device 'cuda:x': not a device name"),
+    *([] if __import__("torch").cuda.is_available() else [
+        ("cuda", "--device cuda: CUDA is not available here; use 'auto' or 'cpu'"),
+        ("1", "--device cuda:1: CUDA is not available here")]),
+])
+def test_bad_device_is_one_line(shards, tmp_path, capsys, value, words):
+    """The trainer and make_loader read devices with one helper and say the same."""
+    with pytest.raises(SystemExit) as e:
+        main([str(shards), "--device", value, "--out", str(tmp_path / "runs")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and words in lines[0], lines

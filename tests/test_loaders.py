@@ -420,6 +420,11 @@ def test_bad_arguments_are_one_line_errors_before_any_work(packed, tmp_path):
         make_loader(packed["wds"], "train", cache="disk", cache_dir=tmp_path, pin_memmory=True, **kw)
     assert not (tmp_path / "decoded").exists()
     for bad, words in (({"seed": -1}, "seed must be an integer >= 0"), ({"batch": 2.5}, "batch must be an integer"),
-                       ({"fraction": 0.01}, "fraction 0.01 keeps 0")):
+                       ({"fraction": 0.01}, "fraction 0.01 keeps 0"), ({"workers": -1}, "workers must be an integer >= 0")):
         with pytest.raises(LoaderError, match=words):
             make_loader(packed["wds"], "train", **{**kw, **bad})
+    if not torch.cuda.is_available():  # DALI's GPU pipeline used to be built, and fail only at the first batch
+        with pytest.raises(DataError, match="device cuda: CUDA is not available here; use 'auto' or 'cpu'"):
+            make_loader(packed["tfrecord"], "train", **{**kw, "device": "cuda"})
+    with pytest.raises(DataError, match="device 'gpu0': not a device name"):
+        make_loader(packed["tfrecord"], "train", **{**kw, "device": "gpu0"})

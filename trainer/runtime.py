@@ -118,26 +118,24 @@ class StopFlag:
 
 
 def resolve_device(spec: str, d: Dist) -> torch.device:
-    """The torch device for --device (auto = CUDA if present); under torchrun, the process's LOCAL_RANK GPU."""
+    """The torch device for --device (auto = CUDA if present; N = cuda:N); under torchrun, the process's
+    LOCAL_RANK GPU. Parsed and checked by the loaders' own `default_device`, so both say the same."""
+    from trainer.data.common import DataError, default_device
+
     spec = (spec or "auto").lower()
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec.startswith("cuda") or spec.isdigit():
-        if not torch.cuda.is_available():
-            raise TrainError(f"--device {spec}: CUDA is not available on this machine (use --device cpu)")
-        if d.ddp:
-            idx = d.local_rank  # one GPU per torchrun process
-        elif ":" in spec:
-            idx = int(spec.split(":", 1)[1])
-        else:
-            idx = int(spec) if spec.isdigit() else 0
-        if idx >= torch.cuda.device_count():
-            raise TrainError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
-        torch.cuda.set_device(idx)
-        return torch.device("cuda", idx)
-    raise TrainError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+    spec = f"cuda:{spec}" if spec.isdigit() else spec
+    if d.ddp and spec.startswith("cuda"):
+        spec = f"cuda:{d.local_rank}"  # one GPU per torchrun process
+    if spec != "auto" and spec != "cpu" and not spec.startswith("cuda"):
+        raise TrainError(f"--device must be auto, cpu, cuda, cuda:N or N, got {spec!r}")
+    try:
+        dev = default_device(spec, d.local_rank)
+    except DataError as e:
+        raise TrainError(f"--{e}") from None
+    if dev.type == "cuda":
+        dev = torch.device("cuda", dev.index or 0)
+        torch.cuda.set_device(dev)
+    return dev
 
 
 def seed_all(seed: int) -> None:

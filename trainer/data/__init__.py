@@ -108,7 +108,9 @@ def make_loader(
     torch_kwargs: pin_memory, persistent_workers, prefetch_factor, fast_decode for the torch loader.
     """
     augment = _checked_request(loader, imgsz, fraction, augment, train)
-    _check_args(torch_kwargs, batch=batch, seed=seed, rank=rank, world_size=world_size)
+    _check_args(torch_kwargs, batch=batch, seed=seed, rank=rank, world_size=world_size,
+                **({} if workers is None else {"workers": workers}))
+    dev = default_device(device, rank)
     whole = open_split(shards, split, verify=verify, storage_options=storage_options, cache_dir=cache_dir,
                       cache_max_bytes=cache_max_bytes)
     data = _leading_share(whole, fraction)
@@ -117,7 +119,6 @@ def make_loader(
                           f"{whole.info.num_samples} samples: too few for {world_size} process(es)")
     check_args(data.info.num_samples, world_size, rank, batch)
     batches_per_rank(data.info.num_samples, world_size, batch, train=train)  # a clear error now, not a hang later
-    dev = default_device(device, rank)
     reason = "asked for"
     if loader == "auto":
         loader, reason = auto_choice(data.fmt, dev, cache)
@@ -141,8 +142,9 @@ def _check_args(torch_kwargs: dict, **values: Any) -> None:
     if unknown := sorted(set(torch_kwargs) - set(TORCH_OPTIONS)):
         raise LoaderError(f"unknown option(s) {', '.join(unknown)}: the torch loader takes {', '.join(TORCH_OPTIONS)}")
     for name, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, int | np.integer) or (name == "seed" and v < 0):
-            raise LoaderError(f"{name} must be an integer{' >= 0' if name == 'seed' else ''}, got {v!r}")
+        nonneg = name in ("seed", "workers")
+        if isinstance(v, bool) or not isinstance(v, int | np.integer) or (nonneg and v < 0):
+            raise LoaderError(f"{name} must be an integer{' >= 0' if nonneg else ''}, got {v!r}")
 
 
 def _checked_request(loader: str, imgsz: int, fraction: float, augment: AugmentConfig | None,

@@ -187,15 +187,21 @@ def default_workers() -> int:
 
 
 def default_device(device: str | torch.device, rank: int = 0) -> torch.device:
-    """'auto' -> cuda:<local rank> when CUDA is available, else cpu."""
-    if isinstance(device, torch.device):
-        return device
+    """'auto' -> cuda:<local rank> when CUDA is available, else cpu; a CUDA device that is not
+    there is a DataError now (DALI would fail only at the first batch, with its own message)."""
     if device == "auto":
         if torch.cuda.is_available():
             local = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
             return torch.device("cuda", local)
         return torch.device("cpu")
-    return torch.device(device)
+    try:
+        dev = device if isinstance(device, torch.device) else torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DataError(f"device {device!r}: not a device name ('auto', 'cpu', 'cuda', 'cuda:1')") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        have = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "CUDA is not available"
+        raise DataError(f"device {device!s}: {have} here; use 'auto' or 'cpu'")
+    return dev
 
 
 def ratio_pad(orig_hw: np.ndarray, hw: np.ndarray, imgsz: int) -> np.ndarray:
