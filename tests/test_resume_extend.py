@@ -90,7 +90,8 @@ def test_extending_an_auto_optimizer_run_keeps_the_lr_auto_chose(tmp_path):
     r = CliRunner().invoke(main, ["--resume", str(out / "weights" / "last.pt"), "--epochs", "3"])
     assert r.exit_code == 0, r.output[-3000:]
     lr_fit, lrf = round(0.002 * 5 / (4 + 80), 6), 0.01
-    assert "AdamW(lr=0.000119" in r.output
+    assert "AdamW(lr=0.000119, momentum=0.9)" in r.output  # as the first run logged it (not cfg's 0.937)
+    assert torch.load(out / "weights" / "last.pt", weights_only=False)["optimizer"]["param_groups"][0]["betas"][0] == 0.9
     rows = _rows(out / "results.csv")
     assert float(rows[2]["lr/pg0"]) == pytest.approx(lr_fit * ((1 - 2 / 3) * (1 - lrf) + lrf), rel=1e-3)
 
@@ -106,22 +107,24 @@ def test_resume_on_other_data_is_refused_and_on_moved_data_goes_on(finished_run,
     run = tmp_path / "run"
     shutil.copytree(out, run)  # this test's own copy: the extension test above shares `out`
     last = run / "weights" / "last.pt"
+    done = [row["epoch"] for row in _rows(run / "results.csv")]  # 2, or 3 after the extension test
+    more = str(len(done) + 1)
     src = tmp_path / "fewer"
     shutil.copytree(SAMPLE, src)
     drop = sorted((src / "images" / "train").iterdir())[0]
     drop.unlink()
     (src / "labels" / "train" / f"{drop.stem}.txt").unlink(missing_ok=True)
     other = build_dataset(src, tmp_path / "other", size=160, workers=1).out  # same classes, one image fewer
-    r = CliRunner().invoke(main, [str(other), "--resume", str(last), "--epochs", "3"])
+    r = CliRunner().invoke(main, [str(other), "--resume", str(last), "--epochs", more])
     assert r.exit_code == 2, r.output[-2000:]
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "is not the data this run trained on (train: 'train', 11 images" in lines[0]
     assert "the checkpoint's: 'train', 12 images" in lines[0] and "--weights CHECKPOINT" in lines[0]
-    assert [row["epoch"] for row in _rows(run / "results.csv")] == ["1", "2"]  # nothing was touched
+    assert [row["epoch"] for row in _rows(run / "results.csv")] == done  # nothing was touched
 
     moved = tmp_path / "moved-wds"
     convert_dataset(shards, moved, "wds")  # the same samples, another format
-    r = CliRunner().invoke(main, [str(moved), "--resume", str(last), "--epochs", "3"])
+    r = CliRunner().invoke(main, [str(moved), "--resume", str(last), "--epochs", more])
     assert r.exit_code == 0, r.output[-3000:]
-    assert [row["epoch"] for row in _rows(run / "results.csv")] == ["1", "2", "3"]
+    assert [row["epoch"] for row in _rows(run / "results.csv")] == [*done, more]
     assert torch.load(last, weights_only=False)["data_identity"]["train"]["samples"] == 12

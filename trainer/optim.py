@@ -58,13 +58,15 @@ def build_optim(cfg: TrainConfig, model: nn.Module, *, global_batch: int, steps_
     accumulate = min(accumulate, steps_per_epoch * cfg.epochs)
     iterations = math.ceil(num_samples / max(global_batch, cfg.nbs)) * cfg.epochs
     # ultralytics' build_optimizer reads only .args and .data from its trainer: a stub is enough
-    args = SimpleNamespace(lr0=cfg.lr0, optimizer=cfg.optimizer, warmup_bias_lr=cfg.warmup_bias_lr)
+    args = SimpleNamespace(lr0=cfg.lr0, optimizer=cfg.optimizer, warmup_bias_lr=cfg.warmup_bias_lr,
+                           momentum=cfg.momentum)
     if resumed_args is not None:  # the lr that 'auto' chose is the base of the schedule (LambdaLR's base_lrs)
         args.optimizer = resumed_args.get("optimizer_resolved", cfg.optimizer)
         args.lr0 = float(resumed_args.get("lr0_resolved", cfg.lr0))
         args.warmup_bias_lr = resumed_args.get("warmup_bias_lr_resolved", cfg.warmup_bias_lr)
+        args.momentum = float(resumed_args.get("momentum_resolved", cfg.momentum))  # 'auto' -> AdamW takes 0.9
     stub = SimpleNamespace(args=args, data={"nc": num_classes})
-    optimizer = BaseTrainer.build_optimizer(stub, model, name=args.optimizer, lr=args.lr0, momentum=cfg.momentum,
+    optimizer = BaseTrainer.build_optimizer(stub, model, name=args.optimizer, lr=args.lr0, momentum=args.momentum,
                                             decay=weight_decay, iterations=iterations)
     for g in optimizer.param_groups:
         g.setdefault("initial_lr", g["lr"])

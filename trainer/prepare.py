@@ -254,7 +254,7 @@ class PreparedRun:
         a.update(shards=self.where, storage_options=redacted_options(self.cfg.storage_options))
         a.update(task="detect", mode="train", data=str(self.where), imgsz=self.cfg.imgsz,
                  batch=self.global_batch, optimizer_resolved=self.opt.name, lr0_resolved=self.opt.lr0,
-                 warmup_bias_lr_resolved=self.opt.warmup_bias_lr,
+                 warmup_bias_lr_resolved=self.opt.warmup_bias_lr, momentum_resolved=self.opt.momentum,
                  device_resolved=str(self.device), world_size=self.d.world,
                  amp_resolved=str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
                  loader_resolved=getattr(self.train_loader, "kind", self.cfg.loader), accumulate=self.accumulate,
