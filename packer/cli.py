@@ -151,7 +151,7 @@ def build(src, out, fmt, size, upscale, quality, chroma, shard_size, shard_bytes
         )
     except StrictFailure as e:
         if as_json:  # a pipeline parsing stdout still gets one object
-            click.echo(json.dumps({"ok": False, "error": str(e), "problems": e.problems}))
+            click.echo(json.dumps({"ok": False, "exit_code": 1, "error": str(e), "problems": e.problems}))
         click.echo(f"packer: {e}", err=True)
         for line in e.problems[:50]:
             click.echo(f"  {line}", err=True)

@@ -6,6 +6,7 @@ command through `run_one_line`, the one place each of them catches `PackerError`
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any, NoReturn
 
@@ -27,12 +28,17 @@ def run_one_line(command: click.Command, args: Any, prog_name: str | None, prefi
     stderr after `prefix`, then exit: click's usage errors 2 and its other errors their code, a
     `PackerError` its `exit_code`, an OSError outside any output folder 1, Ctrl-C 130 (printing
     `interrupted` first, if given). Messages are redacted, also of the storage options a command
-    leaves in ``ctx.obj["storage_options"]``. Returns what the command returns."""
+    leaves in ``ctx.obj["storage_options"]``. With `--json` among the arguments, a failure also
+    prints one object on stdout, ``{"ok": false, "exit_code": N, "error": "..."}``, so a pipeline
+    parsing stdout always gets one. Returns what the command returns."""
     from packer.storage.fs import redact
 
     obj: dict[str, Any] = extra.pop("obj", None) or {}
+    as_json = "--json" in (sys.argv[1:] if args is None else list(args))
 
     def fail(msg: str, code: int) -> NoReturn:
+        if as_json:
+            click.echo(json.dumps({"ok": False, "exit_code": code, "error": one_line(msg)}))
         click.echo(f"{prefix}{one_line(msg)}", err=True)
         sys.exit(code)
 

@@ -238,3 +238,29 @@ def test_an_unreachable_http_server_is_named_not_taken_for_a_missing_dataset(tmp
         line = _one_line(_packer(*args, timeout=120), 2)
         assert f"127.0.0.1:{port} is unreachable" in line and "not found" not in line, line
     assert not (tmp_path / "copy").exists()
+
+
+def test_json_failures_print_one_object_on_stdout(tmp_path):
+    """A pipeline parsing stdout gets one object on failure too, with the exit status; stderr keeps
+    the one line for people. Usage errors (2) and data failures (1) of several commands."""
+    (tmp_path / "empty").mkdir()
+    packed = tmp_path / "packed"
+    build_dataset(SRC, packed, size=64, workers=1)
+    bad = tmp_path / "bad"
+    shutil.copytree(packed, bad)
+    shard = next(bad.rglob("*.tfrecord"))
+    shard.write_bytes(shard.read_bytes()[:-10])  # truncated: a data failure when copied
+    cases = [
+        (("build", SRC, "-o", packed, "--json"), 2),  # occupied output folder
+        (("info", tmp_path / "empty", "--json"), 2),
+        (("verify", tmp_path / "empty", "--json"), 2),
+        (("convert", packed, "-o", packed, "--format", "wds", "--json"), 2),
+        (("merge", tmp_path / "empty", "--json"), 2),
+        (("pull", bad.as_uri(), tmp_path / "got", "--retries", "0", "--json"), 1),
+        (("build", SRC, "--size", "8", "--json"), 2),  # refused by click itself
+    ]
+    for args, code in cases:
+        r = _packer(*args)
+        line = _one_line(r, code)
+        obj = json.loads(r.stdout)  # exactly one JSON document
+        assert obj == {"ok": False, "exit_code": code, "error": line.removeprefix("packer: error: ")}, args
