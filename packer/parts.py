@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from packer.errors import DATA
 from packer.format import (
     LABELS_NAME,
     MANIFEST_NAME,
@@ -68,6 +69,12 @@ _PART_DIR = re.compile(r"^part-(\d{5})-of-(\d{5})$")
 
 class PartsError(BuildError, ValueError):
     """Parts that cannot be packed or merged as asked (one readable line naming the part)."""
+
+
+class PartDamaged(PartsError):
+    """A finished part whose files disagree with its manifest: the data failed (exit 1)."""
+
+    exit_code = DATA
 
 
 def part_dir_name(part: int, num_parts: int) -> str:
@@ -338,7 +345,7 @@ def _check_file(d: Path, sh: ShardInfo, i: int, n: int, rel: str) -> None:
             continue
         f = d / p
         if not f.is_file() or (size is not None and f.stat().st_size != size):
-            raise PartsError(f"part {i} of {n} ({rel}): {p} is missing or has another size than its manifest "
+            raise PartDamaged(f"part {i} of {n} ({rel}): {p} is missing or has another size than its manifest "
                              f"says; rebuild that part")
 
 

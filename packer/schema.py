@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from packer.errors import PackerError
+from packer.errors import DATA, PackerError
 
 # Split names become folder and file names under the output folder, so they are held to
 # the same safe alphabet as keys: no dots, slashes or empty names can leave `-o`.
@@ -28,6 +28,13 @@ MAX_JSON_DEPTH = 64  # a real manifest nests 6 deep; deeper input would exhaust 
 
 class FormatError(PackerError, ValueError):
     """A packed folder or record does not follow this contract."""
+
+
+class DamagedDataset(FormatError):
+    """A finished dataset (its manifest is there) whose files are missing or disagree with it:
+    the data failed, not the request (exit 1)."""
+
+    exit_code = DATA
 
 
 def check_split_name(name: object) -> str:

@@ -250,7 +250,17 @@ def test_json_failures_print_one_object_on_stdout(tmp_path):
     shutil.copytree(packed, bad)
     shard = next(bad.rglob("*.tfrecord"))
     shard.write_bytes(shard.read_bytes()[:-10])  # truncated: a data failure when copied
+    noidx = tmp_path / "noidx"
+    shutil.copytree(packed, noidx)
+    next(noidx.rglob("*.idx")).unlink()  # a file the manifest names is missing: the data failed (1)
+    parts = tmp_path / "parts"
+    for i in range(2):
+        build_dataset(SRC, parts, size=64, workers=1, num_parts=2, part=i)
+    part_shard = next((parts / "parts").rglob("*.tfrecord"))
+    part_shard.write_bytes(part_shard.read_bytes()[:-10])
     cases = [
+        (("pull", noidx.as_uri(), tmp_path / "got2", "--retries", "0", "--json"), 1),
+        (("merge", parts, "--json"), 1),
         (("build", SRC, "-o", packed, "--json"), 2),  # occupied output folder
         (("info", tmp_path / "empty", "--json"), 2),
         (("verify", tmp_path / "empty", "--json"), 2),

@@ -293,7 +293,10 @@ def test_packer_info_refuses_labels_with_unknown_classes(packed, tmp_path, capsy
     arrays["cls"][0] = 80  # names has 80 entries: ids 0..79
     (bad / path.relative_to(packed)).write_bytes(_npz(arrays).getvalue())
     code, err = _packer(capsys, "info", str(bad))
-    assert code == 2 and "class ids outside 0..79" in _one_line(err)
+    assert code == 1 and "class ids outside 0..79" in _one_line(err)  # a finished dataset whose data failed
+    (bad / path.relative_to(packed)).unlink()
+    code, err = _packer(capsys, "info", str(bad))
+    assert code == 1 and "labels.npz" in _one_line(err)  # a file the manifest names is missing: the same
 
 
 def test_trainer_refuses_hostile_label_arrays(packed, tmp_path, capsys):

@@ -26,7 +26,7 @@ from packer.format import (
     ShardInfo,
     parse_manifest,
 )
-from packer.schema import MANIFEST_MAX_BYTES
+from packer.schema import MANIFEST_MAX_BYTES, DamagedDataset
 from packer.storage.files import download, read_bytes
 from packer.storage.fs import (
     DEFAULT_ATTEMPTS,
@@ -113,16 +113,15 @@ class DatasetLocation:
             try:
                 src = io.BytesIO(read_bytes(self.fs, join(self.root, info.labels), self.attempts))
             except FileNotFoundError:
-                raise FormatError(f"{where} not found") from None
+                raise DamagedDataset(f"{where} not found") from None
         try:
             la = LabelArrays.load(src, num_classes=len(m.names), num_shards=len(info.shards))
         except FormatError as e:
-            if self.path is not None:
-                raise
             # read from memory, the message names "labels.npz": name the URL instead
-            raise FormatError(f"{where}: {str(e).removeprefix(f'{LABELS_NAME}: ')}") from None
+            msg = str(e) if self.path is not None else f"{where}: {str(e).removeprefix(f'{LABELS_NAME}: ')}"
+            raise DamagedDataset(msg) from None
         if check_count and len(la) != info.num_samples:
-            raise FormatError(f"{where}: {len(la)} samples, the manifest says {info.num_samples}")
+            raise DamagedDataset(f"{where}: {len(la)} samples, the manifest says {info.num_samples}")
         return la
 
     @contextlib.contextmanager

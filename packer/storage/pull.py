@@ -25,6 +25,7 @@ from packer.format import (
 )
 from packer.output import STATE_DIR, OutputFolder, is_write_error, output_folder
 from packer.progress import progress_bar
+from packer.schema import DamagedDataset
 from packer.storage.files import download, hash_remote, remote_sizes
 from packer.storage.fs import DEFAULT_ATTEMPTS, ChecksumError, RemoteError, join, redact
 from packer.storage.location import DatasetLocation
@@ -93,7 +94,7 @@ def _pull_errors(src: DatasetLocation, local: Path) -> Iterator[None]:
     try:
         yield
     except FileNotFoundError as e:
-        raise RemoteError(f"pull from {src.display}: a file named by the manifest is missing "
+        raise DamagedDataset(f"pull from {src.display}: a file named by the manifest is missing "
                           f"({redact(str(e), src.storage_options)})") from None
     except ChecksumError:
         raise
