@@ -249,9 +249,9 @@ def _merge_split(dest: Path, split: str, folders: list[Path], manifests: list[Ma
         try:
             la = LabelArrays.load(d / info.labels, num_classes=len(m.names), num_shards=len(info.shards))
         except (FormatError, FileNotFoundError) as e:
-            raise PartsError(f"part {i} of {n} ({rel}): {split} label arrays unreadable: {e}") from None
+            raise PartDamaged(f"part {i} of {n} ({rel}): {split} label arrays unreadable: {e}") from None
         if len(la) != info.num_samples:
-            raise PartsError(f"part {i} of {n} ({rel}): {split} labels.npz holds {len(la)} samples, "
+            raise PartDamaged(f"part {i} of {n} ({rel}): {split} labels.npz holds {len(la)} samples, "
                              f"its manifest says {info.num_samples}")
         la.shard = la.shard + len(shards)
         for sh in info.shards:

@@ -233,7 +233,7 @@ def _augmented_grid(shards: str, split: str, n: int, seed: int, imgsz: int, stor
         loader = make_loader(shards, split, loader="torch", imgsz=imgsz, batch=n, train=True, seed=seed, workers=0,
                              device="cpu", storage_options=storage_options)
     except PackerError as e:  # DataError, LoaderError, SplitError: the data cannot be loaded as asked
-        raise PreviewError(str(e)) from None
+        raise PreviewError.like(e, str(e)) from None
     try:
         batch: dict[str, Any] = next(iter(loader))
     finally:

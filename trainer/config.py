@@ -27,13 +27,6 @@ RESUME_OVERRIDABLE = ("device", "workers", "loader", "patience", "verify", "cach
 class TrainError(PackerError, ValueError):
     """Bad options or data for a training run (the CLI turns this into a one-line error, exit 2)."""
 
-    @classmethod
-    def of(cls, e: PackerError, message: str) -> TrainError:
-        """`message` about the error `e`, keeping its exit status (a damaged dataset stays 1)."""
-        err = cls(message)
-        err.exit_code = e.exit_code
-        return err
-
 
 @dataclass
 class TrainConfig:

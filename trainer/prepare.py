@@ -114,7 +114,7 @@ class PreparedRun:
             self.location = DatasetLocation(cfg.shards, cfg.storage_options)
             m = self.location.manifest()
         except (FormatError, RemoteError) as e:
-            raise TrainError.of(e, redact(str(e), cfg.storage_options)) from None
+            raise TrainError.like(e, redact(str(e), cfg.storage_options)) from None
         self.manifest = m
         self.train_name = pick_split(m.splits, cfg.train_split, "train")
         if self.train_name is None:
@@ -184,7 +184,7 @@ class PreparedRun:
                 self.val_loader = self.make_loader(cfg.shards, self.val_name, batch=self.rank_batch * 2,
                                                    train=False, **common)
         except FormatError as e:
-            raise TrainError.of(e, redact(str(e), cfg.storage_options)) from e
+            raise TrainError.like(e, redact(str(e), cfg.storage_options)) from e
         self.nb = len(self.train_loader)
         if self.nb == 0:
             raise TrainError(f"the train split has fewer images than one batch ({self.rank_batch})")

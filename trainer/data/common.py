@@ -140,9 +140,7 @@ def open_split(
     except FileNotFoundError as e:
         raise DataError(f"{shown}: not found ({redact(str(e), so)})") from None
     except (ValueError, OSError) as e:  # FormatError, RemoteError (no fsspec driver too), connection errors
-        err = DataError(redact(str(e), so).replace(where, shown))
-        err.exit_code = getattr(e, "exit_code", err.exit_code)  # a damaged dataset stays exit 1, as in packer
-        raise err from None
+        raise DataError.like(e, redact(str(e), so).replace(where, shown)) from None
     key_index = {str(k): i for i, k in enumerate(labels.keys.tolist())}
     if loc.path is not None:
         return SplitData(loc.path, manifest, split, info, labels, key_index)
