@@ -7,64 +7,13 @@ Exit codes: 0 ok; 1 the data failed (verify mismatch, --strict problems); 2 usag
 from __future__ import annotations
 
 import json
-import os
-import re
 import sys
 
 import click
 
 from packer import __version__
+from packer.cli_params import DATASET, LOCAL_FOLDER, STORAGE_OPTIONS, ByteSize, not_empty
 from packer.format import FORMATS
-
-# Byte sizes are parsed here, not by a library: pydantic.ByteSize accepts the same strings (256MB,
-# 1GiB, 1k, 500000) but adds pydantic + pydantic_core (9.6 MB, 3 packages) to the base install and
-# 330 ms to the first parse (measured on this project's venv), for these 12 lines.
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1 << 20,
-          "g": 1e9, "gb": 1e9, "gib": 1 << 30, "t": 1e12, "tb": 1e12, "tib": 1 << 40}
-
-
-class ByteSize(click.ParamType):
-    """Accepts 256MB, 1GiB, 500000 ..."""
-
-    name = "bytes"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            return value
-        m = _SIZE.match(str(value))
-        if not m or m.group(2).lower() not in _UNITS:
-            self.fail(f"{value!r} is not a size like 256MB or 1GiB", param, ctx)
-        return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-class DatasetArg(click.ParamType):
-    """A packed dataset: an existing folder, or a URL (s3://, gs://, http(s)://, file://)."""
-
-    name = "folder|url"
-
-    def convert(self, value, param, ctx):
-        from packer.storage.fs import is_url
-
-        value = str(value)
-        if not is_url(value) and not os.path.isdir(value):
-            self.fail(f"{value!r} is not a folder or a URL", param, ctx)
-        return value
-
-
-DATASET = DatasetArg()
-# JSON or @file.json; secrets are better passed by env var or file than on the command line
-STORAGE_OPTIONS = click.option(
-    "--storage-options", "storage_options", envvar="PACKER_STORAGE_OPTIONS", default=None, metavar="JSON|@FILE",
-    help="fsspec storage options for URLs (endpoint, credentials...), as JSON or @file.json; env PACKER_STORAGE_OPTIONS. "
-    "Default: AWS_* env vars (incl. AWS_ENDPOINT_URL) and AWS config files.")
-
-
-def _not_empty(_ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """`-o ""` would silently mean the current folder: a usage error instead."""
-    if value is not None and not str(value).strip():
-        raise click.BadParameter("must not be empty", param=param)
-    return value
 
 
 def _progress_default() -> bool:
@@ -79,7 +28,7 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("src", type=click.Path(exists=True))
-@click.option("-o", "--out", callback=_not_empty, default="shards", show_default=True, help="Output folder, or a URL (s3://, gs://, file://).")
+@click.option("-o", "--out", callback=not_empty, default="shards", show_default=True, help="Output folder, or a URL (s3://, gs://, file://).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="tfrecord", show_default=True)
 @click.option("--size", type=click.IntRange(min=32), default=704, show_default=True, help="Long side in pixels (aspect kept).")
 @click.option("--upscale", is_flag=True, help="Also enlarge images smaller than --size.")
@@ -245,7 +194,7 @@ def info(shards, storage_options, as_json) -> None:
 
 
 @cli.command()
-@click.argument("shards", type=click.Path(exists=True, file_okay=False))
+@click.argument("shards", type=LOCAL_FOLDER)
 @click.argument("url")
 @STORAGE_OPTIONS
 @click.option("--retries", type=click.IntRange(min=0), default=4, show_default=True,
@@ -294,7 +243,7 @@ def pull(url, out, storage_options, retries, overwrite, as_json, progress) -> No
 
 
 @cli.command()
-@click.argument("dest", type=click.Path(exists=True, file_okay=False))
+@click.argument("dest", type=LOCAL_FOLDER)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def merge(dest, as_json) -> None:
     """Join the parts packed with --num-parts/--part in DEST into one dataset."""
@@ -312,8 +261,8 @@ def merge(dest, as_json) -> None:
 
 
 @cli.command()
-@click.argument("shards", type=click.Path(exists=True, file_okay=False))
-@click.option("-o", "--out", callback=_not_empty, required=True, help="Output folder.")
+@click.argument("shards", type=LOCAL_FOLDER)
+@click.option("-o", "--out", callback=not_empty, required=True, help="Output folder.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), required=True, help="Target format.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=None,
               help="Samples per output shard (default: keep the source's shard boundaries).")
@@ -350,7 +299,7 @@ def convert(shards, out, fmt, shard_size, overwrite, check, as_json, progress) -
 @click.option("--augment/--no-augment", default=False, show_default=True,
               help="Show what the trainer's loader feeds the model (needs the [train] extra).")
 @click.option("--imgsz", default=640, show_default=True, type=click.IntRange(min=32), help="Input size with --augment.")
-@click.option("-o", "--out", callback=_not_empty, default="preview.jpg", show_default=True, help="The grid image (.jpg).")
+@click.option("-o", "--out", callback=not_empty, default="preview.jpg", show_default=True, help="The grid image (.jpg).")
 @STORAGE_OPTIONS
 def preview(shards, split, n, seed, augment, imgsz, out, storage_options) -> None:
     """Draw packed samples with their boxes and class names into one grid image."""

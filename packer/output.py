@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -33,11 +34,13 @@ from packer.format import (
     read_manifest,
 )
 from packer.lock import LOCK_NAME, LockError, WriterLock
+from packer.sources.base import safe_text
 
 if TYPE_CHECKING:
     from packer.format import LabelArrays
 
 STATE_DIR = ".packer-state"  # journal of an unfinished run; its presence marks the folder as ours
+PULL_NAME = "pull.json"  # in the journal folder of an unfinished pull: {"url": where from}
 WRITTEN_NAME = "written.txt"  # every file a run may create, one relative path per line
 PARTS_OPTION = "parts"  # manifest options key of a merged dataset: {"num_parts", "folders"}
 # hidden temp files of ours: atomic_write_bytes / writers (.<name>.<8 random>[.build].tmp), uploads (.<name>.<pid>.tmp)
@@ -233,7 +236,7 @@ class OutputFolder:
                 verb: str = "rebuild") -> str:
         """Apply the refuse/resume/overwrite rules; returns what the folder held ("empty"...)."""
         kind = self.inspect()
-        what = "a packed dataset" if kind == "complete" else "an unfinished build or conversion"
+        what = "a packed dataset" if kind == "complete" else f"an unfinished {self._unfinished_kind()}"
         if resume and kind == "empty":
             raise OutputError(f"{self.root} holds no unfinished build to resume")
         if resume and kind == "complete":
@@ -249,6 +252,14 @@ class OutputFolder:
         self.manifest, self.unfinished = None, False
         self._owned = keep
         return kind
+
+    def _unfinished_kind(self) -> str:
+        """What left the folder unfinished, as far as its state folder tells (a pull records its URL)."""
+        try:
+            url = json.loads((self.state_dir / PULL_NAME).read_text()).get("url")
+        except (OSError, ValueError, AttributeError):
+            return "build or conversion"
+        return f"pull of {safe_text(str(url))[:200]}"
 
     def start(self) -> None:
         """Mark the folder as holding an unfinished run of ours (before the first file)."""

@@ -139,8 +139,8 @@ def _verify_records(fmt: str, path: Path, rel: str, expected: int, labels: Label
                         _compare(rel, pos, rec, labels, i, res)
                 if deep:
                     _decode_check(rel, pos, rec, res)
-    except (FormatError, OSError, ValueError) as e:
-        res.errors.append(f"{rel}: unreadable after {count} records: {e}")
+    except (FormatError, OSError, ValueError) as e:  # named by the shard's own path, not a temp download's
+        res.errors.append(f"{rel}: unreadable after {count} records: {str(e).replace(f'{path.parent}/', '')}")
         return
     if count != expected:
         res.errors.append(f"{rel}: {count} records, manifest says {expected}")

@@ -354,3 +354,12 @@ def test_library_call_from_an_unguarded_script_stops_with_the_fix(tmp_path):
                        " splits='train2017')\n    print(sorted(r.manifest.splits))\n")
     p = subprocess.run([sys.executable, str(guarded)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert p.returncode == 0 and p.stdout.strip() == "['train2017']", p.stderr  # a str is one split name
+
+
+def test_strict_passes_stock_coco_whose_only_drops_are_crowd_boxes(coco128, tmp_path):
+    """coco128's only dropped boxes are its 10 iscrowd=1 regions, dropped by choice as ultralytics does:
+    --strict must let such a dataset through, while the report still counts them."""
+    res = build_dataset(coco128, tmp_path / "o", size=64, workers=2, strict=True)
+    assert res.report["totals"]["boxes"]["dropped"] == {"crowd": 10}
+    assert {(p["kind"], p["reason"]) for p in res.report["problems"]} == {("box", "crowd")}
+    assert (tmp_path / "o" / MANIFEST_NAME).is_file()

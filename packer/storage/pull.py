@@ -23,15 +23,13 @@ from packer.format import (
     dumps_json,
     sha256_file,
 )
-from packer.output import STATE_DIR, OutputFolder, is_write_error, output_folder
+from packer.output import PULL_NAME, STATE_DIR, OutputFolder, is_write_error, output_folder
 from packer.progress import progress_bar
 from packer.schema import DamagedDataset
 from packer.storage.files import download, hash_remote, remote_sizes
 from packer.storage.fs import DEFAULT_ATTEMPTS, ChecksumError, RemoteError, join, redact
 from packer.storage.location import DatasetLocation
 from packer.storage.transfer import FileEntry, TransferResult, TryBytes, check_file, dataset_files, max_bytes
-
-PULL_NAME = "pull.json"  # in the journal folder of an unfinished pull: {"url": where from}
 
 
 def pull(
