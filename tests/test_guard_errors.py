@@ -274,3 +274,18 @@ def test_json_failures_print_one_object_on_stdout(tmp_path):
         line = _one_line(r, code)
         obj = json.loads(r.stdout)  # exactly one JSON document
         assert obj == {"ok": False, "exit_code": code, "error": line.removeprefix("packer: error: ")}, args
+
+
+def test_local_only_commands_given_a_url_and_an_unfinished_pull_say_what_they_are(tmp_path):
+    packed = tmp_path / "packed"
+    build_dataset(SRC, packed, size=64, workers=1)
+    for cmd in (("convert", packed.as_uri(), "-o", tmp_path / "c", "--format", "wds"),
+                ("push", packed.as_uri(), (tmp_path / "p").as_uri()), ("merge", packed.as_uri())):
+        line = _one_line(_packer(*cmd), 2)
+        assert f"is a URL; {cmd[0]} works on a local folder (packer pull URL DIR first)" in line
+    broken = tmp_path / "broken"
+    shutil.copytree(packed, broken)
+    next(broken.rglob("*.idx")).unlink()
+    _one_line(_packer("pull", broken.as_uri(), tmp_path / "got", "--retries", "0"), 1)  # leaves an unfinished pull
+    line = _one_line(_packer("pull", packed.as_uri(), tmp_path / "got"), 2)
+    assert f"already holds an unfinished pull of {broken.as_uri()}; pass --overwrite" in line
