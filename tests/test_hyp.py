@@ -82,7 +82,7 @@ def test_every_applied_key_acts_and_args_yaml_records_it(tmp_path):
     assert len(notes) == 1 and set(head.split(": ")[-1].split(", ")) == {"data", "task", "mode", "resume"}
     assert set(records.split(", ")) == {
         "accumulate", "amp_resolved", "device_resolved", "loader_resolved", "lr0_resolved", "names",
-        "optimizer_resolved", "save_dir", "shards", "storage_options", "val_split_resolved",
+        "optimizer_resolved", "momentum_resolved", "save_dir", "shards", "storage_options", "val_split_resolved",
         "warmup_bias_lr_resolved", "world_size"}
     args2 = yaml.safe_load((again / "args.yaml").read_text())
     assert {k: args2[k] for k in (*EVERY, "model", "device", "loader", "plots")} == {
