@@ -10,7 +10,7 @@ DEMO   := out/demo
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 2; }
 	@# The venv takes 8.8 GB (torch's CUDA build alone is 5.5 GB): say so up front, not as pip's OSError halfway
-	@$(PYTHON) -c "import shutil, sys; free = shutil.disk_usage('.').free / 1e9; \
+	@test -d $(VENV) || $(PYTHON) -c "import shutil, sys; free = shutil.disk_usage('.').free / 1e9; \
 	sys.exit(0 if free >= 9.5 else f'make: the venv needs about 9.5 GB free here; {free:.1f} GB is free')"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --no-cache-dir --upgrade pip

@@ -52,7 +52,8 @@ def cli() -> None:
               help="Replace what packer wrote in --out (your other files there are kept).")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted build, keeping finished shards (refused if the source changed).")
-@click.option("--strict", is_flag=True, help="Fail (exit 1) on any problem in the input.")
+@click.option("--strict", is_flag=True,
+              help="Fail (exit 1) on any problem in the input (COCO crowd boxes, dropped by choice, excepted).")
 @click.option("--num-parts", type=click.IntRange(min=1), default=1, show_default=True,
               help="Multi-machine packing: split the work into N parts (then `packer merge`).")
 @click.option("--part", type=click.IntRange(min=0), default=None,

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from packer.errors import DATA
+from packer.errors import DataFailed
 from packer.format import (
     LABELS_NAME,
     MANIFEST_NAME,
@@ -45,6 +45,7 @@ from packer.format import (
     atomic_write_bytes,
     dumps_json,
     read_manifest,
+    sha256_file,
     write_manifest,
 )
 from packer.journal import Tally
@@ -71,10 +72,8 @@ class PartsError(BuildError, ValueError):
     """Parts that cannot be packed or merged as asked (one readable line naming the part)."""
 
 
-class PartDamaged(PartsError):
+class PartDamaged(PartsError, DataFailed):
     """A finished part whose files disagree with its manifest: the data failed (exit 1)."""
-
-    exit_code = DATA
 
 
 def part_dir_name(part: int, num_parts: int) -> str:
@@ -106,7 +105,7 @@ def sources_digest(cands: Sequence[Candidate]) -> str:
 
 def _file_digest(path: str) -> bytes:
     try:
-        return hashlib.sha256(Path(path).read_bytes()).digest()
+        return sha256_file(Path(path)).encode()
     except OSError:  # the worker names it when it packs that image; here it only has to differ
         return b"unreadable"
 

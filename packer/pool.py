@@ -5,7 +5,8 @@ Workers start by forkserver with the image stack preloaded: in milliseconds (spa
 threads (torch, TensorFlow, a web server). `PACKER_START_METHOD` overrides. Like spawn,
 forkserver re-imports the caller's main script in every worker, so a script calling
 `build_dataset()` needs `if __name__ == "__main__":`; without it the worker stops at once
-with that advice (`refuse_script_reimport`) and the parent raises `WorkerDied`.
+with that advice (`refuse_script_reimport`) and the parent raises `WorkerDied`, whose message
+gives the advice too unless packer's own command line is running.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 from packer.errors import DataFailed
 from packer.sample import ProcessOptions, SampleResult, process_candidate
@@ -94,5 +96,13 @@ def _result(future: cf.Future) -> list[SampleResult]:
     try:
         return future.result()
     except BrokenProcessPool:
-        raise WorkerDied(f"a worker process ended abruptly (killed, out of memory, or it could not start; "
-                         f"{GUARD_HINT}); rerun with --resume to keep the finished shards") from None
+        why = "killed or out of memory" + ("" if _packer_is_main() else f"; or {GUARD_HINT}")
+        raise WorkerDied(f"a worker process ended abruptly ({why}); rerun with --resume to keep the "
+                         "finished shards") from None
+
+
+def _packer_is_main() -> bool:
+    """Whether the process runs packer's own command line (no user script to re-import)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return (spec is not None and spec.name.startswith("packer")) or Path(sys.argv[0]).name == "packer"

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from packer.errors import DATA, PackerError
+from packer.errors import DataFailed, PackerError
 
 # Split names become folder and file names under the output folder, so they are held to
 # the same safe alphabet as keys: no dots, slashes or empty names can leave `-o`.
@@ -30,11 +30,9 @@ class FormatError(PackerError, ValueError):
     """A packed folder or record does not follow this contract."""
 
 
-class DamagedDataset(FormatError):
+class DamagedDataset(FormatError, DataFailed):
     """A finished dataset (its manifest is there) whose files are missing or disagree with it:
     the data failed, not the request (exit 1)."""
-
-    exit_code = DATA
 
 
 def check_split_name(name: object) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 
 from packer.format import FormatError, LabelArrays, Manifest, ShardInfo, sha256_file
 from packer.progress import progress_bar
-from packer.storage.fs import ChecksumError
+from packer.storage.fs import OversizeError
 from packer.storage.location import DatasetLocation
 from packer.writers import make_index, open_reader
 
@@ -69,8 +69,8 @@ def _verify_split(loc: DatasetLocation, m: Manifest, split: str, deep: bool, res
         try:
             with loc.local_shard(sh) as (path, idx):
                 _verify_shard(m, sh, path, idx, labels, by_shard.get(n, {}), deep, res, bar)
-        except ChecksumError:  # a remote file longer than its shard may be: the download stopped
-            res.errors.append(f"{sh.path}: longer than the {sh.bytes} bytes the manifest says (or its index is)")
+        except OversizeError as e:  # a remote shard or index longer than the shard may be: the download stopped
+            res.errors.append(str(e))
 
 
 def _verify_shard(m: Manifest, sh: ShardInfo, path: Path | None, idx: Path | None, labels: LabelArrays | None,

@@ -82,3 +82,19 @@ def test_bad_device_is_one_line(shards, tmp_path, capsys, value, words):
         main([str(shards), "--device", value, "--out", str(tmp_path / "runs")])
     lines = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(lines) == 1 and words in lines[0], lines
+
+
+def test_auto_device_under_torchrun_checks_the_local_rank_gpu_exists(monkeypatch):
+    """torchrun with more processes than GPUs: `auto` gives rank 7 cuda:7, which must be refused in one
+    line like an explicit cuda:7 (the machine's CUDA is stood in for: this checks our range rule)."""
+    import torch
+
+    from trainer.data.common import DataError, default_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "7")
+    with pytest.raises(DataError, match=r"device cuda:7: 2 CUDA device\(s\) here"):
+        default_device("auto", rank=7)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert default_device("auto", rank=1) == torch.device("cuda", 1)

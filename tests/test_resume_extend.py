@@ -118,8 +118,8 @@ def test_resume_on_other_data_is_refused_and_on_moved_data_goes_on(finished_run,
     r = CliRunner().invoke(main, [str(other), "--resume", str(last), "--epochs", more])
     assert r.exit_code == 2, r.output[-2000:]
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "is not the data this run trained on (train: 'train', 11 images" in lines[0]
-    assert "the checkpoint's: 'train', 12 images" in lines[0] and "--weights CHECKPOINT" in lines[0]
+    assert len(lines) == 1 and "is not the data this run trained on (train images: 11, the checkpoint's: 12)" in lines[0]
+    assert "--weights CHECKPOINT" in lines[0]
     assert [row["epoch"] for row in _rows(run / "results.csv")] == done  # nothing was touched
 
     moved = tmp_path / "moved-wds"

@@ -15,7 +15,7 @@ from _servers import http_files
 
 from packer.build import build_dataset
 from packer.format import LABEL_FIELDS, MANIFEST_NAME, FormatError
-from packer.storage.fs import ChecksumError, RemoteError
+from packer.storage.fs import ChecksumError, OversizeError, RemoteError, is_transient
 from packer.storage.location import DatasetLocation
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "yolo"
@@ -108,7 +108,26 @@ def test_a_shard_longer_than_its_manifest_is_read_no_further(packed: Path, tmp_p
             pull(base, tmp_path / "got", attempts=1)
         remote = verify_dataset(base)
     assert sum(got) == sh.bytes + 1 and not (tmp_path / "one").exists()
-    assert remote.errors == [f"{sh.path}: longer than the {sh.bytes} bytes the manifest says (or its index is)"]
+    assert remote.errors == [f"{sh.path}: longer than the {sh.bytes} bytes the manifest allows"]
     local = verify_dataset(big)
     assert local.errors[0] == f"{sh.path}: {4 * CHUNK} bytes, manifest says {sh.bytes}"
     assert not any("does not match its shard" in e for e in local.errors)  # no index built from 32 MiB of zeros
+    assert not is_transient(OversizeError("x")) and is_transient(ChecksumError("x"))  # the same bytes again: no retry
+
+
+def test_verify_stops_a_record_walk_at_the_manifest_count(packed: Path, tmp_path: Path) -> None:
+    """A shard holding more records than its manifest says is named once; the walk ends there."""
+    import json
+
+    from packer.verify import verify_dataset
+
+    more = tmp_path / "more"
+    shutil.copytree(packed, more)
+    doc = json.loads((more / MANIFEST_NAME).read_text())
+    split = doc["splits"]["train"]
+    split["shards"][0]["num_samples"] -= 1
+    split["num_samples"] -= 1
+    (more / MANIFEST_NAME).write_text(json.dumps(doc))
+    errors = verify_dataset(more).errors
+    n = split["shards"][0]["num_samples"]
+    assert f"{split['shards'][0]['path']}: more records than the {n} the manifest says" in errors

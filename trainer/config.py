@@ -218,16 +218,24 @@ def check_resume_data(saved: dict[str, Any] | None, now: dict[str, Any], where: 
         return f"warning: {where} cannot be checked against the checkpoint (written before its data was recorded)"
     for k in ("names", "train", "val"):
         if saved.get(k) != now.get(k):
-            raise TrainError(f"--resume: {where} is not the data this run trained on ({k}: {_show(k, now.get(k))}, "
-                             f"the checkpoint's: {_show(k, saved.get(k))}); a resume never mixes two datasets: start a "
-                             "new run with --weights CHECKPOINT to train on other data")
+            raise TrainError(f"--resume: {where} is not the data this run trained on ({_differs(k, now.get(k), saved.get(k))}); "
+                             "a resume never mixes two datasets: start a new run with --weights CHECKPOINT to "
+                             "train on other data")
     return None
 
 
-def _show(key: str, v: Any) -> str:
-    if v is None:
-        return "none"
-    return f"{len(v)} classes" if key == "names" else f"{v['split']!r}, {v['samples']} images, {v['boxes']} boxes"
+def _differs(key: str, now: Any, saved: Any) -> str:
+    """What differs, in words: "train images: 11, the checkpoint's: 12"."""
+    if key == "names":
+        return "class names differ"
+    if now is None or saved is None:
+        return f"{key} split: {'none' if now is None else repr(now['split'])}, the checkpoint's: " + (
+            "none" if saved is None else repr(saved["split"]))
+    field = next((f for f in ("split", "samples", "boxes") if now.get(f) != saved.get(f)), None)
+    if field is None:
+        return f"{key} split: the per-class box counts differ"
+    what = {"split": "split", "samples": "images", "boxes": "boxes"}[field]
+    return f"{key} {what}: {now[field]!r}, the checkpoint's: {saved[field]!r}"
 
 
 def check_resume_epochs(cfg: TrainConfig, ckpt_epoch: int, ckpt_epochs: int) -> str | None:

@@ -89,12 +89,10 @@ class _UniqueKeys(yaml.SafeLoader):
     """safe_load that refuses a key given twice (plain YAML keeps the last one silently)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen = set()
-        for k, _ in node.value:
-            key = self.construct_object(k, deep=deep)
-            if key in seen:
-                raise _DuplicateKey(key)
-            seen.add(key)
+        # the file's own scalar keys only: `<<: *base` merge keys may be overridden, as YAML means them
+        own = [k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge"]
+        if len(own) != len(set(own)):
+            raise _DuplicateKey(next(k for k in own if own.count(k) > 1))
         return super().construct_mapping(node, deep=deep)
 
 

@@ -30,6 +30,7 @@ from packer.schema import MANIFEST_MAX_BYTES, DamagedDataset
 from packer.storage.files import download, read_bytes
 from packer.storage.fs import (
     DEFAULT_ATTEMPTS,
+    OversizeError,
     RemoteError,
     display_url,
     get_fs,
@@ -39,6 +40,7 @@ from packer.storage.fs import (
     retry,
     unreachable,
 )
+from packer.storage.transfer import labels_max_bytes
 
 
 class DatasetLocation:
@@ -110,10 +112,14 @@ class DatasetLocation:
         if self.path is not None:
             src: Any = self.path / info.labels
         else:
+            limit = labels_max_bytes(info.num_samples, info.num_boxes)
             try:
-                src = io.BytesIO(read_bytes(self.fs, join(self.root, info.labels), self.attempts))
+                data = read_bytes(self.fs, join(self.root, info.labels), self.attempts, limit=limit)
             except FileNotFoundError:
                 raise DamagedDataset(f"{where} not found") from None
+            if len(data) > limit:
+                raise DamagedDataset(f"{where}: longer than the {limit} bytes its manifest allows")
+            src = io.BytesIO(data)
         try:
             la = LabelArrays.load(src, num_classes=len(m.names), num_shards=len(info.shards))
         except FormatError as e:
@@ -161,6 +167,8 @@ class DatasetLocation:
                   attempts=self.attempts)
         except FileNotFoundError:
             return None
+        except OversizeError:  # named by its place in the dataset, not the store's full path
+            raise OversizeError(f"{rel}: longer than the {sh.bytes} bytes the manifest allows") from None
         return dest
 
 

@@ -29,7 +29,7 @@ from packer.schema import DamagedDataset
 from packer.storage.files import download, hash_remote, remote_sizes
 from packer.storage.fs import DEFAULT_ATTEMPTS, ChecksumError, RemoteError, join, redact
 from packer.storage.location import DatasetLocation
-from packer.storage.transfer import FileEntry, TransferResult, TryBytes, check_file, dataset_files, max_bytes
+from packer.storage.transfer import FileEntry, TransferResult, TryBytes, check_file, dataset_files
 
 
 def pull(
@@ -140,7 +140,7 @@ def _fetch(src: DatasetLocation, local: Path, f: FileEntry, res: TransferResult,
 
     def once() -> None:
         got.restart()
-        download(src.fs, join(src.root, f.rel), path, sha256=f.sha256, size=f.bytes, max_bytes=max_bytes(m, f),
+        download(src.fs, join(src.root, f.rel), path, sha256=f.sha256, size=f.bytes, max_bytes=f.max_bytes,
                  on_bytes=got)
         if f.kind != "shard":
             try:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from packer.format import REPORT_NAME, FormatError, LabelArrays, Manifest, sha256_file
+from packer.format import KEY_MAX_LEN, REPORT_NAME, FormatError, LabelArrays, Manifest, sha256_file
 from packer.storage.fs import ChecksumError, retry
 
 
@@ -28,6 +28,7 @@ class FileEntry:
     bytes: int | None = None
     sha256: str | None = None
     shard: str | None = None  # for an index: its shard's rel path
+    max_bytes: int | None = None  # the most it may hold by the manifest (`download` stops past it)
 
 
 @dataclass
@@ -58,30 +59,32 @@ class TransferResult:
         return retry(fn, attempts=attempts, on_retry=note)
 
 
+def labels_max_bytes(samples: int, boxes: int) -> int:
+    """The most an honest labels.npz can weigh: an uncompressed npz of fixed-width strings, so a
+    key of at most KEY_MAX_LEN and a source path of at most 4096 characters (4 bytes each) per
+    sample, a few numbers per sample and per box."""
+    return (1 << 20) + samples * (4 * (KEY_MAX_LEN + 4096) + 64) + boxes * 64
+
+
+def report_max_bytes(m: Manifest) -> int:
+    """A generous bound on report.json (problems are listed per image and box, paths included)."""
+    return (256 << 20) + sum(s.num_samples + s.num_boxes for s in m.splits.values()) * (8 << 10)
+
+
 def dataset_files(m: Manifest, with_report: bool = True) -> list[FileEntry]:
-    """The files of a packed dataset in copy order (the manifest is not listed: it goes last)."""
+    """The files of a packed dataset in copy order (the manifest is not listed: it goes last), each
+    with the most bytes the manifest allows: a shard exactly its size, an index at most its shard's
+    (far smaller), label arrays and report.json the bounds above."""
     out: list[FileEntry] = []
     for s in m.splits.values():
-        out.append(FileEntry(s.labels, "labels"))
+        out.append(FileEntry(s.labels, "labels", max_bytes=labels_max_bytes(s.num_samples, s.num_boxes)))
         for sh in s.shards:
-            out.append(FileEntry(sh.path, "shard", sh.bytes, sh.sha256))
+            out.append(FileEntry(sh.path, "shard", sh.bytes, sh.sha256, max_bytes=sh.bytes))
             if sh.index:
-                out.append(FileEntry(sh.index, "index", shard=sh.path))
+                out.append(FileEntry(sh.index, "index", shard=sh.path, max_bytes=sh.bytes))
     if with_report:
-        out.append(FileEntry(REPORT_NAME, "report"))
+        out.append(FileEntry(REPORT_NAME, "report", max_bytes=report_max_bytes(m)))
     return out
-
-
-def max_bytes(m: Manifest, f: FileEntry) -> int | None:
-    """The most bytes `f` may hold by its manifest: a shard exactly its size, an index at most
-    its shard's (an index is far smaller), label arrays and report.json a generous bound from
-    the sample count. A download stops there, so a hostile server cannot fill the disk."""
-    if f.kind == "shard":
-        return f.bytes
-    if f.kind == "index":
-        return next((sh.bytes for s in m.splits.values() for sh in s.shards if sh.path == f.shard), None)
-    samples = sum(s.num_samples + s.num_boxes for s in m.splits.values())
-    return (64 << 20) + samples * (64 << 10)  # 64 KiB per sample or box: paths and problems included
 
 
 def format_transfer_summary(s: dict[str, Any], verb: str) -> str:

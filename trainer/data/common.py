@@ -189,11 +189,10 @@ def default_workers() -> int:
 def default_device(device: str | torch.device, rank: int = 0) -> torch.device:
     """'auto' -> cuda:<local rank> when CUDA is available, else cpu; a CUDA device that is not
     there is a DataError now (DALI would fail only at the first batch, with its own message)."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
-            return torch.device("cuda", local)
+    if device == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
+    if device == "auto":  # under torchrun, the process's own GPU; checked below like any other
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank % max(torch.cuda.device_count(), 1)))}"
     try:
         dev = device if isinstance(device, torch.device) else torch.device(device)
     except (RuntimeError, TypeError):

@@ -19,7 +19,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from packer.format import WDS_IMAGE, FormatError, Record
 from packer.storage.files import CHUNK, open_stream, read_bytes
-from packer.storage.fs import get_fs, join, retry
+from packer.storage.fs import OversizeError, get_fs, join, retry
 from packer.writers import ShardReader, open_reader, wds
 from trainer.data.common import SplitData
 from trainer.data.split import Segment
@@ -89,7 +89,10 @@ class RecordSource:
                 r = open_reader(self.fmt, self.paths[shard])
             elif self.stream:
                 fs, root = self._remote()
-                r = wds.read_index(read_bytes(fs, join(root, self.rels[shard][1])), self.sizes[shard])
+                data = read_bytes(fs, join(root, self.rels[shard][1]), limit=self.sizes[shard])
+                if len(data) > self.sizes[shard]:  # an index is far smaller than its shard
+                    raise OversizeError(f"{self.rels[shard][1]}: longer than its shard; the index is damaged")
+                r = wds.read_index(data, self.sizes[shard])
             else:
                 r = wds.read_index(self.index_paths[shard], os.path.getsize(self.paths[shard]))
             self._open[shard] = r
