@@ -177,16 +177,13 @@ def build_dataset(
     """
     refuse_script_reimport()
     t0 = time.perf_counter()
-    if isinstance(splits, str):  # one split name, not its letters
-        splits = [splits]
+    splits = [splits] if isinstance(splits, str) else splits  # one split name, not its letters
     if overwrite and resume:
         raise BuildError("--overwrite and --resume exclude each other")
     opts = BuildOptions(fmt, size, quality, shard_size, shard_bytes, max(1, min_shards), shuffle, seed,
                         tuple(splits) if splits else None, keep_crowd, upscale, max_pixels, follow_symlinks, chroma)
     parts.check_part_args(num_parts, part)
     source = detect_source(src, splits, follow_symlinks=follow_symlinks)
-    for name in source.splits:
-        check_split_name(name)
     out, part_info, notes = _part_setup(Path(out).resolve(), source, num_parts, part, overwrite)
     with output_folder(out, source=source.root, hint="free some space (or choose another -o), "
                        "then rerun with --resume") as folder:
@@ -227,7 +224,10 @@ def _pack_into(run: _Run, source: Source, part_info: dict[str, Any] | None, prog
 
 def _part_setup(out: Path, source: Source, num_parts: int, part: int | None,
                 overwrite: bool) -> tuple[Path, dict[str, Any] | None, list[str]]:
-    """(folder to pack into, the part selection or None, notes) for a part of a multi-machine build."""
+    """(folder to pack into, the part selection or None, notes) for a part of a multi-machine build;
+    the split names are checked first (they become folder names in it)."""
+    for name in source.splits:
+        check_split_name(name)
     if part is None:
         return out, None, []
     folder = parts.prepare_part_dest(out, source.root, num_parts, part, overwrite=overwrite)

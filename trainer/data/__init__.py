@@ -113,10 +113,7 @@ def make_loader(
     dev = default_device(device, rank)
     whole = open_split(shards, split, verify=verify, storage_options=storage_options, cache_dir=cache_dir,
                       cache_max_bytes=cache_max_bytes)
-    data = _leading_share(whole, fraction)
-    if fraction < 1 and data.info.num_samples < world_size:
-        raise LoaderError(f"fraction {fraction} keeps {data.info.num_samples} of the split's "
-                          f"{whole.info.num_samples} samples: too few for {world_size} process(es)")
+    data = _leading_share(whole, fraction, world_size)
     check_args(data.info.num_samples, world_size, rank, batch)
     batches_per_rank(data.info.num_samples, world_size, batch, train=train)  # a clear error now, not a hang later
     reason = "asked for"
@@ -192,12 +189,16 @@ def _torch(data: SplitData, whole: SplitData, cache: str | None, cache_dir: str 
     return TorchLoader(data, cache=dc, **common, **torch_kwargs)
 
 
-def _leading_share(data: SplitData, fraction: float) -> SplitData:
+def _leading_share(data: SplitData, fraction: float, world_size: int) -> SplitData:
     """`data` limited to its first ``round(N * fraction)`` samples: shard counts cut (the loaders
-    read by them), labels kept whole (sample indices stay global)."""
+    read by them), labels kept whole (sample indices stay global); LoaderError if too few are left
+    for `world_size` processes."""
     if fraction == 1:
         return data
     sizes = fraction_sizes(data.shard_sizes, fraction)
+    if sum(sizes) < world_size:
+        raise LoaderError(f"fraction {fraction} keeps {sum(sizes)} of the split's {data.info.num_samples} "
+                          f"samples: too few for {world_size} process(es)")
     shards = [dataclasses.replace(s, num_samples=n) for s, n in zip(data.info.shards, sizes, strict=True)]
     return dataclasses.replace(data, info=dataclasses.replace(data.info, num_samples=sum(sizes), shards=shards))
 
