@@ -44,7 +44,8 @@ def check_split_name(name: object) -> str:
 
 def check_relpath(p: str) -> str:
     """Return `p` if it is a relative path that stays inside the dataset folder, else raise FormatError."""
-    if not p or "\0" in p or p.startswith("/") or "\\" in p or ".." in Path(p).parts or "://" in p:
+    if (not p or p.startswith("/") or "\\" in p or ".." in Path(p).parts or "://" in p
+            or any(ord(c) < 32 or ord(c) == 127 for c in p)):  # control characters could forge output lines
         raise FormatError(f"unsafe path in manifest: {p!r:.80}")
     return p
 
@@ -112,6 +113,8 @@ def count(v: Any, where: str, lo: int = 0) -> int:
     """`v` if it is a JSON integer >= lo (not a boolean, not a string of digits), else FormatError."""
     if type(v) is not int or v < lo:  # type(), not isinstance: JSON true is not 1
         raise FormatError(f"manifest {where} must be an integer >= {lo}, got {describe(v)}")
+    if v >= 1 << 63:  # no count or size reaches it; larger ones overflow float and C conversions
+        raise FormatError(f"manifest {where} must be below 2^63, got {describe(v)}")
     return v
 
 
@@ -157,6 +160,11 @@ def check_manifest(d: Any, version: int, formats: tuple[str, ...]) -> dict[str, 
     text(d["packer_version"], "packer_version")
     for name, s in json_object(d["splits"], "splits").items():
         _check_split(s, f"splits.{check_split_name(name)}")
+    files = [p for s in d["splits"].values() for p in [s["labels"], *(x for sh in s["shards"]
+                                                                    for x in (sh["path"], sh["index"]) if x)]]
+    if len(set(files)) != len(files):  # two entries for one file: counted twice, read twice
+        seen: set[str] = set()
+        raise FormatError(f"manifest lists the file {next(p for p in files if p in seen or seen.add(p))!r:.80} twice")
     return d
 
 
@@ -214,5 +222,8 @@ def label_problem(a: dict[str, np.ndarray], num_classes: int | None, num_shards:
         ((a["shard"] < 0).any() or (num_shards is not None and (a["shard"] >= num_shards).any()),
          f"shard numbers outside 0..{'' if num_shards is None else num_shards - 1}"),
         ((a["pos"] < 0).any(), "negative record positions"),
+        (((a["boxes"] < 0) | (a["boxes"] > 1)).any() or (a["boxes"][:, 2:] <= 0).any(),
+         "boxes outside [0, 1] or of no size (packer clips or drops those)"),
+        (len(np.unique(a["keys"])) != n, "a sample key occurs twice"),
     ]
     return next((msg for failed, msg in checks if failed), None)

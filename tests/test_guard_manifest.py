@@ -117,6 +117,11 @@ CASES = {
     "source_not_dict": _set("source", []),
     "options_not_dict": _set("options", "fast"),
     "class_counts_strings": _set("splits.*.class_counts", ["1"]),
+    # control characters in a path could forge `verify` output lines ("OK: ...", terminal escapes)
+    "shard_path_newline": _set("splits.*.shards.0.path", "train/x\nOK: ds: 10 shards\x1b[2K.tar"),
+    "shard_bytes_huge": _set("splits.*.shards.0.bytes", 10**4000),  # overflowed float() in info
+    "shard_listed_twice": lambda d: d["splits"][next(iter(d["splits"]))]["shards"].append(
+        dict(d["splits"][next(iter(d["splits"]))]["shards"][0])),  # verify read it once per entry
 }
 
 
@@ -262,6 +267,9 @@ LABEL_CASES = {
     "pos_negative": lambda a: a["pos"].__setitem__(0, -5),
     "missing_field": lambda a: a.pop("sources"),
     "keys_2d": lambda a: a.update(keys=a["keys"].reshape(1, -1)),
+    "boxes_outside": lambda a: a["boxes"].__setitem__((0, 2), 1e30),  # drew a traceback in preview
+    "boxes_negative_size": lambda a: a["boxes"].__setitem__((0, 3), -0.1),
+    "keys_twice": lambda a: a["keys"].__setitem__(1, a["keys"][0]),  # convert copied it on
 }
 
 
