@@ -319,8 +319,13 @@ def main(argv: list[str] | None = None) -> None:
     from packer.cli_errors import run_one_line
 
     _log_notes()
+    args = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in args if not a.startswith("-")), "")
+    again = {"build": "rerun with --resume to continue", "convert": "rerun with --overwrite",
+             "merge": "rerun it", "pull": "rerun it to finish: what was copied is kept",
+             "push": "rerun it to finish: what was copied is kept"}.get(command)
     run_one_line(cli, argv, "packer", "packer: error: ",
-                 interrupted="packer: interrupted; no manifest was written (rerun with --resume to continue)")
+                 interrupted="packer: interrupted; no manifest was written" + (f" ({again})" if again else ""))
 
 
 def _log_notes() -> None:

@@ -192,9 +192,9 @@ def _convert_split(src: Path, m: Manifest, split: str, folder: OutputFolder, fmt
             except (FormatError, OSError) as e:
                 if isinstance(e, OSError) and is_write_error(e, out):
                     raise  # disk full / read-only output: output_folder makes it one line
-                raise ConvertError(f"{sh.path}: cannot read the source shard ({e}); run packer verify on it") from None
+                raise SourceDamaged(f"{sh.path}: cannot read the source shard ({e}); run packer verify on it") from None
             if count != sh.num_samples:
-                raise ConvertError(f"{sh.path}: {count} records, the source manifest says {sh.num_samples}")
+                raise SourceDamaged(f"{sh.path}: {count} records, the source manifest says {sh.num_samples}")
         if writer is not None:
             close()
     except BaseException:

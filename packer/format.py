@@ -20,7 +20,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import struct
 import tempfile
 import zipfile
@@ -30,16 +29,20 @@ from typing import Any
 
 import numpy as np
 
-from packer.schema import (  # noqa: F401  (FormatError, check_split_name, SPLIT_NAME_RULE: re-exported)
+from packer.schema import (  # noqa: F401  (FormatError, check_key, check_split_name, ...: re-exported)
+    KEY_MAX_LEN,
+    KEY_UNSAFE,
     MANIFEST_KEYS,
     MANIFEST_MAX_BYTES,
     SPLIT_NAME_RULE,
     FormatError,
+    check_key,
     check_manifest,
     check_relpath,
     check_split_name,
     label_problem,
     load_json,
+    record_problem,
 )
 
 FORMAT_VERSION = 1
@@ -83,8 +86,6 @@ LMDB_HEADER = struct.Struct("<4sHHIIIIIHHI")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-KEY_MAX_LEN = 80  # keeps tar member names inside ustar's 100-byte name field
-_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 @dataclass
 class Record:
@@ -106,6 +107,8 @@ class Record:
         if len(self.cls) != len(self.boxes):
             raise FormatError(f"{self.key}: {len(self.cls)} classes but {len(self.boxes)} boxes")
         check_key(self.key)
+        if bad := record_problem(self.source, self.jpeg, (self.height, self.width, self.orig_height, self.orig_width)):
+            raise FormatError(f"{self.key}: {bad}")
 
     def meta(self) -> dict[str, Any]:
         """The JSON-able per-sample metadata (WebDataset's `<key>.json`), keys in `META_FIELDS` order."""
@@ -119,15 +122,9 @@ def make_key(source: str) -> str:
     split member names at the first dot), same key whichever machine or part packs it.
     """
     digest = hashlib.sha1(source.encode("utf-8")).hexdigest()[:10]
-    stem = _KEY_UNSAFE.sub("_", os.path.splitext(source)[0]).strip("_")
+    stem = KEY_UNSAFE.sub("_", os.path.splitext(source)[0]).strip("_")
     stem = stem[-(KEY_MAX_LEN - 11) :].lstrip("_")
     return f"{stem}-{digest}" if stem else digest
-
-
-def check_key(key: str) -> None:
-    """Raise FormatError unless `key` is safe for every reader."""
-    if not key or len(key) > KEY_MAX_LEN or _KEY_UNSAFE.search(key):
-        raise FormatError(f"unsafe sample key {key!r}: use [A-Za-z0-9_-], at most {KEY_MAX_LEN} chars")
 
 
 def shard_name(split: str, index: int, fmt: str) -> str:

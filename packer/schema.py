@@ -190,6 +190,31 @@ def _check_shard(d: Any, where: str) -> None:
     count(d["bytes"], f"{where}.bytes")
 
 
+# ------------------------------------------------------------------------ records
+
+KEY_MAX_LEN = 80  # keeps tar member names inside ustar's 100-byte name field
+KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+SOURCE_MAX_BYTES = 4096  # a path under the dataset root: Linux's PATH_MAX (the LMDB header holds up to 65535)
+
+
+def check_key(key: str) -> None:
+    """Raise FormatError unless `key` is safe for every reader."""
+    if not isinstance(key, str) or not key or len(key) > KEY_MAX_LEN or KEY_UNSAFE.search(key):
+        raise FormatError(f"unsafe sample key {key!r:.100}: use [A-Za-z0-9_-], at most {KEY_MAX_LEN} chars")
+
+
+def record_problem(source: Any, jpeg: Any, sizes: tuple[Any, ...]) -> str | None:
+    """What is wrong with a record's metadata as a reader found it (None if nothing): a hostile
+    shard's strings for numbers or a 70,000-character path crashed the writers of `convert`."""
+    if not isinstance(source, str) or "\0" in source or len(source.encode("utf-8", "surrogatepass")) > SOURCE_MAX_BYTES:
+        return f"source is not a path of at most {SOURCE_MAX_BYTES} bytes"
+    if not isinstance(jpeg, bytes | bytearray | memoryview):
+        return "image bytes of another type"
+    if any(isinstance(v, bool) or not isinstance(v, int | np.integer) or not 1 <= v < 1 << 31 for v in sizes):
+        return "image sizes must be integers within 1..2^31-1"
+    return None
+
+
 # ------------------------------------------------------------------------ label arrays
 
 # dtype of each numeric field of labels.npz (keys and sources: any unicode string dtype)
@@ -225,5 +250,7 @@ def label_problem(a: dict[str, np.ndarray], num_classes: int | None, num_shards:
         (((a["boxes"] < 0) | (a["boxes"] > 1)).any() or (a["boxes"][:, 2:] <= 0).any(),
          "boxes outside [0, 1] or of no size (packer clips or drops those)"),
         (len(np.unique(a["keys"])) != n, "a sample key occurs twice"),
+        (a["sources"].dtype.itemsize > 4 * SOURCE_MAX_BYTES or a["keys"].dtype.itemsize > 4 * KEY_MAX_LEN,
+         f"sample keys or source paths longer than a record may hold ({KEY_MAX_LEN} / {SOURCE_MAX_BYTES})"),
     ]
     return next((msg for failed, msg in checks if failed), None)

@@ -28,7 +28,7 @@ from packer.writers import (
     trim_index,
     wds,
 )
-from packer.writers import lmdb as lmdb_fmt
+from packer.writers import lmdb_pages as lmdb_fmt
 
 EXT = {"tfrecord": ".tfrecord", "wds": ".tar", "lmdb": ".lmdb"}
 

@@ -289,3 +289,32 @@ def test_local_only_commands_given_a_url_and_an_unfinished_pull_say_what_they_ar
     _one_line(_packer("pull", broken.as_uri(), tmp_path / "got", "--retries", "0"), 1)  # leaves an unfinished pull
     line = _one_line(_packer("pull", packed.as_uri(), tmp_path / "got"), 2)
     assert f"already holds an unfinished pull of {broken.as_uri()}; pass --overwrite" in line
+
+
+@pytest.mark.parametrize("command, advice", [
+    (["build", str(SRC), "-o", "{out}"], "rerun with --resume to continue"),
+    (["convert", "{packed}", "-o", "{out}", "--format", "wds"], "rerun with --overwrite"),
+    (["pull", "{url}", "{out}"], "rerun it to finish: what was copied is kept"),
+])
+def test_ctrl_c_advice_names_what_the_command_has(tmp_path, capsys, monkeypatch, command, advice):
+    """pull and convert have no --resume: the Ctrl-C line must not send a user to it. The library
+    call is made to see the Ctrl-C (a real signal's timing is not repeatable); the CLI is real."""
+    import packer.build
+    import packer.convert
+    import packer.storage.pull
+    from packer.cli import main
+
+    packed = tmp_path / "packed"
+    build_dataset(SRC, packed, size=64, workers=1)
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    for mod, name in ((packer.build, "build_dataset"), (packer.convert, "convert_dataset"),
+                      (packer.storage.pull, "pull")):
+        monkeypatch.setattr(mod, name, interrupted)
+    args = [a.format(out=tmp_path / "out", packed=packed, url=packed.as_uri()) for a in command]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip() == f"packer: interrupted; no manifest was written ({advice})"

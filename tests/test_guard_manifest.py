@@ -270,6 +270,7 @@ LABEL_CASES = {
     "boxes_outside": lambda a: a["boxes"].__setitem__((0, 2), 1e30),  # drew a traceback in preview
     "boxes_negative_size": lambda a: a["boxes"].__setitem__((0, 3), -0.1),
     "keys_twice": lambda a: a["keys"].__setitem__(1, a["keys"][0]),  # convert copied it on
+    "sources_huge": lambda a: a.update(sources=a["sources"].astype("<U70000")),  # past the download bound
 }
 
 

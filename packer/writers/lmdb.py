@@ -12,7 +12,6 @@ what the trainer uses too (lazily opened per process, so safe across DataLoader 
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,105 +24,12 @@ from packer.format import (
     decode_lmdb_record,
     encode_lmdb_record,
     lmdb_key,
-    sha256_file,
 )
 from packer.writers.base import ShardReader, ShardWriter, WrittenShard, fsync_dir, make_hidden_tmp
+from packer.writers.lmdb_pages import LMDB_ENGINE, check_pages, normalize
 
 _INITIAL_MAP = 64 << 20
 _COMMIT_BYTES = 64 << 20  # bounds the dirty pages (memory) held by one write transaction
-
-# --- LMDB's on-disk page layout, as `normalize` relies on it --------------------------------------
-# Not an API: read from lmdb.h/mdb.c of LMDB 0.9 and verified against the engine py-lmdb bundles
-# for it. The writer asks py-lmdb for that engine by name (``lib_version=0``; py-lmdb also bundles
-# LMDB 1.0, whose format differs), tests/test_formats_lib.py pins its version and fails when it
-# changes, and at run time the meta page's magic and data-format version are checked, so a file of
-# another layout is refused rather than rewritten. Page header = pgno u64, pad u16, flags u16,
-# lower u16, upper u16 (overflow pages: u32 page count instead of lower/upper); node = lo u16,
-# hi u16, flags u16, ksize u16.
-LMDB_ENGINE = 0  # py-lmdb's `lib_version` for its LMDB 0.9.x engine
-VERIFIED_LMDB_VERSION = (0, 9, 36)  # lmdb.version(lib_version=LMDB_ENGINE) the layout was checked against
-_MAGIC, _DATA_VERSION = 0xBEEFC0DE, 1  # MDB_MAGIC, MDB_DATA_VERSION
-_PAGE_HDR = struct.Struct("<QHHHH")
-_NODE = struct.Struct("<HHHH")
-_P_BRANCH, _P_LEAF, _P_OVERFLOW, _P_META = 0x01, 0x02, 0x04, 0x08
-_F_BIGDATA = 0x01
-_META = struct.Struct("<IIQQI")  # at byte 16 of a meta page: magic, version, address, mapsize, dbs[0].md_pad
-_META_MAPSIZE = 16 + 16  # byte offset of mm_mapsize in a meta page
-
-
-def _page_size(head: bytes, path: Path, size: int) -> int:
-    """The page size from the first meta page (FREE_DBI's md_pad holds it); refuse other layouts."""
-    magic, version, _, _, psize = _META.unpack_from(head, 16)
-    if magic != _MAGIC or version != _DATA_VERSION:
-        raise FormatError(f"{path}: LMDB data format {magic:#x}/{version} is not the one normalize was verified "
-                          f"for ({_MAGIC:#x}/{_DATA_VERSION}, lmdb {'.'.join(map(str, VERIFIED_LMDB_VERSION))})")
-    if psize < 512 or psize & (psize - 1) or size % psize:
-        raise FormatError(f"{path}: unexpected LMDB page size {psize}")
-    return psize
-
-
-def _clean_node_page(page: bytes, leaf: bool, tails: list[tuple[int, int]]) -> bytearray:
-    """A branch/leaf page with only its header, node pointers and nodes kept (the rest zero);
-    appends (first overflow page, value size) of each big value to `tails`."""
-    lower = _PAGE_HDR.unpack_from(page)[3]
-    new = bytearray(len(page))
-    new[:lower] = page[:lower]  # header + node pointers
-    for i in range(16, lower, 2):
-        ptr = int.from_bytes(page[i : i + 2], "little")
-        lo, hi, nflags, ksize = _NODE.unpack_from(page, ptr)
-        n = 8 + ksize
-        if leaf and nflags & _F_BIGDATA:
-            tails.append((int.from_bytes(page[ptr + n : ptr + n + 8], "little"), lo | hi << 16))
-            n += 8
-        elif leaf:
-            n += lo | hi << 16
-        new[ptr : ptr + n] = page[ptr : ptr + n]
-    return new
-
-
-def normalize(path: Path) -> tuple[int, str]:
-    """Zero the bytes LMDB leaves unspecified in a compacted file; return (size, sha256).
-
-    A compacted copy is a function of the key/value sequence except for bytes that hold
-    stale contents of reused page buffers, and the map size in the two meta pages (which
-    depends on how the map grew): the free gap and the even-size padding byte of nodes in
-    branch/leaf pages, and the tail after a value in its last overflow page. These depend
-    on transaction boundaries and allocator history, not on the data, so they are set to
-    fixed values here (zeros; the file size). LMDB never reads those bytes, and it raises a
-    smaller stored map size to the data size on open. LMDB has no documented way to this.
-    """
-    size = path.stat().st_size
-    fd = os.open(path, os.O_RDWR)
-    try:
-        psize = _page_size(os.pread(fd, 64, 0), path, size)
-        tails: list[tuple[int, int]] = []
-        pgno = 0
-        while pgno < size // psize:
-            page = os.pread(fd, psize, pgno * psize)
-            flags = _PAGE_HDR.unpack_from(page)[2]
-            if flags & _P_OVERFLOW:
-                pgno += struct.unpack_from("<I", page, 12)[0]  # skip the run, unread
-                continue
-            if flags & _P_META:
-                new = bytearray(page)
-                new[_META_MAPSIZE : _META_MAPSIZE + 8] = size.to_bytes(8, "little")
-            elif flags & (_P_BRANCH | _P_LEAF):
-                new = _clean_node_page(page, bool(flags & _P_LEAF), tails)
-            else:
-                raise FormatError(f"{path}: unexpected LMDB page flags {flags:#x} on page {pgno}")
-            if new != page:
-                os.pwrite(fd, new, pgno * psize)
-            pgno += 1
-        for first, dsize in tails:  # a value's last overflow page: zero what follows the value
-            start = first * psize + 16 + dsize
-            end = (first + (15 + dsize) // psize + 1) * psize  # LMDB's OVPAGES
-            if os.pread(fd, end - start, start).count(0) != end - start:
-                os.pwrite(fd, bytes(end - start), start)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return size, sha256_file(path)
-
 
 def _hidden_tmp(target: Path, suffix: str) -> Path:
     fd, tmp = make_hidden_tmp(target, suffix)
@@ -264,6 +170,7 @@ class Reader(ShardReader):
         super().__init__(path)
         if not self.path.is_file():
             raise FormatError(f"{self.path}: LMDB file not found")
+        check_pages(self.path)  # before LMDB maps it: a pointer out of the file would be a SIGBUS
         self._pid = -1
         self._env: lmdb.Environment | None = None
         self._txn: lmdb.Transaction | None = None
