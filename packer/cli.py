@@ -324,8 +324,8 @@ def main(argv: list[str] | None = None) -> None:
     again = {"build": "rerun with --resume to continue", "convert": "rerun with --overwrite",
              "merge": "rerun it", "pull": "rerun it to finish: what was copied is kept",
              "push": "rerun it to finish: what was copied is kept"}.get(command)
-    run_one_line(cli, argv, "packer", "packer: error: ",
-                 interrupted="packer: interrupted; no manifest was written" + (f" ({again})" if again else ""))
+    run_one_line(cli, argv, "packer", "packer: error: ",  # the commands that only read wrote nothing to speak of
+                 interrupted=f"packer: interrupted; no manifest was written ({again})" if again else "packer: interrupted")
 
 
 def _log_notes() -> None:

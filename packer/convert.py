@@ -16,6 +16,7 @@ tfrecord shards, index files and labels.npz byte for byte. `shard_size` re-shard
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from packer.format import (
     FormatError,
     LabelArrays,
     Manifest,
+    Record,
     ShardInfo,
     SplitInfo,
     atomic_write_bytes,
@@ -44,7 +46,6 @@ from packer.output import (
     BuildError,
     OutputError,
     OutputFolder,
-    is_write_error,
     output_folder,
 )
 from packer.progress import progress_bar
@@ -176,23 +177,17 @@ def _convert_split(src: Path, m: Manifest, split: str, folder: OutputFolder, fmt
             if check:
                 _check_shard(path, sh)
             count = 0
-            try:
-                with open_reader(m.format, path) as reader:
-                    for rec in reader:
-                        if writer is None:
-                            writer = _open_writer(folder, split, len(shards), fmt)
-                            target = (next(targets, 0) if targets is not None else plan) if fmt != "lmdb" else 0
-                        writer.add(rec)
-                        rows.append((label_only(rec), len(shards), in_shard))
-                        in_shard += 1
-                        count += 1
-                        bar.update(1)
-                        if target and in_shard >= target:
-                            close()
-            except (FormatError, OSError) as e:
-                if isinstance(e, OSError) and is_write_error(e, out):
-                    raise  # disk full / read-only output: output_folder makes it one line
-                raise SourceDamaged(f"{sh.path}: cannot read the source shard ({e}); run packer verify on it") from None
+            for rec in _source_records(m.format, path, sh.path):
+                if writer is None:
+                    writer = _open_writer(folder, split, len(shards), fmt)
+                    target = (next(targets, 0) if targets is not None else plan) if fmt != "lmdb" else 0
+                writer.add(rec)  # the output side's errors pass on as they are: not the source's fault
+                rows.append((label_only(rec), len(shards), in_shard))
+                in_shard += 1
+                count += 1
+                bar.update(1)
+                if target and in_shard >= target:
+                    close()
             if count != sh.num_samples:
                 raise SourceDamaged(f"{sh.path}: {count} records, the source manifest says {sh.num_samples}")
         if writer is not None:
@@ -227,6 +222,15 @@ def _check_shard(path: Path, sh: ShardInfo) -> None:
     if path.stat().st_size != sh.bytes or sha256_file(path) != sh.sha256:
         raise SourceDamaged(f"{sh.path}: source shard does not match its manifest checksum (corrupt or changed); "
                            "run packer verify")
+
+
+def _source_records(fmt: str, path: Path, rel: str) -> Iterator[Record]:
+    """The records of a source shard; what cannot be read is SourceDamaged (exit 1)."""
+    try:
+        with open_reader(fmt, path) as reader:
+            yield from reader
+    except (FormatError, OSError) as e:
+        raise SourceDamaged(f"{rel}: cannot read the source shard ({e}); run packer verify on it") from None
 
 
 def _check_labels(source: DatasetLocation, got: LabelArrays, split: str) -> None:

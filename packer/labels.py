@@ -70,6 +70,9 @@ def clean_boxes(
             box = ((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1)  # float-noise clamp
         else:
             box = (cx, cy, w, h)
+        if min(np.float32(box[2]), np.float32(box[3])) <= 0:  # stored as float32: a 1e-46 side is no side
+            problems.append(Problem("box", "zero_size", source, f"{where}: w={w:g} h={h:g}"))
+            continue
         sig = np.array([c], np.int32).tobytes() + np.array(box, np.float32).tobytes()
         if sig in seen:  # exact duplicates dropped, as ultralytics' verify_image_label does
             problems.append(Problem("box", "duplicate", source, f"{where}: {c} {_fmt(box)} repeats an earlier box"))

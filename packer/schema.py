@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
+import unicodedata
 from typing import Any
 
 import numpy as np
@@ -44,8 +44,11 @@ def check_split_name(name: object) -> str:
 
 def check_relpath(p: str) -> str:
     """Return `p` if it is a relative path that stays inside the dataset folder, else raise FormatError."""
-    if (not p or p.startswith("/") or "\\" in p or ".." in Path(p).parts or "://" in p
-            or any(ord(c) < 32 or ord(c) == 127 for c in p)):  # control characters could forge output lines
+    parts = p.split("/")
+    if (not p or p.startswith("/") or "\\" in p or "://" in p or any(x in ("", ".", "..") for x in parts)
+            or any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in p)):
+        # one spelling per file ("a//b", "a/./b" would let it be listed twice); no control or format
+        # characters (C0, C1, bidi overrides, line separators could forge output lines)
         raise FormatError(f"unsafe path in manifest: {p!r:.80}")
     return p
 

@@ -299,3 +299,14 @@ def test_coco_ids_spelled_as_strings_or_floats_still_match(tmp_path):
     path.write_text(json.dumps(d))
     with pytest.raises(SourceError, match="image id 1 is used by more than one image"):
         detect_source(tmp_path / "coco")
+
+
+def test_a_box_too_thin_for_float32_is_dropped_as_zero_size():
+    """w = 1e-46 is above 0 in Python's floats but 0 once stored as float32: labels.npz would then hold a
+    box of no size, which the readers refuse. It is dropped and counted instead."""
+    from packer.labels import clean_boxes
+
+    cls, boxes, problems = clean_boxes([(0, 0.5, 0.5, 1e-46, 0.2, "line 1"), (1, 0.5, 0.5, 0.2, 0.2, "line 2")],
+                                       nc=2, source="a.jpg")
+    assert cls.tolist() == [1] and len(boxes) == 1
+    assert [(p.kind, p.reason) for p in problems] == [("box", "zero_size")]

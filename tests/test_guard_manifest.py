@@ -120,9 +120,20 @@ CASES = {
     # control characters in a path could forge `verify` output lines ("OK: ...", terminal escapes)
     "shard_path_newline": _set("splits.*.shards.0.path", "train/x\nOK: ds: 10 shards\x1b[2K.tar"),
     "shard_bytes_huge": _set("splits.*.shards.0.bytes", 10**4000),  # overflowed float() in info
-    "shard_listed_twice": lambda d: d["splits"][next(iter(d["splits"]))]["shards"].append(
-        dict(d["splits"][next(iter(d["splits"]))]["shards"][0])),  # verify read it once per entry
+    "shard_listed_twice": None,  # built below: verify read it once per entry
+    "shard_path_dot": _set("splits.*.shards.0.path", "train/./train-00000.tar"),  # one file, two spellings
+    "shard_path_c1": _set("splits.*.shards.0.path", "train/x\x9b2K.tar"),  # 8-bit CSI
+    "shard_path_bidi": _set("splits.*.shards.0.path", "train/\u202erat.tar"),
 }
+
+
+def _shard_listed_twice(d: dict) -> None:
+    split = d["splits"][next(iter(d["splits"]))]
+    split["shards"].append(dict(split["shards"][0]))
+    split["num_samples"] += split["shards"][0]["num_samples"]  # the totals agree: only the repeat is wrong
+
+
+CASES["shard_listed_twice"] = _shard_listed_twice
 
 
 def _nested_options(d: dict) -> None:
@@ -199,7 +210,9 @@ def test_messages_name_the_field_not_the_content(packed, tmp_path):
              "shard_not_dict": "shards[0] must be a JSON object", "split_name_dotdot": "invalid split name '..'",
              "not_utf8": "is not UTF-8", "deeply_nested": "nested too deeply", "unknown_key": "unknown field 'extra'",
              "missing_key": "lacks the field 'names'", "shard_path_escape": "unsafe path",
-             "nested_options": "nested deeper than", "duplicate_key": "'format_version' occurs twice"}
+             "nested_options": "nested deeper than", "duplicate_key": "'format_version' occurs twice",
+             "shard_listed_twice": "lists the file 'train/train-00000.tar' twice", "shard_path_dot": "unsafe path",
+             "shard_bytes_huge": "bytes must be below 2^63", "shard_path_newline": "unsafe path"}
     for case, words in cases.items():
         bad = _malformed(packed, tmp_path / case, case)
         with pytest.raises(FormatError, match=re.escape(words)) as e:

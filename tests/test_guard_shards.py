@@ -54,7 +54,7 @@ def test_an_lmdb_node_pointing_past_the_file_is_refused_not_a_sigbus(tmp_path):
     ds = _packed(tmp_path, "lmdb")
     path = next(ds.rglob("data.lmdb"))
     data = bytearray(path.read_bytes())
-    psize = 4096
+    psize = int.from_bytes(data[40:44], "little")  # the meta page's page size: the OS's when written
     last = len(data) // psize - 1  # the last leaf page: a node pointer past it reads past the map
     while not data[last * psize + 10] & 0x02:
         last -= 1

@@ -11,6 +11,7 @@ what the trainer uses too (lazily opened per process, so safe across DataLoader 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,9 +177,18 @@ class Reader(ShardReader):
         self._txn: lmdb.Transaction | None = None
         self._closed = False
         try:
-            self._n = self._count(self._t())
+            with self._lmdb_errors():
+                self._n = self._count(self._t())
         finally:
             self._release()  # opened again where it is used
+
+    @contextlib.contextmanager
+    def _lmdb_errors(self) -> Iterator[None]:
+        """LMDB's own refusals of a damaged file (MDB_CORRUPTED, a page not found) as one FormatError."""
+        try:
+            yield
+        except lmdb.Error as e:
+            raise FormatError(f"{self.path}: damaged LMDB file ({e})") from None
 
     def _count(self, txn: lmdb.Transaction) -> int:
         raw = txn.get(LMDB_COUNT_KEY)
@@ -228,14 +238,15 @@ class Reader(ShardReader):
 
     def read(self, pos: int) -> Record:
         pos = self._check_pos(pos)
-        buf = self._t().get(lmdb_key(pos))
+        with self._lmdb_errors():
+            buf = self._t().get(lmdb_key(pos))
         if buf is None:
             raise FormatError(f"{self.path}: record {pos} missing")
         return self._decode(buf, pos)
 
     def __iter__(self) -> Iterator[Record]:
         pos = 0
-        with self._t().cursor() as cur:
+        with self._lmdb_errors(), self._t().cursor() as cur:
             for k, v in cur:
                 k = bytes(k)
                 if k == LMDB_COUNT_KEY:

@@ -117,24 +117,29 @@ def check_pages(path: Path) -> None:
 
     LMDB maps the file and follows its pointers unchecked: a hostile file whose checksums were
     recomputed (or a damaged one) can send a read past the end of the map, and the process dies
-    of SIGBUS with no message. Walks the pages once (overflow runs by their first page): node
-    pointers and sizes within their page, branch children and the roots on node pages, big
-    values inside their overflow run, the meta's last page inside the file.
+    of SIGBUS with no message. So the layout packer writes is required exactly: both meta pages
+    alike, the newer one's last page the file's last, the main DB plain (no flags, no fixed key
+    size); then every page once (overflow runs by their first page): node pages flagged branch
+    or leaf only, holding nodes that stay inside them, branch children and the roots on node
+    pages, big values inside their overflow run.
     """
     size = path.stat().st_size
     fd = os.open(path, os.O_RDONLY)
     try:
-        psize = _page_size(os.pread(fd, 64, 0), path, size) if size >= 64 else 0
+        heads = [os.pread(fd, 64, 0)]
+        psize = _page_size(heads[0], path, size) if size >= 64 else 0
         if psize == 0 or size < 2 * psize:
             raise FormatError(f"{path}: not an LMDB file ({size} bytes)")
+        metas = [os.pread(fd, 16 + 24 + 112, i * psize) for i in (0, 1)]
+        if metas[0][16:44] != metas[1][16:44]:  # LMDB takes the page size from the newer meta
+            raise FormatError(f"{path}: damaged LMDB file (its two meta pages disagree)")
+        meta = max(metas, key=lambda m: _LAST_TXN.unpack_from(m, 16 + 24 + 96)[1])
+        if _LAST_TXN.unpack_from(meta, 16 + 24 + 96)[0] + 1 != size // psize or meta[88:94] != bytes(6):
+            raise FormatError(f"{path}: damaged LMDB file (its meta page does not describe this file)")
         node_pages, runs, refs = _walk(fd, psize, size // psize, path)
-        metas = [os.pread(fd, psize, i * psize) for i in (0, 1)]
     finally:
         os.close(fd)
-    meta = max(metas, key=lambda m: _LAST_TXN.unpack_from(m, 16 + 24 + 96)[1])
     roots = [int.from_bytes(meta[r : r + 8], "little") for r in _ROOTS]
-    if _LAST_TXN.unpack_from(meta, 16 + 24 + 96)[0] >= size // psize:
-        raise FormatError(f"{path}: damaged LMDB file (its meta page names pages past the end)")
     for kind, target, dsize in [("child", r, 0) for r in roots if r != _P_INVALID] + refs:
         if kind == "child" and target not in node_pages:
             raise FormatError(f"{path}: damaged LMDB file (a pointer to page {target}, not a node page)")
@@ -151,16 +156,16 @@ def _walk(fd: int, psize: int, npages: int, path: Path) -> tuple[set[int], dict[
     while pgno < npages:
         page = os.pread(fd, psize, pgno * psize)
         flags = _PAGE_HDR.unpack_from(page)[2]
-        if flags & _P_OVERFLOW:
+        if flags == _P_OVERFLOW:
             n = struct.unpack_from("<I", page, 12)[0]
             if n < 1 or pgno + n > npages:
                 raise FormatError(f"{path}: damaged LMDB file (overflow run of {n} pages at page {pgno})")
             runs[pgno] = n
             pgno += n
             continue
-        if not flags & (_P_BRANCH | _P_LEAF):
+        if flags not in (_P_BRANCH, _P_LEAF):  # LMDB tests branch first: mixed flags would mislead it
             raise FormatError(f"{path}: damaged LMDB file (page {pgno} has flags {flags:#x})")
-        refs += _node_refs(page, bool(flags & _P_LEAF), psize, pgno, path)
+        refs += _node_refs(page, flags == _P_LEAF, psize, pgno, path)
         node_pages.add(pgno)
         pgno += 1
     return node_pages, runs, refs
@@ -170,8 +175,8 @@ def _node_refs(page: bytes, leaf: bool, psize: int, pgno: int, path: Path) -> li
     """The pages a branch/leaf page's nodes point at; FormatError if a node leaves the page."""
     lower, upper = _PAGE_HDR.unpack_from(page)[3:5]
     bad = FormatError(f"{path}: damaged LMDB file (a node outside page {pgno})")
-    if not 16 <= lower <= upper <= psize or lower % 2:
-        raise bad
+    if not 16 + (2 if leaf else 4) <= lower <= upper <= psize or lower % 2:  # LMDB reads node 0 (and
+        raise bad  # a branch's last) without looking: at least one node, two on a branch page
     out = []
     for i in range(16, lower, 2):
         ptr = int.from_bytes(page[i : i + 2], "little")
