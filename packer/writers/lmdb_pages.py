@@ -108,7 +108,8 @@ def normalize(path: Path) -> tuple[int, str]:
 # MDB_meta after the 16-byte page header: magic, version, address, mapsize, then two MDB_db of 48
 # bytes (the root page number last), then mm_last_pg and mm_txnid
 _ROOTS = (16 + 24 + 40, 16 + 24 + 48 + 40)  # FREE_DBI's and the main DB's md_root
-_LAST_TXN = struct.Struct("<QQ")  # at 16 + 24 + 96: mm_last_pg, mm_txnid
+_LAST_TXN = struct.Struct("<QQ")  # mm_last_pg, mm_txnid
+_LAST_TXN_AT = 16 + 24 + 96
 _P_INVALID = (1 << 64) - 1  # the root of an empty DB
 
 
@@ -126,15 +127,14 @@ def check_pages(path: Path) -> None:
     size = path.stat().st_size
     fd = os.open(path, os.O_RDONLY)
     try:
-        heads = [os.pread(fd, 64, 0)]
-        psize = _page_size(heads[0], path, size) if size >= 64 else 0
+        psize = _page_size(os.pread(fd, 64, 0), path, size) if size >= 64 else 0
         if psize == 0 or size < 2 * psize:
             raise FormatError(f"{path}: not an LMDB file ({size} bytes)")
-        metas = [os.pread(fd, 16 + 24 + 112, i * psize) for i in (0, 1)]
+        metas = [os.pread(fd, _LAST_TXN_AT + _LAST_TXN.size, i * psize) for i in (0, 1)]
         if metas[0][16:44] != metas[1][16:44]:  # LMDB takes the page size from the newer meta
             raise FormatError(f"{path}: damaged LMDB file (its two meta pages disagree)")
-        meta = max(metas, key=lambda m: _LAST_TXN.unpack_from(m, 16 + 24 + 96)[1])
-        if _LAST_TXN.unpack_from(meta, 16 + 24 + 96)[0] + 1 != size // psize or meta[88:94] != bytes(6):
+        meta = max(metas, key=lambda m: _LAST_TXN.unpack_from(m, _LAST_TXN_AT)[1])
+        if _LAST_TXN.unpack_from(meta, _LAST_TXN_AT)[0] + 1 != size // psize or meta[88:94] != bytes(6):
             raise FormatError(f"{path}: damaged LMDB file (its meta page does not describe this file)")
         node_pages, runs, refs = _walk(fd, psize, size // psize, path)
     finally:
