@@ -119,10 +119,10 @@ def check_pages(path: Path) -> None:
     LMDB maps the file and follows its pointers unchecked: a hostile file whose checksums were
     recomputed (or a damaged one) can send a read past the end of the map, and the process dies
     of SIGBUS with no message. So the layout packer writes is required exactly: both meta pages
-    alike, the newer one's last page the file's last, the main DB plain (no flags, no fixed key
-    size); then every page once (overflow runs by their first page): node pages flagged branch
-    or leaf only, holding nodes that stay inside them, branch children and the roots on node
-    pages, big values inside their overflow run.
+    of one page size, the newer one's last page inside the file, the main DB plain (no flags, no
+    fixed key size); then every page up to that last one (overflow runs by their first page):
+    node pages flagged branch or leaf only, holding nodes that stay inside them, branch
+    children and the roots on node pages, big values inside their overflow run.
     """
     size = path.stat().st_size
     fd = os.open(path, os.O_RDONLY)
@@ -131,12 +131,15 @@ def check_pages(path: Path) -> None:
         if psize == 0 or size < 2 * psize:
             raise FormatError(f"{path}: not an LMDB file ({size} bytes)")
         metas = [os.pread(fd, _LAST_TXN_AT + _LAST_TXN.size, i * psize) for i in (0, 1)]
-        if metas[0][16:44] != metas[1][16:44]:  # LMDB takes the page size from the newer meta
+        if (metas[0][16:24], metas[0][40:44]) != (metas[1][16:24], metas[1][40:44]):
+            # magic, version, page size: LMDB takes the page size from the newer meta
             raise FormatError(f"{path}: damaged LMDB file (its two meta pages disagree)")
         meta = max(metas, key=lambda m: _LAST_TXN.unpack_from(m, _LAST_TXN_AT)[1])
-        if _LAST_TXN.unpack_from(meta, _LAST_TXN_AT)[0] + 1 != size // psize or meta[88:94] != bytes(6):
+        # LMDB maps max(10 MiB, last page + 1) and never reads a page past the last: the walk stops there too
+        pages = _LAST_TXN.unpack_from(meta, _LAST_TXN_AT)[0] + 1
+        if not 2 <= pages <= size // psize or meta[88:94] != bytes(6):
             raise FormatError(f"{path}: damaged LMDB file (its meta page does not describe this file)")
-        node_pages, runs, refs = _walk(fd, psize, size // psize, path)
+        node_pages, runs, refs = _walk(fd, psize, pages, path)
     finally:
         os.close(fd)
     roots = [int.from_bytes(meta[r : r + 8], "little") for r in _ROOTS]
