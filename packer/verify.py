@@ -19,9 +19,11 @@ import numpy as np
 
 from packer.format import FormatError, LabelArrays, Manifest, ShardInfo, sha256_file
 from packer.progress import progress_bar
+from packer.sources.base import safe_text
 from packer.storage.fs import OversizeError
 from packer.storage.location import DatasetLocation
 from packer.writers import make_index, open_reader
+from packer.writers.wds import foreign_members
 
 
 @dataclass
@@ -93,6 +95,9 @@ def _verify_shard(m: Manifest, sh: ShardInfo, path: Path | None, idx: Path | Non
         except (FormatError, OSError) as e:
             res.errors.append(f"{sh.index}: cannot recompute index from {sh.path}: {e}")
     _verify_records(m.format, path, sh.path, sh.num_samples, labels, positions, deep, res, bar)
+    if m.format == "wds" and (extra := foreign_members(path)):
+        res.errors.append(f"{sh.path}: {len(extra)} tar member(s) packer never writes, first "
+                          f"{safe_text(extra[0])[:80]!r} (links, folders or paths that `tar x` would create)")
 
 
 def _split_labels(loc: DatasetLocation, m: Manifest, split: str, res: VerifyResult) -> LabelArrays | None:

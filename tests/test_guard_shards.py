@@ -99,3 +99,26 @@ def test_a_record_checks_its_own_fields():
                 {"source": "a\x00b"}, {"jpeg": "text"}, {"key": 5}):
         with pytest.raises(FormatError):
             Record(**{**good, **bad})
+
+
+def test_verify_names_tar_members_packer_never_writes(tmp_path):
+    """Links and `../` or absolute names after the samples: the readers and the index skip them, so the
+    records verify, but `tar x` on the shard would create them; verify names the first one."""
+    ds = _packed(tmp_path, "wds")
+    tar_path = next(ds.rglob("*.tar"))
+    out = io.BytesIO()
+    with tarfile.open(tar_path) as src, tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as dst:
+        for m in src.getmembers():
+            dst.addfile(m, src.extractfile(m))
+        link = tarfile.TarInfo("../../escape")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        dst.addfile(link)
+        folder = tarfile.TarInfo("/tmp/abs")
+        folder.type = tarfile.DIRTYPE
+        dst.addfile(folder)
+    tar_path.write_bytes(out.getvalue())
+    _reseal(ds)
+    r = _run("verify", ds)
+    _refused(r, "2 tar member(s) packer never writes, first '../../escape'")
+    problems = [ln for ln in r.stderr.splitlines() if ln.startswith("  ")]
+    assert len(problems) == 1, r.stderr  # the only problem: the records themselves are fine

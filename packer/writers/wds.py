@@ -281,6 +281,16 @@ def make_index(path: Path) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
+def foreign_members(path: Path) -> list[str]:
+    """Members packer never writes (links, folders, devices, names with a slash: `../x`, `/etc/x`),
+    which readers and the index skip but `tar x` would create, maybe outside the folder."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            return [m.name for m in tar if not m.isreg() or "/" in m.name or m.name.startswith(".")]
+    except tarfile.TarError:
+        return []  # an unreadable tar is reported by the index and record checks
+
+
 def dali_members() -> tuple[list[str], list]:
     """`ext` and `dtypes` for DALI's `fn.readers.webdataset`: image bytes, classes (int32), boxes
     (float32, 4 per box), the json meta (bytes). Imports DALI, so only the trainer side calls it."""
