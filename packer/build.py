@@ -187,7 +187,7 @@ def build_dataset(
     out, part_info, notes = _part_setup(Path(out).resolve(), source, num_parts, part, overwrite)
     with output_folder(out, source=source.root, hint="free some space (or choose another -o), "
                        "then rerun with --resume") as folder:
-        folder.prepare(overwrite=overwrite, resume=resume)
+        folder.prepare(overwrite=overwrite, resume=resume, splits=source.splits)
         notes += folder.notes
         digest = opts.digest({"num_parts": num_parts, "part": part} if part_info else None)
         journal = BuildJournal(folder, asdict(opts), digest, source)
@@ -212,7 +212,7 @@ def _pack_into(run: _Run, source: Source, part_info: dict[str, Any] | None, prog
     # with them counted, stock COCO could never pass --strict
     problems = [p for p in problems if (p["kind"], p["reason"]) != ("box", "crowd")]
     if strict and problems:
-        lines = [f"{p['split']}/{p['source']}: {p['kind']} {p['reason']} {p['detail']}".rstrip() for p in problems]
+        lines = [f"{p['split']}: {p['source']}: {p['kind']} {p['reason']} {p['detail']}".rstrip() for p in problems]
         raise StrictFailure(f"--strict: {len(problems)} problem(s) in the input (see {run.out / REPORT_NAME}); "
                             "fix them, then rerun with --overwrite", lines)
     manifest = _manifest(run.opts, source, splits_info, part_info)
@@ -319,13 +319,16 @@ def _pack_split(run: _Run, split: str, cands: list[Candidate], kept: list[dict[s
     start = kept[-1]["end"] if kept else 0
     if start >= len(cands) and kept:
         return
-    # a part makes its share of --min-shards, so the merged split still has at least that many
-    cap = opts.shard_size or max(1, math.ceil(len(cands) / math.ceil(opts.min_shards / run.num_parts)))
+    # a part makes its share of --min-shards, so the merged split still has at least that many;
+    # without --shard-size the candidates are spread evenly over them (12 images: 8 shards, not 6 of 2)
+    cap, spread = opts.shard_size, None
+    if cap is None:
+        cap, spread = len(cands), (len(cands), math.ceil(opts.min_shards / run.num_parts))
     number = len(kept)
     if opts.fmt == "lmdb":
-        cap, number, start = None, 0, 0  # one environment per split: resumable per split only
+        cap, spread, number, start = None, None, 0, 0  # one environment per split: resumable per split only
     (run.out / split).mkdir(parents=True, exist_ok=True)
-    roll = ShardRoller(run.journal, split, opts.fmt, number, start, cap, opts.shard_bytes, run.on_shard)
+    roll = ShardRoller(run.journal, split, opts.fmt, number, start, cap, opts.shard_bytes, run.on_shard, spread)
     try:
         for i, res in enumerate(ordered_map(cands[start:], run.popts, run.workers, run.pool), start):
             roll.add(i, res)

@@ -96,7 +96,7 @@ def convert_dataset(
     m = read_manifest(src)  # split names checked there (Manifest.validate)
     try:
         with output_folder(out, source=src, hint="free some space (or choose another -o), then convert again") as folder:
-            folder.prepare(overwrite=overwrite, verb="replace")
+            folder.prepare(overwrite=overwrite, verb="replace", splits=m.splits)
             folder.start()  # marks the folder as an unfinished conversion until the manifest exists
             manifest = _convert_all(src, m, folder, fmt, shard_size, check, progress)
             folder.finish()

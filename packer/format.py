@@ -48,6 +48,7 @@ from packer.schema import (  # noqa: F401  (FormatError, check_key, check_split_
 FORMAT_VERSION = 1
 FORMATS = ("tfrecord", "wds", "lmdb")
 MANIFEST_NAME = "manifest.json"
+TEMP_MARK = "packer-"  # in every hidden temp name packer writes (.<name>.packer-XXXX.tmp): only those are ever removed as ours
 REPORT_NAME = "report.json"
 LABELS_NAME = "labels.npz"
 LMDB_NAME = "data.lmdb"
@@ -282,7 +283,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
     """Write via a temp file + fsync + rename so readers never see a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{TEMP_MARK}", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; readers on shared storage need the usual mode
         with os.fdopen(fd, "wb") as f:

@@ -235,12 +235,17 @@ def _valid_info(info: Any) -> bool:
 
 class ShardRoller:
     """Rolls one split's records into shards of at most `cap` samples / ~`shard_bytes` (None:
-    one shard), journaling each finished shard; every shard path is claimed before it is written."""
+    one shard), journaling each finished shard; every shard path is claimed before it is written.
+
+    `spread=(n, m)` also closes shard k once candidate ceil((k+1)*n/m) is reached, so n candidates
+    fill at least min(n, m) shards of near-equal size. Both rules depend only on candidate
+    indices and shard numbers, so a resumed build cuts where an uninterrupted one does."""
 
     def __init__(self, journal: BuildJournal, split: str, fmt: str, number: int, start: int, cap: int | None,
-                 shard_bytes: int | None, on_shard: Callable[[str, ShardInfo], None] | None = None):
+                 shard_bytes: int | None, on_shard: Callable[[str, ShardInfo], None] | None = None,
+                 spread: tuple[int, int] | None = None):
         self.journal, self.split, self.fmt, self.number = journal, split, fmt, number
-        self.cap, self.shard_bytes, self.on_shard = cap, shard_bytes, on_shard
+        self.cap, self.shard_bytes, self.on_shard, self.spread = cap, shard_bytes, on_shard, spread
         self._reset(start)
 
     def _reset(self, start: int) -> None:
@@ -262,9 +267,15 @@ class ShardRoller:
         self.writer.add(res.record)
         self.rows.append((label_only(res.record), self.number, len(self.rows)))  # pos = position in the shard
         self.approx_bytes += len(res.record.jpeg) + 20 * len(res.record.cls) + 512
-        if self.cap is not None and (len(self.rows) >= self.cap or (
+        if self.cap is not None and (len(self.rows) >= self.cap or self._spread_due(i + 1) or (
                 bool(self.shard_bytes) and self.approx_bytes >= self.shard_bytes)):
             self.finish(i + 1)
+
+    def _spread_due(self, end: int) -> bool:
+        if self.spread is None:
+            return False
+        n, m = self.spread
+        return end * m >= (self.number + 1) * n  # end >= ceil((number+1) * n / m), in integers
 
     def finish(self, end: int) -> None:
         """Close the open shard (if any) and journal it with candidates [start, end)."""

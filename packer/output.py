@@ -28,6 +28,7 @@ from packer.format import (
     LABELS_NAME,
     MANIFEST_NAME,
     REPORT_NAME,
+    TEMP_MARK,
     FormatError,
     Manifest,
     check_relpath,
@@ -43,10 +44,13 @@ STATE_DIR = ".packer-state"  # journal of an unfinished run; its presence marks 
 PULL_NAME = "pull.json"  # in the journal folder of an unfinished pull: {"url": where from}
 WRITTEN_NAME = "written.txt"  # every file a run may create, one relative path per line
 PARTS_OPTION = "parts"  # manifest options key of a merged dataset: {"num_parts", "folders"}
-# hidden temp files of ours: atomic_write_bytes / writers (.<name>.<8 random>[.build].tmp), uploads (.<name>.<pid>.tmp)
-_TEMP = re.compile(r"^\..+\.([A-Za-z0-9_]{8}(\.build)?|\d+)\.tmp$")
+# hidden temp files of ours: atomic_write_bytes / writers (.<name>.packer-<8 random>[.build].tmp),
+# uploads (.<name>.packer-<pid>.tmp); the marker keeps a user's own ".draft.1.tmp" out of it
+_TEMP = re.compile(r"^\..+\." + re.escape(TEMP_MARK) + r"[A-Za-z0-9_]+(\.build)?\.tmp$")
 # journal files of ours inside STATE_DIR
 _JOURNAL = re.compile(r"^(state\.json|fingerprint\.json|written\.txt|pull\.json|[A-Za-z0-9_-]{1,64}-\d{5}\.(npz|json))$")
+# names a run of ours may claim in a split folder; a user's file under one is refused before --overwrite removes anything
+_SPLIT_OUTPUT = re.compile(r"^(?P<s>[^/]+)/((?P=s)-\d{5}\.(tfrecord|tar)(\.idx)?|data\.lmdb|labels\.npz)$")
 _SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
@@ -215,10 +219,13 @@ class OutputFolder:
         return self.root / STATE_DIR
 
     def load_owned(self) -> None:
-        """Read what packer wrote here (old manifest, journal list) and drop stale temp files of ours."""
+        """Read what packer wrote here (old manifest, journal list); nothing is removed yet."""
         self.manifest = our_manifest(self.root)
         self.unfinished = self.state_dir.is_dir()
         self._owned = owned_files(self.root)
+
+    def drop_stale_temps(self) -> None:
+        """Remove temp files a killed run of ours left, once this run may use the folder."""
         if self.manifest is not None or self.unfinished:
             remove_temp_files(self.root, {(self.root / r).parent for r in self._owned})
 
@@ -233,8 +240,9 @@ class OutputFolder:
         return "complete" if self.manifest is not None else "unfinished"
 
     def prepare(self, *, overwrite: bool, resume: bool = False, same: bool = False, keep: Iterable[str] = (),
-                verb: str = "rebuild") -> str:
-        """Apply the refuse/resume/overwrite rules; returns what the folder held ("empty"...)."""
+                verb: str = "rebuild", splits: Iterable[str] = ()) -> str:
+        """Apply the refuse/resume/overwrite rules; returns what the folder held ("empty"...).
+        `keep`: files the run will write again; `splits`: the splits it will write."""
         kind = self.inspect()
         what = "a packed dataset" if kind == "complete" else f"an unfinished {self._unfinished_kind()}"
         if resume and kind == "empty":
@@ -243,15 +251,30 @@ class OutputFolder:
             raise OutputError(f"{self.root} already holds a complete packed dataset; nothing to resume "
                               "(--overwrite to rebuild)")
         if kind == "empty" or resume or same:
+            self.drop_stale_temps()
             return kind
         if not overwrite:
             extra = " or --resume to continue" if verb == "rebuild" and kind == "unfinished" else ""
             raise OutputError(f"{self.root} already holds {what}; pass --overwrite to replace it{extra}")
-        keep = self._owned & set(keep)
+        keep = set(keep)
+        self.refuse_clashes(keep, splits)
+        keep = self._owned & keep
         remove_owned(self.root, keep)
         self.manifest, self.unfinished = None, False
         self._owned = keep
         return kind
+
+    def refuse_clashes(self, rels: Iterable[str] = (), splits: Iterable[str] = ()) -> None:
+        """OutputError naming a file of the user's at a path this run may write (`rels`, report.json,
+        or one of packer's names in a folder of `splits`), raised before --overwrite removes anything."""
+        wanted = {*rels, REPORT_NAME}
+        folders = [self.root, *(self.root / s for s in splits if is_safe_rel(s) and (self.root / s).is_dir())]
+        for folder in folders:
+            for p in sorted(folder.iterdir()):
+                rel = p.relative_to(self.root).as_posix()
+                if rel not in self._owned and (rel in wanted or (folder != self.root and _SPLIT_OUTPUT.match(rel))):
+                    raise OutputError(f"{p} exists and packer did not write it; move it away or choose another "
+                                      "-o (nothing was removed)")
 
     def _unfinished_kind(self) -> str:
         """What left the folder unfinished, as far as its state folder tells (a pull records its URL)."""

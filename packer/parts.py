@@ -201,6 +201,7 @@ def merge_parts(dest: str | os.PathLike, *, check_files: bool = True) -> Manifes
     with output_folder(dest, hint="free some space, then merge again") as folder:
         folder.load_owned()
         manifest, merged_labels, report = _merged(dest, n, folders, check_files)
+        folder.drop_stale_temps()
         folder.start()
         folder.claim(*(f"{split}/{LABELS_NAME}" for split in merged_labels), REPORT_NAME, MANIFEST_NAME)
         (dest / MANIFEST_NAME).unlink(missing_ok=True)  # a re-merge must not look complete half-way

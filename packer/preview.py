@@ -66,10 +66,12 @@ def write_preview(shards: str, out: str = "preview.jpg", *, split: str | None = 
     target = Path(out)
     if target.suffix.lower() not in (".jpg", ".jpeg") or target.is_dir():
         raise PreviewError(f"-o {out}: the preview is a JPEG file: give a name ending in .jpg")
-    m = _manifest(shards, storage_options)
+    loc = _location(shards, storage_options)
+    m = loc.manifest()
     split = _choose_split(m, split)
     if m.splits[split].num_samples == 0:
         raise PreviewError(f"split {split!r} has no samples")
+    _check_labels(loc, split, storage_options)
     if augment:
         n = min(n, m.splits[split].num_samples)  # one training batch of n samples
         grid = _augmented_grid(str(shards), split, n, seed, imgsz, storage_options)
@@ -87,12 +89,24 @@ def write_preview(shards: str, out: str = "preview.jpg", *, split: str | None = 
 # ----------------------------------------------------------------------------- choosing and reading
 
 
-def _manifest(shards: str, storage_options: dict | None) -> Manifest:
+def _location(shards: str, storage_options: dict | None) -> DatasetLocation:
+    """The dataset with its manifest read (PreviewError, exit 2, if there is none to read)."""
     try:
-        return DatasetLocation(shards, storage_options).manifest()
+        loc = DatasetLocation(shards, storage_options)
+        loc.manifest()
+        return loc
     except (FormatError, RemoteError, OSError) as e:
         msg = redact(str(e), storage_options)
         raise PreviewError(msg.replace(str(shards), display_url(str(shards)))) from None
+
+
+def _check_labels(loc: DatasetLocation, split: str, storage_options: dict | None) -> None:
+    """The split's label arrays must load as training loads them, though the stored grid draws the
+    records' own boxes: a preview must not pass a dataset the trainer refuses (exit 1)."""
+    try:
+        loc.labels(split)
+    except (FormatError, RemoteError, OSError) as e:
+        raise PreviewDataError(redact(str(e), storage_options)) from None
 
 
 def _choose_split(m: Manifest, split: str | None) -> str:
@@ -211,7 +225,10 @@ def _label(img: np.ndarray, text: str, corner: tuple[int, int], color: tuple[int
 
 
 def _text(img: np.ndarray, text: str, org: tuple[int, int], scale: float) -> None:
-    cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 2, cv2.LINE_AA)
+    """White text on a black band (a thicker black copy as outline would advance wider per glyph)."""
+    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    x, y = org
+    cv2.rectangle(img, (x - 1, y - th - 2), (x + tw + 1, y + base), (0, 0, 0), -1)
     cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
 
 

@@ -41,6 +41,18 @@ def packed(coco128, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+def test_small_split_is_spread_evenly_over_min_shards(tmp_path):
+    """12 images and --min-shards 8 give 8 shards of 1-2 samples (not 6 of 2); 3 give 3 of 1."""
+    src = Path(__file__).resolve().parents[1] / "samples" / "coco"
+    m = build_dataset(src, tmp_path / "o", size=64, workers=1).manifest
+    sizes = {k: [sh.num_samples for sh in s.shards] for k, s in m.splits.items()}
+    n = {k: s.num_samples for k, s in m.splits.items()}
+    for split, counts in sizes.items():
+        assert len(counts) == min(n[split], 8) and max(counts) - min(counts) <= 1, (split, counts)
+    m = build_dataset(src, tmp_path / "p", size=64, workers=1, min_shards=5, splits=["train2017"]).manifest
+    assert [sh.num_samples for sh in m.splits["train2017"].shards] == [3, 2, 3, 2, 2]
+
+
 def test_manifest_and_report_reconcile(packed):
     for fmt, d in packed.items():
         m = read_manifest(d)

@@ -321,6 +321,18 @@ def test_packer_info_refuses_labels_with_unknown_classes(packed, tmp_path, capsy
     assert code == 1 and "labels.npz" in _one_line(err)  # a file the manifest names is missing: the same
 
 
+def test_packer_info_refuses_a_missing_or_resized_shard_or_index(packed, tmp_path, capsys):
+    """info read the manifest and labels only, so a dataset with a shard gone printed its table (exit 0)."""
+    shard = next(iter(json.loads((packed / MANIFEST_NAME).read_text())["splits"].values()))["shards"][1]
+    for rel, change, words in ((shard["path"], "unlink", "missing"), (shard["index"], "unlink", "missing"),
+                               (shard["path"], "append", f"{shard['bytes'] + 1} bytes, the manifest says {shard['bytes']}")):
+        bad = tmp_path / f"{change}{len(rel)}"
+        shutil.copytree(packed, bad)
+        (bad / rel).unlink() if change == "unlink" else (bad / rel).open("ab").write(b"x")
+        code, err = _packer(capsys, "info", str(bad))
+        assert code == 1 and f"{rel}: {words}" in _one_line(err), err
+
+
 def test_trainer_refuses_hostile_label_arrays(packed, tmp_path, capsys):
     from trainer.run import main as train_main
 

@@ -146,6 +146,19 @@ def test_corrupt_shard_is_a_data_error(synthetic: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "p.jpg").exists()
 
 
+def test_missing_or_junk_label_arrays_are_a_data_error(synthetic: Path, tmp_path: Path) -> None:
+    """The stored grid draws the records' boxes, but a split the trainer would refuse is refused here too."""
+    shards = _pack(synthetic, tmp_path / "shards", "tfrecord")
+    labels = shards / read_manifest(shards).splits["train"].labels
+    labels.write_bytes(b"not an npz")
+    with pytest.raises(PreviewDataError, match="labels.npz"):
+        write_preview(str(shards), str(tmp_path / "p.jpg"), n=4)
+    labels.unlink()
+    with pytest.raises(PreviewDataError, match="labels.npz"):
+        write_preview(str(shards), str(tmp_path / "p.jpg"), n=4)
+    assert not (tmp_path / "p.jpg").exists()
+
+
 def test_cli_writes_the_grid_and_maps_errors_to_exit_codes(synthetic: Path, tmp_path: Path) -> None:
     shards = _pack(synthetic, tmp_path / "shards", "wds")
     run = [sys.executable, "-m", "packer.cli", "preview", str(shards)]

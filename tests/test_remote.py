@@ -93,6 +93,7 @@ def test_build_to_s3_info_verify_pull(coco128, s3_env, tmp_path, capsys):
     info = json.loads(out)
     assert info["root"] == url and info["splits"]["train2017"]["num_samples"] == 128
     assert info["splits"]["train2017"]["shards"]["count"] == 4
+    assert info["shard_files_checked"] is True  # listed once: every shard there with its size
 
     code, out, err = _cli(capsys, "verify", url)
     assert code == 0, err

@@ -75,6 +75,7 @@ def walk_images(scope: Scope, folder: str) -> tuple[list[str], list[str]]:
     `scope.follow_symlinks`."""
     images: list[str] = []
     outside: list[str] = []
+    gifs = 0
     seen: set[tuple[int, int]] = set()
     stack, linked = [folder], []
     while stack or linked:
@@ -96,9 +97,13 @@ def walk_images(scope: Scope, folder: str) -> tuple[list[str], list[str]]:
             if not _is_dir(e):
                 if is_image(e.name):
                     images.append(e.path)
+                gifs += e.name.lower().endswith(".gif")
             elif not e.is_symlink():
                 subdirs.append(e.path)
             else:
                 (outside if scope.escapes(e.path) else linked).append(e.path)
         stack.extend(reversed(subdirs))
+    if gifs:  # ultralytics' IMG_FORMATS has no gif: said, not silently passed over
+        scope.notes.append(f"{rel_posix(scope.root, folder) or '.'}: {gifs} .gif files left out (not an image "
+                           "format ultralytics reads; convert them to PNG to pack them)")
     return sorted(images), outside

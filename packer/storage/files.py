@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from packer.format import TEMP_MARK
 from packer.storage.fs import (
     DEFAULT_ATTEMPTS,
     READ_ONLY,
@@ -151,7 +152,7 @@ def upload(fs, local: Path, path: str, on_bytes: Callable[[int], None] | None = 
         fs.put_file(str(local), path, **kw)
         return
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    tmp = join(parent, f".{path.rsplit('/', 1)[-1]}.{os.getpid()}.tmp")
+    tmp = join(parent, f".{path.rsplit('/', 1)[-1]}.{TEMP_MARK}{os.getpid()}.tmp")
     if parent:
         fs.makedirs(parent, exist_ok=True)
     try:

@@ -27,15 +27,17 @@ from packer.format import (
     parse_manifest,
 )
 from packer.schema import MANIFEST_MAX_BYTES, DamagedDataset
-from packer.storage.files import download, read_bytes
+from packer.storage.files import download, read_bytes, remote_sizes
 from packer.storage.fs import (
     DEFAULT_ATTEMPTS,
+    READ_ONLY,
     OversizeError,
     RemoteError,
     display_url,
     get_fs,
     is_url,
     join,
+    protocol_of,
     redact,
     retry,
     unreachable,
@@ -129,6 +131,23 @@ class DatasetLocation:
         if check_count and len(la) != info.num_samples:
             raise DamagedDataset(f"{where}: {len(la)} samples, the manifest says {info.num_samples}")
         return la
+
+    def check_shard_files(self) -> bool:
+        """DamagedDataset naming the first shard missing or of another size than the manifest
+        says, or index file missing. Sizes come from one listing (a folder, s3, gs, file://);
+        False where the store cannot list (http): nothing was checked."""
+        m = self.manifest()
+        shards = [sh for s in m.splits.values() for sh in s.shards]
+        if self.path is None and protocol_of(self.fs) in READ_ONLY:
+            return False
+        rels = [r for sh in shards for r in (sh.path, sh.index) if r]
+        sizes = remote_sizes(self.fs, self.root, rels, self.attempts)
+        for sh in shards:
+            for rel, want in ((sh.path, sh.bytes), (sh.index, None)):
+                if rel and (rel not in sizes or want not in (None, sizes[rel])):
+                    what = "missing" if rel not in sizes else f"{sizes[rel]} bytes, the manifest says {want}"
+                    raise DamagedDataset(f"{self.where_of(rel)}: {what} (packer verify checks every file)")
+        return True
 
     @contextlib.contextmanager
     def local(self, rel: str | None) -> Iterator[Path | None]:

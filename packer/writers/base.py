@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from packer.format import INDEX_SUFFIX, FormatError, Record
+from packer.format import INDEX_SUFFIX, TEMP_MARK, FormatError, Record
 
 _BUFSIZE = 1 << 20
 _UMASK = os.umask(0o022)
@@ -27,7 +27,7 @@ FILE_MODE = 0o666 & ~_UMASK  # mkstemp creates 0600; shards should get the usual
 
 def make_hidden_tmp(target: Path, suffix: str = ".tmp") -> tuple[int, Path]:
     """Create a hidden temp file next to `target` with the normal file mode; return (fd, path)."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.{TEMP_MARK}", suffix=suffix)
     os.fchmod(fd, FILE_MODE)
     return fd, Path(tmp)
 
