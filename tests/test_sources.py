@@ -76,11 +76,13 @@ def test_yolo_dirs_and_flat(tmp_path):
     _img(d / "images" / "train" / ".hidden.jpg")  # hidden files and folders are skipped, as in ultralytics
     _img(d / "images" / "train" / ".cache" / "x.jpg")
     _img(d / "images" / ".ipynb_checkpoints" / "y.jpg")
+    _img(d / "images" / "train" / "anim.GIF")  # not in ultralytics' IMG_FORMATS: left out, but said
     s = detect_source(d)
     assert s.layout == "yolo-dirs"
     assert _summary(s) == {"train": ["images/train/a.jpg", "images/train/sub/b.PNG"], "val": ["images/val/c.jpeg"]}
     assert s.names == [f"class_{i}" for i in range(5)] and any("inferred" in n for n in s.notes)
     assert "train: 1 of 2 images have no label file (kept as background)" in s.notes
+    assert any(n.startswith("images/train: 1 .gif files left out") for n in s.notes), s.notes
     a = s.splits["train"][0]
     assert a.label_file == str(d / "labels" / "train" / "a.txt") and s.splits["train"][1].label_file is None
 
