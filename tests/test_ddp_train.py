@@ -65,3 +65,25 @@ def test_torchrun_ctrl_c_stops_every_rank_and_writes_last(tmp_path):
     assert "interrupted in epoch" in stdout, stdout[-3000:]
     assert (out / "weights" / "last.pt").is_file()
     assert proc.returncode != 0
+
+
+def test_a_val_split_smaller_than_the_ranks_is_refused_before_the_cache_is_built(tmp_path):
+    """It used to fail on each rank naming neither the split nor the way out, after the train cache was built."""
+    import shutil
+
+    from packer.build import build_dataset
+
+    src = tmp_path / "src"
+    shutil.copytree(SAMPLE, src)
+    for img in sorted((src / "images" / "val").iterdir())[1:]:
+        img.unlink()
+    shards = tmp_path / "shards"
+    build_dataset(src, shards, fmt="wds", size=64, workers=1)
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer.run", str(shards),
+           "--epochs", "1", "--imgsz", "64", "--batch", "4", "--model", "yolov8n.yaml", "--out", str(tmp_path / "run"),
+           "--device", "cpu", "--no-plots", "--no-tensorboard", "--cache", "disk", "--cache-dir", str(tmp_path / "c")]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert p.returncode != 0
+    assert "the val split 'val' has 1 images: fewer than the 2 processes that must share it; pass --val-split none" \
+        in p.stderr, p.stderr[-3000:]
+    assert not (tmp_path / "c").exists()  # refused before any decoded store was built

@@ -19,7 +19,7 @@ from _data_util import make_records, pack
 from packer.format import LabelArrays
 from trainer.data import AugmentConfig, LoaderError, make_loader
 from trainer.data.common import open_split
-from trainer.data.decoded_cache import CacheError, check_fits, open_cache, store_dir
+from trainer.data.decoded_cache import CacheError, _reserve, check_fits, open_cache, store_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 IMGSZ = 160
@@ -91,6 +91,31 @@ def test_a_build_killed_with_sigkill_leaves_nothing_behind_the_next_build(packed
     assert dead.stat().st_size > 0
     cache = open_cache(open_split(packed, "train"), "disk", tmp_path, processes=1)
     assert cache.built and sorted(p.name for p in root.iterdir()) == ["lock", "meta.json", "store.u8"]
+
+
+def test_a_stop_signal_ends_a_build_under_the_trainers_stop_flag(packed, tmp_path):
+    """The trainer's SIGTERM/Ctrl-C handler only sets a flag read at its first step: a build (minutes on a
+    big split) used to run on to its end. Here the build itself gets SIGTERM and would then sleep 60 s."""
+    code = ("import os, signal, sys, time; import trainer.data.decoded_cache as dc; from trainer.runtime import "
+            "StopFlag; from trainer.data.common import open_split\n"
+            "dc._decode_chunk = lambda span: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(60))\n"
+            "with StopFlag():\n"
+            "    try:\n"
+            f"        dc.open_cache(open_split({str(packed)!r}, 'train'), 'disk', {str(tmp_path)!r}, processes=1)\n"
+            "    except KeyboardInterrupt:\n"
+            "        sys.exit(130)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
+    assert r.returncode == 130, r.stderr[-2000:]
+    (root,) = (tmp_path / "decoded").iterdir()
+    assert not list(root.glob("store.u8*")) and not (root / "meta.json").exists()  # temp store removed
+
+
+def test_a_full_file_system_is_one_line_before_any_decoding(small_disk):
+    """The temp store is allocated up front: a sparse one let workers die of SIGBUS at the first page
+    without room, and the build waited for them forever."""
+    with pytest.raises(CacheError, match="could not reserve .*No space left"):
+        _reserve(small_disk / "store.u8.tmp-1", 10 << 20)
+    assert not list(small_disk.iterdir())
 
 
 def test_too_large_is_refused_with_one_line(packed, tmp_path):

@@ -59,21 +59,7 @@ def url(dataset, tmp_path_factory) -> str:
     return u
 
 
-def _mount(args: list[str]) -> bool:
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        return False
-    return subprocess.run(["mount", *args], capture_output=True).returncode == 0
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 160 KB file system: writes past it fail with ENOSPC."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if not _mount(["-t", "tmpfs", "-o", "size=160k", "tmpfs", str(disk)]):
-        pytest.skip("mounting a tiny tmpfs needs root (test_file_size_limit covers the same path)")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=False)
+from conftest import mount as _mount  # noqa: E402
 
 
 @pytest.fixture

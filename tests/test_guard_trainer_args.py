@@ -98,3 +98,22 @@ def test_auto_device_under_torchrun_checks_the_local_rank_gpu_exists(monkeypatch
         default_device("auto", rank=7)
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert default_device("auto", rank=1) == torch.device("cuda", 1)
+
+
+def test_optimizer_names_in_any_case_on_the_command_line(tmp_path, capsys):
+    """`--optimizer sgd` was refused by click; `optimizer: sgd` in --cfg was accepted."""
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "none"), "--optimizer", "sgd"])
+    err = capsys.readouterr().err
+    assert "Invalid value" not in err and "manifest.json" in err, err  # parsed; went on to the (missing) data
+
+
+def test_fraction_shrinks_the_batch_like_a_small_split_and_auto_notes_a_given_lr0(shards, tmp_path, capsys):
+    """12 train images, --fraction 0.25 keeps 3: --batch 4 was refused; now batch 3, one step."""
+    main([str(shards), "--fraction", "0.25", "--batch", "4", "--epochs", "1", "--imgsz", "64", "--lr0", "0.02",
+          "--model", "yolov8n.yaml", "--out", str(tmp_path / "runs"), "--device", "cpu", "--no-plots",
+          "--no-tensorboard", "--val-split", "none"])
+    out = capsys.readouterr().out
+    assert "train split 'train' 12 images (fraction 0.25: 3)" in out, out
+    assert "--batch 4 is larger than the 3 training images: using batch 3" in out
+    assert "note: optimizer auto chooses lr0 and momentum itself: the lr0 given is ignored" in out

@@ -4,6 +4,7 @@ HTTP file server on 127.0.0.1, the trainer's shard cache and streaming, and secr
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -250,8 +251,17 @@ def test_cache_shards(packed, tmp_path):
         # size bound: shards 2 and 3 fit only if the least recently used one (shard 0) goes
         limit = sum(sh.bytes for sh in shards[1:4]) + sum((packed / sh.index).stat().st_size for sh in shards[1:4])
         cache_shards(url, [shards[1].path], cache)  # shard 1 is now the most recently used
+        # the user's own files and a decoded store in --cache-dir, older than any shard: never evicted
+        mine = [cache / "thesis.pdf", cache / "decoded" / "train2017-0123" / "store.u8",
+                paths[shards[0].path].parent / "notes.txt"]
+        for p in mine:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(b"mine" * 1000)
+            os.utime(p, (0, 0))
         new = cache_shards(url, [shards[2].path, shards[3].path], cache, max_bytes=limit)
-        cached = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file() and ".locks" not in p.parts)
+        assert all(p.read_bytes() == b"mine" * 1000 for p in mine)
+        cached = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file() and ".locks" not in p.parts
+                     and p not in mine)
         assert cached <= limit and not paths[shards[0].path].exists() and paths[shards[1].path].exists()
         assert all(p.exists() for p in new.values())
         with pytest.raises(CacheFullError):

@@ -1,9 +1,10 @@
 """Hyperparameters by ultralytics' names: `--cfg my.yaml` in its ``default.yaml`` vocabulary.
 
 The keys that apply to detection training here act (`APPLIED`); the other keys of ultralytics'
-own ``cfg/default.yaml`` are ignored with one note naming them; anything else is a usage error that
-names the closest valid key. The augmentation keys go to the loaders' `AugmentConfig` by name; one
-the loaders do not implement yet is refused when set to a non-default value, never silently dropped.
+own ``cfg/default.yaml`` are ignored with one note naming them, and a warning naming those set to
+other than ultralytics' default (``single_cls: true``, ``cutmix: 0.5``: what the user asked for and
+does not get); anything else is a usage error that names the closest valid key. The augmentation
+keys go to the loaders' `AugmentConfig` by name.
 """
 
 from __future__ import annotations
@@ -39,17 +40,23 @@ SHARED_RUN = ("model", "device", "amp", "exist_ok", "cache", "max_det")
 
 
 @cache
-def ultralytics_vocabulary() -> frozenset[str]:
-    """Every key of ultralytics' own ``cfg/default.yaml``, read from the installed package (not imported)."""
+def ultralytics_defaults() -> dict[str, Any]:
+    """ultralytics' own ``cfg/default.yaml``, read from the installed package (not imported)."""
     spec = importlib.util.find_spec("ultralytics")
     if spec is None or not spec.submodule_search_locations:
-        return frozenset()
+        return {}
     path = Path(next(iter(spec.submodule_search_locations))) / "cfg" / "default.yaml"
-    return frozenset(yaml.safe_load(path.read_text()) or {})
+    return dict(yaml.safe_load(path.read_text()) or {})
 
 
-def read_cfg_file(path: str | Path) -> tuple[dict[str, Any], list[str]]:
-    """(values that act, keys ignored as not applicable) of a `--cfg` YAML; TrainError for a bad file or key."""
+def ultralytics_vocabulary() -> frozenset[str]:
+    """Every key of ultralytics' own ``cfg/default.yaml``."""
+    return frozenset(ultralytics_defaults())
+
+
+def read_cfg_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(values that act, keys ignored as not applicable with their values) of a `--cfg` YAML; TrainError
+    for a bad file or key."""
     try:
         data = yaml.load(Path(path).read_text(), Loader=_UniqueKeys)  # noqa: S506 - a SafeLoader subclass
     except _DuplicateKey as e:
@@ -59,11 +66,12 @@ def read_cfg_file(path: str | Path) -> tuple[dict[str, Any], list[str]]:
     except yaml.YAMLError as e:
         raise TrainError(f"--cfg {path}: cannot read it as YAML ({type(e).__name__})") from None
     if data is None:
-        return {}, []
+        return {}, {}
     if not isinstance(data, dict):
         raise TrainError(f"--cfg {path}: must be a mapping of ultralytics' names (lr0: 0.01, ...)")
     vocab, acting = ultralytics_vocabulary(), set(APPLIED_KEYS) | set(_OWN_ONLY) | set(SHARED_RUN)
-    values, ignored = {}, []
+    values: dict[str, Any] = {}
+    ignored: dict[str, Any] = {}
     for key, value in data.items():
         key = str(key)
         if key in SHARED_RUN:
@@ -73,7 +81,7 @@ def read_cfg_file(path: str | Path) -> tuple[dict[str, Any], list[str]]:
         elif key in acting:
             values[key] = _checked_type(path, key, value)
         elif key in vocab or _is_record(key):
-            ignored.append(key)
+            ignored[key] = value
         else:
             near = difflib.get_close_matches(key, sorted(acting | vocab), n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
@@ -131,13 +139,23 @@ def _is_record(key: str) -> bool:
     return key in _RECORDS or key.endswith("_resolved")
 
 
-def ignored_note(ignored: list[str]) -> str | None:
-    """The one note about the keys ignored: ultralytics' that do not apply here, and a run's records."""
+def ignored_note(ignored: dict[str, Any]) -> str | None:
+    """The note about the keys ignored (ultralytics' that do not apply here, a run's records), and a
+    warning line naming those set to other than ultralytics' default: a copy of default.yaml names
+    some 70 keys, and the few a user changed must not drown in them."""
+    if not ignored:
+        return None
     records = [k for k in ignored if _is_record(k)]
     parts = [f"keys that do not apply to this trainer are ignored: {', '.join(k for k in ignored if k not in records)}"
              if len(records) < len(ignored) else "",
              f"a run's records are ignored: {', '.join(records)}" if records else ""]
-    return f"note: --cfg {'; '.join(p for p in parts if p)}" if ignored else None
+    lines = [f"note: --cfg {'; '.join(p for p in parts if p)}"]
+    defaults = ultralytics_defaults()
+    changed = [f"{k}={v!r}" for k, v in ignored.items() if k in defaults and not _is_record(k) and v != defaults[k]]
+    if changed:
+        lines.append(f"warning: --cfg sets {', '.join(changed)}: this trainer does not apply "
+                     f"{'it' if len(changed) == 1 else 'them'} (they are ultralytics options it lacks)")
+    return "\n".join(lines)
 
 
 def augment_config(cfg: TrainConfig) -> Any:

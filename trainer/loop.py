@@ -83,7 +83,8 @@ class Run(PreparedRun):
         if epoch == self.start_epoch or want_mosaic != self.mosaic_on:
             self.train_loader.set_mosaic(want_mosaic)
             if self.mosaic_on and not want_mosaic:
-                self.log(f"closing mosaic for the last {cfg.close_mosaic} epochs")
+                left = cfg.epochs - epoch  # fewer than close_mosaic when the run is that short (ultralytics' rule)
+                self.log(f"closing mosaic for the last {left} epoch{'s' if left != 1 else ''} (close_mosaic {cfg.close_mosaic})")
             self.mosaic_on = want_mosaic
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -101,8 +101,11 @@ def prepare_model(cfg: Any, names: list[str], device: torch.device, resumed: nn.
     else:
         model = build_model(cfg.model, names)
         if cfg.weights:
-            n, total = load_weights(model, cfg.weights)
+            n, total, arch = load_weights(model, cfg.weights)
             log(f"weights: transferred {n}/{total} tensors from {cfg.weights}")
+            if n < total // 2:  # another architecture: most of the model starts from scratch, silently
+                log(f"warning: --weights {cfg.weights} is a {arch or 'different'} model and --model is {cfg.model}: "
+                    f"only {n} of {total} tensors fit; pass --model {arch or 'MODEL.yaml'} to start from all of them")
     model.names = dict(enumerate(names))
     model.nc = len(names)
     for k, p in model.named_parameters():
@@ -121,10 +124,10 @@ def prepare_model(cfg: Any, names: list[str], device: torch.device, resumed: nn.
     return model
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike) -> tuple[int, int]:
+def load_weights(model: nn.Module, path: str | os.PathLike) -> tuple[int, int, str | None]:
     """Initialise `model` from a local ultralytics checkpoint, matching layers only.
 
-    Returns (tensors loaded, tensors in the model). Never downloads: a missing file is an error
+    Returns (tensors loaded, tensors in the model, the checkpoint model's yaml name). Never downloads: a missing file is an error
     (ultralytics would look it up on GitHub).
     """
     p = Path(path)
@@ -141,7 +144,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> tuple[int, int]:
     csd = src.float().state_dict()
     msd = model.state_dict()
     loaded = len(intersect_dicts(csd, msd))
-    return loaded, len(msd)
+    arch = (getattr(src, "yaml", None) or {}).get("yaml_file")
+    return loaded, len(msd), Path(arch).name if arch else None
 
 
 def attach_hyp(model: nn.Module, overrides: dict[str, Any] | None = None) -> None:

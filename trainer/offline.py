@@ -16,22 +16,30 @@ from pathlib import Path
 _done = False
 
 
-def setup_offline(config_dir: str | os.PathLike | None = None) -> None:
-    """Set ultralytics' offline environment and pre-place its fonts. Idempotent."""
+def setup_offline(config_dir: str | os.PathLike | None = None, *, users_ultralytics: bool = False) -> None:
+    """Set ultralytics' offline environment and pre-place its fonts. Idempotent.
+
+    `users_ultralytics` (the plug-in, inside the user's own `YOLO().train()`): only what keeps it
+    offline (YOLO_OFFLINE also keeps its analytics off). Their console output, their settings
+    file and its runs/weights folders stay theirs; the fonts go where ultralytics would have
+    downloaded them. Otherwise (our own CLI and library) ultralytics is quiet and keeps its
+    settings in ~/.config/packer-trainer."""
     global _done
     if _done:
         return
     os.environ.setdefault("YOLO_OFFLINE", "true")  # literal "true": older versions ignore "1"
     os.environ.setdefault("YOLO_AUTOINSTALL", "false")
-    os.environ.setdefault("YOLO_VERBOSE", "false")
-    cfg = Path(config_dir or os.environ.get("YOLO_CONFIG_DIR") or Path.home() / ".config" / "packer-trainer")
-    os.environ.setdefault("YOLO_CONFIG_DIR", str(cfg))
-    Path(os.environ["YOLO_CONFIG_DIR"], "Ultralytics").mkdir(parents=True, exist_ok=True)
+    if not users_ultralytics:
+        os.environ.setdefault("YOLO_VERBOSE", "false")
+        cfg = Path(config_dir or os.environ.get("YOLO_CONFIG_DIR") or Path.home() / ".config" / "packer-trainer")
+        os.environ.setdefault("YOLO_CONFIG_DIR", str(cfg))
+        Path(os.environ["YOLO_CONFIG_DIR"], "Ultralytics").mkdir(parents=True, exist_ok=True)
 
     import matplotlib
     from ultralytics.utils import SETTINGS, USER_CONFIG_DIR
 
-    SETTINGS.update({"sync": False})
+    if not users_ultralytics:
+        SETTINGS.update({"sync": False})
     # check_det_dataset / plotting fetch Arial over HTTP unless the file is already there
     dejavu = Path(matplotlib.get_data_path(), "fonts/ttf/DejaVuSans.ttf")
     for name in ("Arial.ttf", "Arial.Unicode.ttf"):

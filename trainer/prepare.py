@@ -33,6 +33,7 @@ from trainer.config import (
     redacted_options,
     resume_config,
 )
+from trainer.data.split import fraction_sizes
 from trainer.hyp import augment_config, loader_fraction
 from trainer.model import load_resume_state, prepare_model, set_rng_state
 from trainer.optim import build_optim
@@ -139,7 +140,8 @@ class PreparedRun:
     def _log_setup(self, amp_msg: str) -> None:
         m, cfg = self.manifest, self.cfg
         self.log(f"data: {self.where} ({m.format}, packed at {m.size}px), {len(self.names)} classes, "
-                 f"train split {self.train_name!r} {m.splits[self.train_name].num_samples} images, "
+                 f"train split {self.train_name!r} {m.splits[self.train_name].num_samples} images"
+                 + (f" (fraction {cfg.fraction}: {self._train_images()})" if cfg.fraction < 1 else "") + ", "
                  + (f"val split {self.val_name!r} {m.splits[self.val_name].num_samples} images"
                     if self.val_name else "no val split: validation off (best.pt follows the train loss)"))
         if cfg.imgsz > m.size:
@@ -148,6 +150,11 @@ class PreparedRun:
         self.log(f"device: {self.device}" + (f", DDP world size {self.d.world} ({backend})" if self.d.ddp else ""))
         self.log(amp_msg)
 
+    def _train_images(self) -> int:
+        """Images the train loader will read: the leading share a --fraction keeps (its own rule)."""
+        shards = self.manifest.splits[self.train_name].shards
+        return sum(fraction_sizes([sh.num_samples for sh in shards], self.cfg.fraction))
+
     def _setup_batch(self) -> None:
         cfg = self.cfg
         if cfg.batch == -1:
@@ -155,11 +162,15 @@ class PreparedRun:
             cfg.batch = min(self.d.gather(per_rank)) * self.d.world  # every rank must use the same batch
         if cfg.batch < self.d.world:
             raise TrainError(f"--batch {cfg.batch} is smaller than the number of processes ({self.d.world})")
-        n_train = self.manifest.splits[self.train_name].num_samples
+        n_train = self._train_images()
         if cfg.batch > n_train >= self.d.world:  # a tiny dataset: one full batch per epoch rather than none
             self.log(f"--batch {cfg.batch} is larger than the {n_train} training images: using batch "
                      f"{n_train // self.d.world * self.d.world}")
             cfg.batch = n_train // self.d.world * self.d.world
+        n_val = self.manifest.splits[self.val_name].num_samples if self.val_name else self.d.world
+        if n_val < self.d.world:  # refused now, before a decoded cache of the train split is built
+            raise TrainError(f"the val split {self.val_name!r} has {n_val} images: fewer than the {self.d.world} "
+                             "processes that must share it; pass --val-split none, or use fewer processes")
         self.rank_batch = cfg.batch // self.d.world
         self.global_batch = self.rank_batch * self.d.world
 
@@ -224,6 +235,11 @@ class PreparedRun:
         self.log(f"optimizer: {self.opt.name}(lr={self.opt.lr0:.6g}, momentum={self.opt.momentum:.3g}) "
                  f"weight_decay {self.opt.weight_decay:.3g}, accumulate {self.accumulate} (nominal batch {cfg.nbs}), "
                  f"{'cosine' if cfg.cos_lr else 'linear'} schedule, EMA on")
+        dropped = sorted({"lr0", "momentum"} & set(self.given or ())) if cfg.optimizer.lower() == "auto" else []
+        if dropped and self.ckpt is None:  # ultralytics says the same: auto picks both
+            self.log(f"note: optimizer auto chooses lr0 and momentum itself: the {' and '.join(dropped)} given "
+                     f"{'is' if len(dropped) == 1 else 'are'} ignored (name an optimizer, e.g. --optimizer SGD, "
+                     "to use it)")
 
     def _restore(self) -> None:
         ck = self.ckpt

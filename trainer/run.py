@@ -7,6 +7,7 @@ a Ctrl-C writes ``weights/last.pt`` and exits 130.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -71,7 +72,7 @@ def _none_or(value: str) -> str | None:
 @click.option("--amp", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "off"]),
               help="auto = bf16 where the GPU supports it, fp16+GradScaler otherwise, off on CPU.")
 @click.option("--workers", default=None, type=click.IntRange(min=0), help="Loader threads/workers per process.")
-@click.option("--optimizer", default="auto", show_default=True, type=click.Choice(list(OPTIMIZERS)))
+@click.option("--optimizer", default="auto", show_default=True, type=click.Choice(list(OPTIMIZERS), case_sensitive=False))
 @click.option("--lr0", default=_DEFAULT.lr0, show_default=True, type=float, help="Initial lr (ignored by 'auto').")
 @click.option("--lrf", default=_DEFAULT.lrf, show_default=True, type=float, help="Final lr = lr0 * lrf.")
 @click.option("--momentum", default=_DEFAULT.momentum, show_default=True, type=float)
@@ -128,11 +129,27 @@ def main(ctx: click.Context, shards: str | None, **opts: object) -> None:
     cfg = TrainConfig(shards=shards or "", **{k: v for k, v in opts.items() if k in TrainConfig.__dataclass_fields__})
     cfg.val_split = _none_or(str(opts["val_split"]))
     setup_offline()  # before anything imports ultralytics: nothing is downloaded, no update check
+    _show_data_log()
     from trainer.loop import train
 
     result = train(cfg, given=explicit | set(from_file))
     if result.interrupted:
         sys.exit(130)
+
+
+def _show_data_log() -> None:
+    """The data path's info lines (a decoded cache being built: where, how big) on stdout beside the
+    trainer's own; its warnings stay one plain line on stderr, as Python prints them by default."""
+    lg = logging.getLogger("trainer.data")
+    if lg.handlers:
+        return
+    info = logging.StreamHandler(sys.stdout)
+    info.addFilter(lambda r: r.levelno < logging.WARNING)
+    warn = logging.StreamHandler(sys.stderr)
+    warn.setLevel(logging.WARNING)
+    for h in (info, warn):
+        lg.addHandler(h)
+    lg.setLevel(logging.INFO)
 
 
 def _read_cfg(path: str | None) -> dict[str, Any]:

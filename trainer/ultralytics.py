@@ -18,22 +18,21 @@ checkpoints).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from copy import copy
-from dataclasses import fields
 from typing import Any
 
 import numpy as np
 import torch
-from torch import distributed as dist
 
 from trainer.offline import setup_offline
 
 # The one import-time call: the classes below subclass ultralytics', so ultralytics is imported
 # here, and this module is the user's entry point into it (`from trainer.ultralytics import
-# ShardsTrainer`); its import-time checks must already see the offline settings.
-setup_offline()
+# ShardsTrainer`); its import-time checks must already see the offline settings. The user's own
+# ultralytics output and settings stay as they are.
+setup_offline(users_ultralytics=True)
 
 from ultralytics.engine import trainer as _ul_trainer  # noqa: E402
 from ultralytics.engine import validator as _ul_validator  # noqa: E402
@@ -44,167 +43,18 @@ from ultralytics.utils.plotting import plot_labels  # noqa: E402
 from ultralytics.utils.torch_utils import unwrap_model  # noqa: E402
 
 from packer.format import FormatError, LabelArrays  # noqa: E402
-from packer.storage.fs import display_url, is_url  # noqa: E402
-from packer.storage.location import DatasetLocation  # noqa: E402
-from trainer.data import AugmentConfig, make_loader  # noqa: E402
+from packer.storage.fs import display_url  # noqa: E402
 from trainer.data.common import keep_classes  # noqa: E402
+from trainer.ultralytics_data import (  # noqa: E402
+    LOADER_OPTIONS,
+    ShardsLoader,
+    label_arrays,
+    open_loader,
+    refuse_url_credentials,
+    shards_data,
+)
 
 __all__ = ["ShardsLoader", "ShardsTrainer", "ShardsValidator", "shards_data"]
-
-# ultralytics augmentations our loaders do not implement (yet): a non-zero value is named in a warning
-_NOT_IN_LOADER = ("flipud", "shear", "perspective", "mixup", "cutmix", "copy_paste", "bgr")
-_LOADER_OPTIONS = ("loader", "cache_dir", "cache_max_bytes", "verify")
-
-
-# ----------------------------------------------------------------------------- the dataset
-
-
-def _storage_options() -> dict[str, Any] | None:
-    """fsspec options from $PACKER_STORAGE_OPTIONS (JSON or @file), as `packer` and `trainer.run` read them."""
-    from packer.storage.fs import parse_storage_options
-
-    return parse_storage_options(os.environ.get("PACKER_STORAGE_OPTIONS")) or None
-
-
-def _location(shards: str) -> DatasetLocation:
-    """The packed dataset at `shards` (folder or URL; a URL's credentials come from the environment)."""
-    if not is_url(shards):
-        return DatasetLocation(shards)
-    _refuse_url_credentials(shards)
-    return DatasetLocation(shards, _storage_options())
-
-
-def _refuse_url_credentials(data: Any) -> None:
-    if isinstance(data, str) and is_url(data) and display_url(data) != data:  # user:password@ or a signed query
-        raise FormatError(f"{display_url(data)}: give credentials through the environment or "
-                          "$PACKER_STORAGE_OPTIONS, not in the URL (ultralytics saves `data` in args.yaml and checkpoints)")
-
-
-def _pick(splits: dict, wanted: str, fallback: str | None) -> str | None:
-    """`wanted` itself, else the one split starting with it (COCO's train2017), else `fallback`."""
-    if wanted in splits:
-        return wanted
-    prefixed = [s for s in splits if s.startswith(wanted)]
-    return prefixed[0] if len(prefixed) == 1 else fallback
-
-
-def shards_data(shards: str, split: str | None = "val") -> dict[str, Any]:
-    """ultralytics' data dict for a packed dataset: split *names* under train/val, classes from the manifest.
-
-    `path` holds the folder or URL; the loaders take it with a split name. Without a `split`
-    split (e.g. coco128, train2017 only) validation uses the train split, as coco128.yaml does.
-    """
-    m = _location(str(shards)).manifest()
-    only = next(iter(m.splits)) if len(m.splits) == 1 else None
-    train = _pick(m.splits, "train", only)
-    if train is None:
-        raise FormatError(f"{shards}: no 'train' split (splits: {', '.join(sorted(m.splits))})")
-    split = split or "val"
-    val = _pick(m.splits, split, None)
-    if val is None:
-        LOGGER.warning(f"{shards}: no {split!r} split in the manifest; validating on {train!r}")
-        val = train
-    names = dict(enumerate(m.names))
-    return {"path": str(shards), "train": train, "val": val, split: val, "names": names, "nc": len(names),
-            "channels": 3, "format": m.format}
-
-
-def _label_arrays(shards: str, split: str) -> LabelArrays:
-    return _location(shards).labels(split)
-
-
-# ----------------------------------------------------------------------------- the loader adapter
-
-
-class _Dataset:
-    """The `loader.dataset` ultralytics reads: its length, and `close_mosaic` for the last epochs."""
-
-    def __init__(self, loader: Any) -> None:
-        self.loader = loader
-
-    def __len__(self) -> int:
-        return self.loader.num_samples
-
-    def close_mosaic(self, hyp: Any = None) -> None:
-        self.loader.set_mosaic(False)
-
-
-class _Sampler:
-    """`loader.sampler`: its length (samples this rank yields) and `set_epoch` (called under DDP)."""
-
-    def __init__(self, owner: ShardsLoader) -> None:
-        self.owner = owner
-
-    def __len__(self) -> int:
-        return len(self.owner) * self.owner.batch_size if self.owner.drop_last else len(self.owner.dataset)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(len(self)))
-
-    def set_epoch(self, epoch: int) -> None:
-        self.owner.loader.set_epoch(epoch)
-
-
-class ShardsLoader:
-    """A `make_loader` loader with the DataLoader attributes ultralytics' trainer and validator read."""
-
-    def __init__(self, loader: Any, *, batch_size: int, train: bool, num_workers: int,
-                 epoch_of: Callable[[], int] | None = None) -> None:
-        self.loader, self.batch_size, self.num_workers = loader, batch_size, num_workers
-        self.drop_last = train  # training drops the remainder; validation pads (valid=False)
-        self.dataset, self.sampler = _Dataset(loader), _Sampler(self)
-        self._epoch_of = epoch_of
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[dict]:
-        if self._epoch_of is not None:  # the epoch reseeds the shard order, identically on every rank
-            self.loader.set_epoch(self._epoch_of())
-        return iter(self.loader)
-
-    def reset(self) -> None:
-        """ultralytics calls this after close_mosaic; our loaders read the flag at the next epoch start."""
-
-    def close(self) -> None:
-        self.loader.close()
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _open_loader(owner: Any, split: str, batch: int, train: bool, epoch_of: Callable[[], int] | None) -> ShardsLoader:
-    """`make_loader` over `split` of `owner.data["path"]` with the owner's args and loader options."""
-    rank, world = _rank_world()
-    workers = int(owner.args.workers or 0)
-    opts = {k: getattr(owner, k) for k in _LOADER_OPTIONS}
-    loader = make_loader(owner.data["path"], split, imgsz=int(owner.args.imgsz), batch=batch, train=train,
-                         rank=rank, world_size=world, seed=int(owner.args.seed), workers=workers or None,
-                         device=owner.device, augment=_augment(owner.args) if train else None,
-                         fraction=float(getattr(owner.args, "fraction", 1.0) or 1.0) if train else 1.0,
-                         cache=_cache_kind(getattr(owner.args, "cache", None)),
-                         storage_options=_storage_options(), **opts)
-    return ShardsLoader(loader, batch_size=batch, train=train, num_workers=workers, epoch_of=epoch_of)
-
-
-def _cache_kind(cache: Any) -> str | None:
-    """ultralytics' `cache` (True / "ram" / "disk" / False) as make_loader's node-shared decoded cache."""
-    if cache in (True, "ram", "True", "true"):
-        return "ram"
-    return "disk" if cache == "disk" else None
-
-
-def _augment(args: Any) -> AugmentConfig:
-    """Our AugmentConfig from ultralytics' hyperparameters of the same names; the ones we lack are named."""
-    missing = [k for k in _NOT_IN_LOADER if getattr(args, k, 0) and k not in {f.name for f in fields(AugmentConfig)}]
-    if missing:
-        LOGGER.warning(f"ShardsTrainer: {', '.join(f'{k}={getattr(args, k)}' for k in missing)} not applied "
-                       "(trainer.data loaders do not implement them)")
-    return AugmentConfig(**{f.name: float(getattr(args, f.name)) for f in fields(AugmentConfig) if hasattr(args, f.name)})
-
 
 @contextmanager
 def _replaced(module: Any, name: str, value: Any) -> Iterator[None]:
@@ -266,7 +116,7 @@ class ShardsValidator(DetectionValidator):
     loader, cache_dir, cache_max_bytes, verify = "auto", None, None, False
 
     def get_dataloader(self, dataset_path: str, batch_size: int) -> ShardsLoader:
-        return _open_loader(self, dataset_path, batch_size, train=False, epoch_of=None)
+        return open_loader(self, dataset_path, batch_size, train=False, epoch_of=None)
 
     def preprocess(self, batch: dict) -> dict:
         # ultralytics' scale_boxes takes ((gain_y, gain_x), (pad_x, pad_y)); ours is (gain_x, gain_y, pad_x, pad_y)
@@ -319,14 +169,14 @@ class ShardsTrainer(DetectionTrainer):
     @classmethod
     def options(cls, **kwargs: Any) -> type[ShardsTrainer]:
         """A subclass with these loader options (``trainer=ShardsTrainer.options(loader="torch")``)."""
-        unknown = sorted(set(kwargs) - set(_LOADER_OPTIONS))
+        unknown = sorted(set(kwargs) - set(LOADER_OPTIONS))
         if unknown:
-            raise TypeError(f"ShardsTrainer.options: unknown {', '.join(unknown)} (known: {', '.join(_LOADER_OPTIONS)})")
+            raise TypeError(f"ShardsTrainer.options: unknown {', '.join(unknown)} (known: {', '.join(LOADER_OPTIONS)})")
         return type(cls.__name__, (cls,), dict(kwargs))
 
     def __init__(self, cfg: Any = DEFAULT_CFG, overrides: dict | None = None, _callbacks: dict | None = None) -> None:
         # before ultralytics writes args.yaml and prints the args: a URL must not carry credentials
-        _refuse_url_credentials((overrides or {}).get("data"))
+        refuse_url_credentials((overrides or {}).get("data"))
         super().__init__(cfg, overrides, _callbacks)
         _check_torchrun(self.device.type, self.world_size, self.args.device)
 
@@ -348,7 +198,7 @@ class ShardsTrainer(DetectionTrainer):
     def get_dataloader(self, dataset_path: str, batch_size: int = 16, rank: int = 0, mode: str = "train") -> ShardsLoader:
         train = mode == "train"
         epoch_of = (lambda: getattr(self, "epoch", 0)) if train else None  # self.epoch exists once training runs
-        return _open_loader(self, dataset_path, batch_size, train=train, epoch_of=epoch_of)
+        return open_loader(self, dataset_path, batch_size, train=train, epoch_of=epoch_of)
 
     def preprocess_batch(self, batch: dict) -> dict:
         batch = keep_classes(batch, self.args.classes)
@@ -358,14 +208,14 @@ class ShardsTrainer(DetectionTrainer):
 
     def get_validator(self) -> ShardsValidator:
         v = ShardsValidator(self.test_loader, save_dir=self.save_dir, args=copy(self.args), _callbacks=self.callbacks)
-        for k in _LOADER_OPTIONS:
+        for k in LOADER_OPTIONS:
             setattr(v, k, getattr(self, k))
         return v
 
     def _labels(self, split: str) -> LabelArrays:
         cache = self.__dict__.setdefault("_label_cache", {})
         if split not in cache:
-            cache[split] = _label_arrays(self.data["path"], split)
+            cache[split] = label_arrays(self.data["path"], split)
         return cache[split]
 
     def _build_train_pipeline(self) -> None:
@@ -378,15 +228,24 @@ class ShardsTrainer(DetectionTrainer):
         DetectionValidator._check_max_det(self.args, stand_in)  # ultralytics' own rule and warning
         unwrap_model(self.model).set_head_attr(max_det=self.args.max_det)
 
-    def get_class_counts(self) -> np.ndarray:
+    def _train_boxes(self) -> tuple[np.ndarray, np.ndarray]:
+        """The train split's (classes, boxes), only `classes=[...]`'s when given (ultralytics' datasets drop
+        the other labels before counting and plotting them)."""
         la = self._labels(self.data["train"])
-        counts = np.array([len(la.cls)]) if self.args.single_cls else la.class_counts(self.data["nc"])
+        if self.args.classes is None:
+            return la.cls, la.boxes
+        keep = np.isin(la.cls, np.atleast_1d(self.args.classes))
+        return la.cls[keep], la.boxes[keep]
+
+    def get_class_counts(self) -> np.ndarray:
+        cls, _ = self._train_boxes()
+        counts = np.array([len(cls)]) if self.args.single_cls else np.bincount(cls, minlength=self.data["nc"])
         return counts.astype(np.float32)
 
     def plot_training_labels(self) -> None:
-        la = self._labels(self.data["train"])
-        if not len(la.cls):
+        cls, boxes = self._train_boxes()
+        if not len(cls):
             LOGGER.info("ShardsTrainer: no boxes in the train split, labels.jpg skipped")
             return
-        cls = np.zeros_like(la.cls) if self.args.single_cls else la.cls
-        plot_labels(la.boxes, cls, names=self.data["names"], save_dir=self.save_dir, on_plot=self.on_plot)
+        cls = np.zeros_like(cls) if self.args.single_cls else cls
+        plot_labels(boxes, cls, names=self.data["names"], save_dir=self.save_dir, on_plot=self.on_plot)

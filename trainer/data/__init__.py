@@ -39,7 +39,7 @@ LOADERS = ("auto", "dali", "torch")
 log = logging.getLogger("trainer.data")
 
 __all__ = ["LOADERS", "AugmentConfig", "AugmentError", "DataError", "Loader", "LoaderError", "SplitError",
-           "default_cache_dir", "make_loader"]
+           "cache_kind", "default_cache_dir", "make_loader"]
 
 
 class LoaderError(PackerError, ValueError):
@@ -108,6 +108,7 @@ def make_loader(
     torch_kwargs: pin_memory, persistent_workers, prefetch_factor, fast_decode for the torch loader.
     """
     augment = _checked_request(loader, imgsz, fraction, augment, train)
+    cache = cache_kind(cache)
     _check_args(torch_kwargs, batch=batch, seed=seed, rank=rank, world_size=world_size,
                 **({} if workers is None else {"workers": workers}))
     dev = default_device(device, rank)
@@ -119,7 +120,7 @@ def make_loader(
     reason = "asked for"
     if loader == "auto":
         loader, reason = auto_choice(data.fmt, dev, cache)
-        log.info("loader auto: %s (%s)", loader, reason)
+        log.debug("loader auto: %s (%s)", loader, reason)  # the caller prints `reason` (trainer.run does)
     common = dict(imgsz=imgsz, batch=batch, train=train, rank=rank, world_size=world_size, seed=seed,
                   workers=workers, device=dev, augment=augment)
     if loader == "dali":
@@ -142,6 +143,17 @@ def _check_args(torch_kwargs: dict, **values: Any) -> None:
         nonneg = name in ("seed", "workers")
         if isinstance(v, bool) or not isinstance(v, int | np.integer) or (nonneg and v < 0):
             raise LoaderError(f"{name} must be an integer{' >= 0' if nonneg else ''}, got {v!r}")
+
+
+def cache_kind(cache: object) -> str | None:
+    """"ram", "disk" or None from what a caller may pass (ultralytics' True means "ram"; "none", False, None: no cache)."""
+    if cache is None or cache is False or (isinstance(cache, str) and cache.strip().lower() in ("none", "")):
+        return None
+    if cache is True:
+        return "ram"
+    if isinstance(cache, str) and cache.strip().lower() in ("ram", "disk"):
+        return cache.strip().lower()
+    raise LoaderError(f"unknown cache {cache!r}: choose one of ram, disk or none")
 
 
 def _checked_request(loader: str, imgsz: int, fraction: float, augment: AugmentConfig | None,

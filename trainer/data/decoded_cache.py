@@ -22,6 +22,8 @@ memory) or free disk, keeping a margin.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -29,6 +31,9 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -50,14 +55,19 @@ class CacheError(PackerError, ValueError):
     """The decoded cache cannot be used as asked (does not fit, unknown kind, ...)."""
 
 
-def store_dir(data: SplitData, kind: str, cache_dir: str | Path | None = None) -> Path:
-    """Where the store of this split lives: /dev/shm/packer-trainer/<name> or <cache_dir>/decoded/<name>."""
+def store_base(kind: str, cache_dir: str | Path | None = None) -> Path:
+    """The folder of every store of `kind`: /dev/shm/packer-trainer-<uid> (one per user: /dev/shm is
+    shared by the node's users) or <cache_dir>/decoded."""
     if kind not in KINDS:
         raise CacheError(f"unknown cache {kind!r}: choose one of {', '.join(KINDS)} (or none)")
+    return SHM / f"packer-trainer-{os.getuid()}" if kind == "ram" else Path(cache_dir or default_cache_dir()) / "decoded"
+
+
+def store_dir(data: SplitData, kind: str, cache_dir: str | Path | None = None) -> Path:
+    """Where the store of this split lives: `store_base(kind, cache_dir)`/<split>-<hash of the location>."""
     where = data.url or str(data.root.resolve())
     tag = hashlib.sha256(f"{where}\0{data.name}".encode()).hexdigest()[:16]
-    base = SHM / "packer-trainer" if kind == "ram" else Path(cache_dir or default_cache_dir()) / "decoded"
-    return base / f"{data.name}-{tag}"
+    return store_base(kind, cache_dir) / f"{data.name}-{tag}"
 
 
 def needed_bytes(data: SplitData) -> int:
@@ -84,15 +94,24 @@ def _mem_available() -> int:
     return 1 << 62  # unknown: /dev/shm's own free space decides
 
 
-def check_fits(need: int, free: int, kind: str, where: Path) -> None:
-    """Refuse (one line) a store of `need` bytes when it would leave less than the margin free."""
+def check_fits(need: int, free: int, kind: str, where: Path, base: Path | None = None) -> None:
+    """Refuse (one line) a store of `need` bytes when it would leave less than the margin free;
+    the line names what earlier stores under `base` hold (the trainer never deletes one)."""
     room = int(free * (1 - MARGIN)) - RESERVE
     if need > room:
         instead = "the disk cache or no cache" if kind == "ram" else "no cache"
+        held = _stores_size(base) if base is not None else 0
+        old = f"; earlier stores in {base} hold {held / 2**30:.1f} GiB (rm -r the ones no run needs)" if held else ""
         raise CacheError(
             f"the decoded {kind} cache needs {need / 2**30:.1f} GiB but {where} has {free / 2**30:.1f} GiB free "
-            f"({max(room, 0) / 2**30:.1f} GiB usable after a {MARGIN:.0%} + 1 GiB margin): use {instead}"
+            f"({max(room, 0) / 2**30:.1f} GiB usable after a {MARGIN:.0%} + 1 GiB margin): use {instead}{old}"
         )
+
+
+def _stores_size(base: Path) -> int:
+    with contextlib.suppress(OSError):
+        return sum(p.stat().st_size for p in base.glob("*/store.u8*") if p.is_file())
+    return 0
 
 
 class DecodedCache:
@@ -128,26 +147,48 @@ def open_cache(data: SplitData, kind: str, cache_dir: str | Path | None = None,
                processes: int | None = None) -> DecodedCache:
     """The split's decoded store, built now if missing, stale or cut short (see the module doc)."""
     root = store_dir(data, kind, cache_dir)
+    base = root.parent
     need = needed_bytes(data)
     if not (root / "meta.json").is_file():  # refuse before writing anything
         where = next(p for p in (root, *root.parents) if p.exists())
-        check_fits(need, free_bytes(where, kind) + _own_size(root), kind, where)
+        check_fits(need, free_bytes(where, kind) + _own_size(root), kind, where, base)
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / "lock", "a+b") as lock:
+    with _interruptible(), open(root / "lock", "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per node; the others wait here, then reuse
         try:
             meta = _valid_meta(root, data, need)
             built = meta is None
             if meta is None:
-                check_fits(need, free_bytes(root, kind) + _own_size(root), kind, root)
+                check_fits(need, free_bytes(root, kind) + _own_size(root), kind, root, base)
                 meta = _build(root, data, need, processes)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return DecodedCache(root, data.labels.hw, set(meta["bad"]), built)
 
 
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """Ctrl-C and SIGTERM end a wait for, or a build of, the store at once. The trainer's own
+    handler only sets a stop flag read at its first step, so a build ran on to the end (minutes,
+    and a GB-sized temp store in /dev/shm if the scheduler's SIGKILL came first)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def _own_size(root: Path) -> int:
-    """Bytes of a store we are about to replace, and of builds that died (they count as free)."""
+    """Bytes of a store we are about to replace (removed before the build), and of builds that
+    died (removed too): they count as free."""
     return sum(p.stat().st_size for p in (root / "store.u8", *_dead_builds(root)) if p.is_file())
 
 
@@ -183,19 +224,42 @@ def _valid_meta(root: Path, data: SplitData, need: int) -> dict | None:
 _BUILD: tuple[SplitData, np.ndarray, str] | None = None
 
 
+def _size_text(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _reserve(tmp: Path, need: int) -> None:
+    """Create the temp store with all its blocks allocated. A sparse file let a build that ran out
+    of room kill its workers with SIGBUS at the first page that had none, and the pool waited for
+    them forever; now a full disk or /dev/shm is one CacheError before any decoding."""
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, need)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without fallocate: sparse, as before
+            os.ftruncate(fd, need)
+        else:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise CacheError(f"the decoded cache could not reserve {_size_text(need)} in {tmp.parent} "
+                             f"({os.strerror(e.errno or 0)}): free some space, or use no cache") from None
+    os.close(fd)
+
+
 def _build(root: Path, data: SplitData, need: int, processes: int | None) -> dict:
     """Decode every sample into a new store (in parallel), then publish it and its meta."""
     (root / "meta.json").unlink(missing_ok=True)  # never a valid meta beside a store being rewritten
-    for dead in _dead_builds(root):
-        dead.unlink(missing_ok=True)
+    # the stale store goes first, so the rebuild needs room for one store, not two (a process still
+    # mapping it keeps its pages until it unmaps)
+    for old in (root / "store.u8", *_dead_builds(root)):
+        old.unlink(missing_ok=True)
     data.fetch(range(len(data.info.shards)))  # network storage: the builder reads every shard once
     tmp = root / f"store.u8.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.truncate(need)
+    _reserve(tmp, need)
     offsets = np.concatenate([[0], np.cumsum(data.labels.hw.astype(np.int64).prod(1) * 3)])
     n = len(data.labels)
     procs = max(1, min(processes or len(os.sched_getaffinity(0)), 32, n))
-    log.info("building the decoded cache %s (%.2f GiB, %d images, %d processes)", root, need / 2**30, n, procs)
+    log.info("building the decoded cache %s (%s, %d images, %d processes)", root, _size_text(need), n, procs)
     global _BUILD
     _BUILD = (data, offsets, str(tmp))
     chunks = [(i * n // procs, (i + 1) * n // procs) for i in range(procs)]

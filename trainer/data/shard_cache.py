@@ -14,16 +14,19 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from packer.format import INDEX_SUFFIX, FormatError, Manifest, ShardInfo, sha256_file
+from packer.format import INDEX_SUFFIX, SHARD_EXT, FormatError, Manifest, ShardInfo, sha256_file
 from packer.storage.files import download
 from packer.storage.fs import ChecksumError, RemoteError, display_url, endpoint_url, join, retry
 from packer.storage.location import DatasetLocation
 
 LOCKS = ".locks"  # per-file locks and the eviction lock, inside the cache folder
+_KEY = re.compile(r"^[0-9a-f]{16}$")  # url_key folders
+_SHARD_FILE = re.compile("(" + "|".join(re.escape(e) for e in SHARD_EXT.values()) + ")(" + re.escape(INDEX_SUFFIX) + ")?$")
 
 
 class CacheFullError(RemoteError):
@@ -68,14 +71,19 @@ def _cached_ok(fmt: str, local: Path, sh: ShardInfo) -> bool:
 
 
 def _cache_files(cache_dir: Path) -> list[tuple[Path, int, float]]:
-    """Every cached data file (not locks, not temp files): (path, size, last use)."""
+    """Every shard or index copy this cache made: (path, size, last use). Only files with a
+    shard's or index's name inside a `url_key` folder count, so a user's own files in
+    --cache-dir and the decoded stores beside them are never evicted."""
     out = []
-    for p in cache_dir.rglob("*"):
-        if p.name.startswith(".") or LOCKS in p.parts or not p.is_file():
+    for d in cache_dir.iterdir() if cache_dir.is_dir() else []:
+        if not (_KEY.match(d.name) and d.is_dir() and not d.is_symlink()):
             continue
-        with contextlib.suppress(FileNotFoundError):
-            st = p.stat()
-            out.append((p, st.st_size, st.st_mtime))
+        for p in d.rglob("*"):
+            if p.name.startswith(".") or LOCKS in p.parts or not _SHARD_FILE.search(p.name) or not p.is_file():
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                st = p.stat()
+                out.append((p, st.st_size, st.st_mtime))
     return out
 
 
