@@ -101,15 +101,19 @@ def test_classes_keeps_only_those_labels(trained: tuple[YOLO, Path], shards: Pat
 
 
 def test_fraction_and_cache_reach_our_loader(shards: Path, tmp_path: Path) -> None:
-    """ultralytics' `fraction` (train split only) and `cache` act through make_loader: 64 of 128 images, a decoded
-    store under the cache_dir given to ShardsTrainer.options (they were dropped with a warning)."""
-    seen: list[tuple[int, str]] = []
+    """ultralytics' `fraction` (train split only) and `cache` act through make_loader: 8 of 128 images, a decoded
+    store under the cache_dir given to ShardsTrainer.options (they were dropped with a warning). A batch larger
+    than those 8 trains with 8 (it was a SplitError traceback); workers=0, ultralytics' choice on CPU, reads in
+    process (it became the default worker count); the class counts follow classes=[0]."""
+    seen: list[tuple] = []
     model = YOLO("yolov8n.yaml")
-    model.add_callback("on_train_start", lambda t: seen.append((len(t.train_loader), t.train_loader.loader.kind)))
+    model.add_callback("on_train_start", lambda t: seen.append(
+        (len(t.train_loader), t.train_loader.batch_size, t.train_loader.loader.kind, t.train_loader.loader.workers,
+         int((t.get_class_counts() > 0).sum()))))
     model.train(data=str(shards), trainer=ShardsTrainer.options(cache_dir=str(tmp_path / "cache")), device="cpu",
-                epochs=1, imgsz=64, batch=8, workers=0, fraction=0.5, cache="disk", plots=False,
+                epochs=1, imgsz=64, batch=16, workers=0, fraction=0.0625, cache="disk", plots=False, classes=[0],
                 project=str(tmp_path), name="run")
-    assert seen == [(64 // 8, "torch")]
+    assert seen == [(1, 8, "torch", 0, 1)]
     # coco128 has one split, which trains and validates here: one store serves both loaders
     assert [d.name.split("-")[0] for d in (tmp_path / "cache" / "decoded").iterdir()] == ["train2017"]
 
@@ -182,3 +186,20 @@ def test_torchrun_on_cpu_is_refused(shards: Path, tmp_path: Path, monkeypatch: p
     with pytest.raises(ValueError, match="trainer.run"):
         ShardsTrainer(overrides={"model": "yolov8n.yaml", "data": str(shards), "device": "cpu",
                                  "project": str(tmp_path), "name": "tr"})
+
+
+def test_importing_the_plugin_leaves_the_users_ultralytics_alone(tmp_path: Path) -> None:
+    """It set YOLO_VERBOSE=false (all of ultralytics' console output, warnings included, vanished) and moved
+    YOLO_CONFIG_DIR (the user's settings, runs and weights folders stopped applying)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("YOLO_VERBOSE", "YOLO_CONFIG_DIR")}
+    env["HOME"] = str(tmp_path)
+    code = ("import os, trainer.ultralytics; from ultralytics.utils import USER_CONFIG_DIR, VERBOSE; "
+            "print(os.environ.get('YOLO_VERBOSE'), os.environ.get('YOLO_CONFIG_DIR'), VERBOSE, USER_CONFIG_DIR, "
+            "os.environ['YOLO_OFFLINE'], (USER_CONFIG_DIR / 'Arial.ttf').is_file())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines()[-1].split() == ["None", "None", "True", str(tmp_path / ".config" / "Ultralytics"), "true", "True"]
